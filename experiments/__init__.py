@@ -1,0 +1,1 @@
+"""User session functions: ``single_session(cfg: dict) -> float``, one per experiment."""

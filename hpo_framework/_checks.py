@@ -1,0 +1,74 @@
+"""Small helpers that turn a bad value into a one-line :class:`ConfigError`."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, NoReturn
+
+from hpo_framework.exceptions import ConfigError
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_scalar(value: Any) -> bool:
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def describe(value: Any) -> str:
+    """How a value reads in an error: its repr, shortened, and its YAML type for containers."""
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class Checker:
+    """A position in a config file: the file's name and a key path inside it."""
+
+    def __init__(self, source: str, path: tuple[str, ...] = ()) -> None:
+        self.source = source
+        self.path = path
+
+    def at(self, *keys: str) -> Checker:
+        return Checker(self.source, self.path + tuple(str(k) for k in keys))
+
+    @property
+    def key(self) -> str | None:
+        return ".".join(self.path) or None
+
+    def fail(self, reason: str) -> NoReturn:
+        raise ConfigError(self.source, self.key, reason)
+
+    def mapping(self, value: Any) -> None:
+        if not isinstance(value, Mapping):
+            self.fail(f"must be a mapping, got {describe(value)}")
+
+    def unknown(self, key: str, known: Iterable[str], what: str = "key") -> NoReturn:
+        known = sorted(set(known))
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else (
+            f"; expected one of: {', '.join(known)}" if known else ""
+        )
+        self.fail(f"unknown {what} '{key}'{hint}")
+
+    def known_keys(self, value: Mapping[str, Any], allowed: Iterable[str]) -> None:
+        allowed = set(allowed)
+        for key in value:
+            if key not in allowed:
+                self.at(str(key)).unknown(str(key), allowed)
+
+    def choice(self, value: Any, allowed: Iterable[str]) -> NoReturn:
+        allowed = list(allowed)
+        if isinstance(value, str):
+            close = difflib.get_close_matches(value, allowed, n=1)
+            if close:
+                self.fail(f"unknown value '{value}'; did you mean '{close[0]}'?")
+        self.fail(f"must be one of {', '.join(allowed)}, got {describe(value)}")

@@ -1,0 +1,290 @@
+"""config.yaml: read, checked as a whole before any trial runs, and kept as a ``Config``.
+
+Every problem is reported as one line, ``<file>: <key.path>: <reason>``, through ConfigError.
+The same checks run on a study's config stored in the database, so a worker trusts nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hpo_framework import defaults
+from hpo_framework._checks import Checker, describe, is_number
+from hpo_framework.exceptions import ConfigError
+from hpo_framework.param_sampler import SearchSpace, flatten
+from hpo_framework.samplers import check_pruner, check_sampler
+
+TOP_KEYS = ("study", "session", "storage", "static", "search_space", "enqueue")
+STUDY_KEYS = (
+    "name", "direction", "directions", "n_trials", "timeout", "max_failed_trials",
+    "sampler", "pruner", "heartbeat_interval", "grace_period", "max_retries",
+)  # fmt: skip
+DIRECTIONS = ("minimize", "maximize")
+_SESSION_REF = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+_MAX_DEPTH = 32
+_MAX_BYTES = 1_000_000
+_MAX_VALUES = 100_000  # guards against YAML alias bombs, which expand when walked
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str = "tpe"
+    seed: int | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    name: str = "none"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    directions: tuple[str, ...]
+    n_trials: int | None
+    timeout: float | None
+    max_failed_trials: int | None
+    sampler: SamplerSpec
+    pruner: PrunerSpec
+    heartbeat_interval: float
+    grace_period: float
+    max_retries: int
+
+
+@dataclass(frozen=True)
+class Config:
+    """A checked config. ``raw`` is what the user wrote, as stored in the database."""
+
+    source: str
+    study: StudySpec
+    session: str | None
+    storage: str | None
+    static: Mapping[str, Any]
+    search_space: SearchSpace
+    enqueue: tuple[Mapping[str, Any], ...]  # flat {dotted name: value}
+    raw: Mapping[str, Any]
+
+    @property
+    def hash(self) -> str:
+        """Digest of the config's content, independent of key order and formatting."""
+        text = json.dumps(self.raw, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def with_name(self, name: str) -> Config:
+        raw = dict(self.raw)
+        raw["study"] = {**raw["study"], "name": name}
+        return Config.from_mapping(raw, self.source)
+
+    @classmethod
+    def from_mapping(cls, raw: Any, source: str) -> Config:
+        return _parse(raw, Checker(source))
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and check a config file; raises ConfigError with a one-line message."""
+    path = Path(path)
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(source, None, "file not found") from None
+    except OSError as e:
+        raise ConfigError(source, None, f"cannot read: {e.strerror}") from None
+    if len(data) > _MAX_BYTES:
+        raise ConfigError(source, None, f"file is larger than {_MAX_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, None, f"not valid UTF-8 (byte {e.start})") from None
+    return Config.from_mapping(parse_yaml(text, source), source)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML to Python with the safe loader; syntax errors name their line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f"line {mark.line + 1}: " if mark else ""
+        problem = " ".join(str(e.problem or e.context or "invalid YAML").split())
+        raise ConfigError(source, None, f"{line}YAML syntax error: {problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(source, None, f"YAML error: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(source, None, "YAML nests too deeply") from None
+
+
+def _parse(raw: Any, root: Checker) -> Config:
+    if raw is None:
+        root.fail("the file is empty; it needs at least 'study:' with a 'name'")
+    root.mapping(raw)
+    _check_plain_data(raw, root, 0, [_MAX_VALUES])
+    root.known_keys(raw, TOP_KEYS)
+    if "study" not in raw:
+        root.at("study").fail("missing; every config needs a 'study:' section with a 'name'")
+
+    space = SearchSpace.parse(raw.get("search_space"), root.at("search_space"))
+    study = _parse_study(raw["study"], root.at("study"), space)
+
+    session = raw.get("session")
+    if session is not None and (not isinstance(session, str) or not _SESSION_REF.match(session)):
+        root.at("session").fail(
+            f"must look like 'package.module:function', got {describe(session)}"
+        )
+    storage = raw.get("storage")
+    if storage is not None and (not isinstance(storage, str) or not storage.strip()):
+        root.at("storage").fail(f"must be a database URL string, got {describe(storage)}")
+
+    static = raw.get("static") or {}
+    root.at("static").mapping(static)
+    for name in flatten(static):
+        if name in space:
+            root.at("search_space", *name.split(".")).fail(
+                "is also set under static:; a parameter is either static or searched"
+            )
+
+    enqueue = raw.get("enqueue") or []
+    if not isinstance(enqueue, list):
+        root.at("enqueue").fail(f"must be a list of parameter mappings, got {describe(enqueue)}")
+    points = tuple(space.check_point(p, root.at("enqueue", str(i))) for i, p in enumerate(enqueue))
+
+    return Config(
+        source=root.source, study=study, session=session, storage=storage,
+        static=static, search_space=space, enqueue=points, raw=raw,
+    )  # fmt: skip
+
+
+def _parse_study(raw: Any, check: Checker, space: SearchSpace) -> StudySpec:
+    check.mapping(raw)
+    check.known_keys(raw, STUDY_KEYS)
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        check.at("name").fail(f"must be a non-empty string, got {describe(name)}")
+    if len(name) > 500:
+        check.at("name").fail("must be at most 500 characters")
+
+    if "direction" in raw and "directions" in raw:
+        check.at("directions").fail("give either 'direction' or 'directions', not both")
+    if "directions" in raw:
+        directions = raw["directions"]
+        if not isinstance(directions, list) or not directions:
+            check.at("directions").fail("must be a non-empty list of minimize/maximize")
+    else:
+        directions = [raw.get("direction", "minimize")]
+    key = "directions" if "directions" in raw else "direction"
+    for i, d in enumerate(directions):
+        if d not in DIRECTIONS:
+            at = check.at(key, str(i)) if key == "directions" else check.at(key)
+            at.choice(d, DIRECTIONS)
+
+    n_trials = _optional_int(raw, "n_trials", check, defaults.N_TRIALS, minimum=1)
+    timeout = _optional_number(raw, "timeout", check, None)
+    max_failed = _optional_int(
+        raw, "max_failed_trials", check, defaults.MAX_FAILED_TRIALS, minimum=1
+    )
+    heartbeat = _optional_number(raw, "heartbeat_interval", check, defaults.HEARTBEAT_INTERVAL)
+    grace = _optional_number(raw, "grace_period", check, defaults.GRACE_PERIOD)
+    assert heartbeat is not None and grace is not None
+    if "heartbeat_interval" in raw and raw["heartbeat_interval"] is None:
+        check.at("heartbeat_interval").fail("must be a number of seconds > 0")
+    if grace <= heartbeat:
+        check.at("grace_period").fail(
+            f"must be longer than heartbeat_interval ({heartbeat}), got {grace}"
+        )
+    max_retries = _optional_int(raw, "max_retries", check, defaults.MAX_RETRIES, minimum=0)
+    assert max_retries is not None
+
+    sampler = _parse_sampler(raw.get("sampler"), check.at("sampler"), len(directions), space)
+    pruner = _parse_pruner(raw.get("pruner"), check.at("pruner"), len(directions))
+    return StudySpec(
+        name=name, directions=tuple(directions), n_trials=n_trials, timeout=timeout,
+        max_failed_trials=max_failed, sampler=sampler, pruner=pruner,
+        heartbeat_interval=float(heartbeat), grace_period=float(grace), max_retries=max_retries,
+    )  # fmt: skip
+
+
+def _parse_sampler(raw: Any, check: Checker, n_objectives: int, space: SearchSpace) -> SamplerSpec:
+    if raw is None:
+        raw = {"name": "tpe"}
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    check.mapping(raw)
+    check.known_keys(raw, ("name", "seed", "options"))
+    seed = raw.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        check.at("seed").fail(f"must be a non-negative integer, got {describe(seed)}")
+    options = raw.get("options") or {}
+    check.at("options").mapping(options)
+    name = raw.get("name", "tpe")
+    check_sampler(name, options, n_objectives, space, check)
+    return SamplerSpec(name=name, seed=seed, options=options)
+
+
+def _parse_pruner(raw: Any, check: Checker, n_objectives: int) -> PrunerSpec:
+    if raw is None:
+        raw = {"name": "none"}
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    check.mapping(raw)
+    check.known_keys(raw, ("name", "options"))
+    options = raw.get("options") or {}
+    check.at("options").mapping(options)
+    name = raw.get("name", "none")
+    check_pruner(name, options, n_objectives, check)
+    return PrunerSpec(name=name, options=options)
+
+
+def _optional_int(
+    raw: Mapping[str, Any], key: str, check: Checker, default: int | None, minimum: int
+) -> int | None:
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        check.at(key).fail(f"must be an integer >= {minimum} or null, got {describe(value)}")
+    if value > 10**9:
+        check.at(key).fail(f"must be at most 1000000000, got {value}")
+    return value
+
+
+def _optional_number(
+    raw: Mapping[str, Any], key: str, check: Checker, default: float | None
+) -> float | None:
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    if not is_number(value) or not math.isfinite(value) or value <= 0 or value > 10**9:
+        check.at(key).fail(f"must be a number of seconds > 0 or null, got {describe(value)}")
+    return float(value)
+
+
+def _check_plain_data(value: Any, check: Checker, depth: int, budget: list[int]) -> None:
+    """Only JSON-like data may be stored and shared with workers (no dates, no binary)."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        Checker(check.source).fail(f"holds more than {_MAX_VALUES} values (YAML aliases?)")
+    if depth > _MAX_DEPTH:
+        check.fail(f"nested more than {_MAX_DEPTH} levels deep")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                check.at(str(key)).fail(f"keys must be strings, got {describe(key)}")
+            _check_plain_data(item, check.at(key), depth + 1, budget)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_plain_data(item, check.at(str(i)), depth + 1, budget)
+    elif value is not None and not isinstance(value, (bool, int, float, str)):
+        check.fail(f"unsupported value {describe(value)}; quote it to make it a string")
+    elif isinstance(value, float) and not math.isfinite(value):
+        check.fail(f"must be a finite number, got {value}")

@@ -1,0 +1,150 @@
+"""Creating, resuming, stopping and deleting studies: what ``hpo-coordinator`` does.
+
+The coordinator is the only place that creates tables, so workers started on an empty
+database never race to do it. A study becomes visible to workers (its ``hpo_studies`` row)
+only after its Optuna study and its ``enqueue:`` points exist.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import optuna
+
+from hpo_framework import __version__
+from hpo_framework._checks import Checker
+from hpo_framework.config import Config
+from hpo_framework.exceptions import (
+    ConfigError,
+    SessionError,
+    StudyExistsError,
+    StudyNotFoundError,
+)
+from hpo_framework.registry import STOPPED, Registry, StudyRecord
+from hpo_framework.session import import_session
+from hpo_framework.storage import redact
+
+log = logging.getLogger("hpo.coordinator")
+
+
+def create_study(
+    storage: optuna.storages.RDBStorage,
+    config: Config,
+    *,
+    resume: bool = False,
+    check_session: bool = True,
+) -> StudyRecord:
+    """Create the study of ``config`` (or resume it: same name and same config hash).
+
+    ``check_session`` imports ``session:`` now, so a bad reference fails here and not in
+    every worker.
+    """
+    registry = Registry(storage.engine)
+    registry.create_table()
+    name = config.study.name
+    if check_session:
+        if not config.session:
+            raise ConfigError(config.source, "session", "missing; workers need 'module:function'")
+        try:
+            import_session(config.session)
+        except SessionError as e:
+            raise ConfigError(config.source, "session", str(e)) from None
+    budget = _budget(config)
+
+    existing = registry.find(name)
+    if existing is not None:
+        return _resume(registry, existing, config, resume, storage)
+    if name in {s.study_name for s in storage.get_all_studies()}:
+        raise StudyExistsError(
+            f"an Optuna study named {name!r} already exists in {redact(storage.url)} but was not "
+            "created by hpo-coordinator; choose another study.name or --name"
+        )
+    try:
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            directions=list(config.study.directions),
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        raise StudyExistsError(f"study {name!r} was just created by someone else") from None
+    study.set_user_attr("hpo_config", dict(config.raw))
+    study.set_user_attr("hpo_version", __version__)
+    for point in config.enqueue:
+        study.enqueue_trial(dict(point))
+    registry.add(
+        study_id=storage.get_study_id_from_name(name),
+        name=name,
+        budget=budget,
+        max_failures=config.study.max_failed_trials,
+        timeout=config.study.timeout,
+        config=config.raw,
+        config_hash=config.hash,
+        session_ref=config.session,
+        version=__version__,
+    )
+    log.info("created study %r in %s (budget %s)", name, redact(storage.url), budget)
+    return registry.get(name)
+
+
+def _resume(
+    registry: Registry,
+    existing: StudyRecord,
+    config: Config,
+    resume: bool,
+    storage: optuna.storages.RDBStorage,
+) -> StudyRecord:
+    name = config.study.name
+    where = redact(storage.url)
+    if not resume:
+        raise StudyExistsError(
+            f"study {name!r} already exists in {where}; use --resume to continue it with the "
+            "same config, or --name to create another"
+        )
+    if existing.config_hash != config.hash:
+        raise StudyExistsError(
+            f"study {name!r} in {where} was created from a different config "
+            f"({existing.config_hash[:12]} != {config.hash[:12]}); give this one another "
+            "study.name, or delete the old study with `hpo-coordinator delete`"
+        )
+    registry.reopen(name, config.study.timeout)
+    log.info("resuming study %r in %s", name, where)
+    return registry.get(name)
+
+
+def _budget(config: Config) -> int | None:
+    name = config.study.name
+    budget = config.study.n_trials
+    if config.study.sampler.name == "grid":
+        grid = config.search_space.grid(Checker(config.source))
+        size = 1
+        for values in grid.values():
+            size *= len(values)
+        budget = size if budget is None else min(budget, size)
+    if budget is not None and len(config.enqueue) > budget:
+        raise ConfigError(
+            config.source, "enqueue",
+            f"{len(config.enqueue)} points but the budget (study.n_trials) is {budget}",
+        )  # fmt: skip
+    if budget is None and config.study.timeout is None:
+        log.warning("study %r has no n_trials and no timeout: it runs until stopped", name)
+    return budget
+
+
+def stop_study(storage: optuna.storages.RDBStorage, name: str) -> bool:
+    """Workers take no new trial of it; running trials finish. False if it was not open."""
+    registry = Registry(storage.engine)
+    registry.get(name)  # raises StudyNotFoundError
+    return registry.set_state(name, STOPPED)
+
+
+def delete_study(storage: optuna.storages.RDBStorage, name: str) -> None:
+    """Remove the study and all its trials."""
+    registry = Registry(storage.engine)
+    registry.create_table()
+    found = registry.find(name) is not None
+    try:
+        optuna.delete_study(study_name=name, storage=storage)
+    except KeyError:
+        if not found:
+            raise StudyNotFoundError(f"no study named {name!r} in {redact(storage.url)}") from None
+    registry.delete(name)

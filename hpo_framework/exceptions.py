@@ -1,0 +1,60 @@
+"""The framework's exceptions: one root, each class saying when it is raised."""
+
+from __future__ import annotations
+
+import optuna
+
+
+class HPOError(Exception):
+    """Root of every error the framework raises on purpose."""
+
+    #: Exit status the command-line tools use for this error.
+    exit_code = 1
+
+
+class ConfigError(HPOError):
+    """Raised when config.yaml (or a study's stored config) is missing, malformed or invalid.
+
+    The message is one line: ``<file>: <key.path>: <reason>``.
+    """
+
+    exit_code = 2
+
+    def __init__(self, source: str, key: str | None, reason: str) -> None:
+        self.source = source
+        self.key = key
+        self.reason = reason
+        where = f"{source}: {key}: " if key else f"{source}: "
+        super().__init__(where + reason)
+
+
+class StorageError(HPOError):
+    """Raised when the storage cannot be reached or used (bad URL, database gone too long)."""
+
+
+class StudyExistsError(HPOError):
+    """Raised when creating a study whose name is taken (and ``resume`` does not apply)."""
+
+    exit_code = 2
+
+
+class StudyNotFoundError(HPOError):
+    """Raised when a command names a study that is not in the storage."""
+
+
+class SessionError(HPOError):
+    """Raised when a session reference cannot be imported, or a session returns a bad value."""
+
+
+class TrialPruned(HPOError, optuna.TrialPruned):
+    """Raised by :func:`hpo_framework.report` when the pruner stops the running trial.
+
+    Sessions never need to catch it; it also is an :class:`optuna.TrialPruned`.
+    """
+
+
+class TrialLost(HPOError):
+    """Raised inside a trial whose row was failed by another worker (its heartbeat went stale).
+
+    The trial's parameters are already being evaluated again elsewhere; this result is dropped.
+    """

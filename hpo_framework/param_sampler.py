@@ -1,0 +1,283 @@
+"""The YAML search space: parsed and checked once, then sampled for every trial.
+
+A search space is a tree. A mapping with a ``type`` key is a parameter; any other mapping is a
+group whose keys nest in ``cfg``. Inside Optuna a parameter's name is its dotted path
+(``model.hidden``), which is also how ``when:`` and ``enqueue:`` name it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+from hpo_framework._checks import (
+    Checker,
+    describe,
+    is_number,
+    is_scalar,
+)
+
+_KEYS = {
+    "float": {"type", "low", "high", "log", "step", "when"},
+    "int": {"type", "low", "high", "log", "step", "when"},
+    "categorical": {"type", "choices", "when"},
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched parameter: its dotted name, Optuna distribution and activation rule."""
+
+    name: str
+    distribution: BaseDistribution
+    #: Other parameters' names and the values that activate this one (all must match).
+    when: Mapping[str, tuple[Any, ...]]
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return tuple(self.name.split("."))
+
+    def is_active(self, values: Mapping[str, Any]) -> bool:
+        return all(name in values and values[name] in allowed for name, allowed in self.when.items())
+
+
+class SearchSpace:
+    """The parameters of ``search_space:``, in the order they are sampled."""
+
+    def __init__(self, params: list[Param]) -> None:
+        self.params = tuple(params)
+        self._by_name = {p.name: p for p in params}
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    @classmethod
+    def parse(cls, tree: Any, check: Checker) -> SearchSpace:
+        """Check ``search_space:`` (at ``check``'s key path) and build its parameters."""
+        params: list[Param] = []
+        if tree is None:
+            return cls(params)
+        check.mapping(tree)
+        _parse_group(tree, check, params)
+        return cls(params)
+
+    def sample(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Suggest every active parameter on ``trial``; returns them as a nested dict."""
+        flat: dict[str, Any] = {}
+        for p in self.params:
+            if p.is_active(flat):
+                flat[p.name] = _suggest(trial, p.name, p.distribution)
+        return unflatten(flat)
+
+    def grid(self, check: Checker) -> dict[str, list[Any]]:
+        """Every parameter's finite list of values, for the grid sampler (``check``: file root)."""
+        grid: dict[str, list[Any]] = {}
+        for p in self.params:
+            d = p.distribution
+            if isinstance(d, CategoricalDistribution):
+                grid[p.name] = list(d.choices)
+            elif isinstance(d, IntDistribution) and not d.log:
+                grid[p.name] = list(range(d.low, d.high + 1, d.step))
+            elif isinstance(d, FloatDistribution) and d.step is not None:
+                n = round((d.high - d.low) / d.step)
+                grid[p.name] = [d.low + i * d.step for i in range(n + 1)]
+            else:
+                check.at("search_space", *p.path).fail("the grid sampler needs a finite set: give a step, no log")
+        return grid
+
+    def check_point(self, point: Any, check: Checker) -> dict[str, Any]:
+        """Check one ``enqueue:`` entry (nested, like ``cfg``); return it flat for Optuna."""
+        check.mapping(point)
+        flat = flatten(point)
+        for name, value in flat.items():
+            at = check.at(*name.split("."))
+            if name not in self._by_name:
+                at.unknown(name.split(".")[-1], self._sibling_names(name))
+            d = self._by_name[name].distribution
+            if not _contains(d, value):
+                at.fail(f"{describe(value)} is outside this parameter's range ({_range(d)})")
+        return flat
+
+    def _sibling_names(self, name: str) -> list[str]:
+        prefix = name.rsplit(".", 1)[0] + "." if "." in name else ""
+        return [n[len(prefix) :].split(".")[0] for n in self._by_name if n.startswith(prefix)]
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"hidden": 16}}`` -> ``{"model.hidden": 16}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"model.hidden": 16}`` -> ``{"model": {"hidden": 16}}``."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def merge(static: Mapping[str, Any], sampled: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge sampled values over the static ones: the ``cfg`` a session receives."""
+    merged = dict(static)
+    for key, value in sampled.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_group(tree: Mapping[str, Any], check: Checker, params: list[Param]) -> None:
+    for key, node in tree.items():
+        at = check.at(key)
+        if not isinstance(key, str) or not key or "." in key:
+            at.fail("parameter names must be non-empty strings without dots")
+        if isinstance(node, Mapping) and "type" in node:
+            params.append(_parse_param(node, at, params))
+        elif isinstance(node, Mapping) and node:
+            _parse_group(node, at, params)
+        else:
+            at.fail(
+                "expected a parameter (a mapping with 'type: float|int|categorical') "
+                f"or a group of parameters, got {describe(node)}"
+            )
+
+
+def _parse_param(spec: Mapping[str, Any], check: Checker, earlier: list[Param]) -> Param:
+    kind = spec["type"]
+    if kind not in _KEYS:
+        check.at("type").choice(kind, sorted(_KEYS))
+    check.known_keys(spec, _KEYS[kind])
+    name = ".".join(check.path[1:])
+    if kind == "categorical":
+        dist: BaseDistribution = _categorical(spec, check)
+    else:
+        dist = _numeric(kind, spec, check)
+    when = _parse_when(spec.get("when"), check.at("when"), earlier)
+    return Param(name=name, distribution=dist, when=when)
+
+
+def _categorical(spec: Mapping[str, Any], check: Checker) -> CategoricalDistribution:
+    at = check.at("choices")
+    choices = spec.get("choices")
+    if choices is None:
+        check.fail("categorical parameters need 'choices'")
+    if not isinstance(choices, list):
+        at.fail(f"must be a list, got {describe(choices)}")
+    if not choices:
+        at.fail("must not be empty")
+    for i, choice in enumerate(choices):
+        if not is_scalar(choice):
+            at.at(str(i)).fail(f"choices must be YAML scalars, got {describe(choice)}")
+    if len({(type(c), c) for c in choices}) != len(choices):
+        at.fail("choices must be unique")
+    return CategoricalDistribution(choices)
+
+
+def _numeric(kind: str, spec: Mapping[str, Any], check: Checker) -> BaseDistribution:
+    is_int = kind == "int"
+    bounds = {}
+    for key in ("low", "high"):
+        if key not in spec:
+            check.fail(f"{kind} parameters need 'low' and 'high'")
+        value = spec[key]
+        ok = isinstance(value, int) if is_int else is_number(value)
+        if not ok or isinstance(value, bool):
+            check.at(key).fail(f"must be {'an integer' if is_int else 'a number'}, got {describe(value)}")
+        if not math.isfinite(value):
+            check.at(key).fail(f"must be finite, got {value}")
+        bounds[key] = value
+    low, high = bounds["low"], bounds["high"]
+    if low >= high:
+        check.at("low").fail(f"must be < high, got low={low}, high={high}")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        check.at("log").fail(f"must be true or false, got {describe(log)}")
+    step = spec.get("step")
+    if step is not None:
+        ok = isinstance(step, int) if is_int else is_number(step)
+        if not ok or isinstance(step, bool) or not math.isfinite(step) or step <= 0:
+            check.at("step").fail(f"must be a positive {'integer' if is_int else 'number'}, got {describe(step)}")
+        if log and (not is_int or step != 1):
+            check.at("step").fail("cannot be combined with log: true")
+        span = high - low
+        if abs(round(span / step) * step - span) > 1e-9 * max(1.0, abs(span)):
+            check.at("step").fail(f"must divide high - low = {span} evenly, got step={step}")
+    if log and low <= 0:
+        check.at("low").fail(f"must be > 0 when log is true, got {low}")
+    if is_int:
+        return IntDistribution(low, high, log=log, step=step or 1)
+    return FloatDistribution(float(low), float(high), log=log, step=step)
+
+
+def _parse_when(when: Any, check: Checker, earlier: list[Param]) -> dict[str, tuple[Any, ...]]:
+    if when is None:
+        return {}
+    check.mapping(when)
+    known = {p.name: p for p in earlier}
+    rule: dict[str, tuple[Any, ...]] = {}
+    for name, wanted in when.items():
+        at = check.at(str(name))
+        if name not in known:
+            at.unknown(str(name), list(known), what="parameter defined above this one")
+        values = tuple(wanted) if isinstance(wanted, list) else (wanted,)
+        for value in values:
+            if not _contains(known[name].distribution, value):
+                at.fail(f"{describe(value)} is not a possible value ({_range(known[name].distribution)})")
+        rule[name] = values
+    return rule
+
+
+def _suggest(trial: optuna.Trial, name: str, d: BaseDistribution) -> Any:
+    if isinstance(d, FloatDistribution):
+        return trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
+    if isinstance(d, IntDistribution):
+        return trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
+    assert isinstance(d, CategoricalDistribution)
+    return trial.suggest_categorical(name, d.choices)  # type: ignore[arg-type]
+
+
+def _contains(d: BaseDistribution, value: Any) -> bool:
+    if isinstance(d, CategoricalDistribution):
+        return any(type(value) is type(c) and value == c for c in d.choices)
+    if isinstance(value, bool) or not is_number(value):
+        return False
+    if isinstance(d, IntDistribution) and not isinstance(value, int):
+        return False
+    return bool(d._contains(d.to_internal_repr(value)))
+
+
+def _range(d: BaseDistribution) -> str:
+    if isinstance(d, CategoricalDistribution):
+        return f"choices {list(d.choices)}"
+    assert isinstance(d, (FloatDistribution, IntDistribution))
+    step = f", step {d.step}" if d.step not in (None, 1) else ""
+    return f"{d.low}..{d.high}{step}"

@@ -1,0 +1,48 @@
+"""``run_hpo``: the seed's entry point, one process running a whole study."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import optuna
+
+from hpo_framework.config import load_config
+from hpo_framework.coordinator import create_study
+from hpo_framework.exceptions import ConfigError
+from hpo_framework.heartbeat import Heartbeat
+from hpo_framework.logs import ensure_console_logging
+from hpo_framework.session import SessionFn
+from hpo_framework.storage import open_storage, resolve_storage_url
+from hpo_framework.trial_runner import StudyHandle
+
+
+def run_hpo(
+    session_fn: SessionFn, config_path: str | Path, storage: str | None = None
+) -> optuna.Study:
+    """Optimize ``session_fn`` over the search space of ``config_path``; returns the study.
+
+    The study is created in the storage (``storage`` > ``HPO_STORAGE`` > config > SQLite), or
+    resumed if one of the same name and config exists there, so other processes
+    (``hpo-worker``) can join in and an interrupted run carries on where it stopped.
+    Raises ConfigError before any trial runs if the config is invalid.
+    """
+    ensure_console_logging()
+    config = load_config(config_path)
+    url = resolve_storage_url(storage, config.storage)
+    rdb = open_storage(url, create_schema=True, role="run_hpo")
+    record = create_study(rdb, config, resume=True, check_session=False)
+    handle = StudyHandle(
+        rdb, record, config, session_fn, worker_id=f"{socket.gethostname()}:{os.getpid()}"
+    )
+    with Heartbeat(rdb) as heartbeat:
+        while True:
+            handle.sweep_stale()
+            outcome = handle.run_one(heartbeat)
+            if outcome is None:
+                break
+            if outcome.fatal:
+                key = "study.directions" if len(config.study.directions) > 1 else "study.direction"
+                raise ConfigError(config.source, key, str(outcome.error))
+    return handle.study

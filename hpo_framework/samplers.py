@@ -1,0 +1,110 @@
+"""Optuna samplers and pruners by the names config.yaml uses, with their options checked."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+
+from hpo_framework._checks import Checker
+from hpo_framework.param_sampler import SearchSpace
+
+SAMPLERS: dict[str, Any] = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "gp": optuna.samplers.GPSampler,
+    "nsga2": optuna.samplers.NSGAIISampler,
+    "qmc": optuna.samplers.QMCSampler,
+    "grid": optuna.samplers.GridSampler,
+}
+
+PRUNERS: dict[str, Any] = {
+    "none": optuna.pruners.NopPruner,
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+}
+
+#: Python packages a sampler needs beyond Optuna itself, and the extra that installs them.
+_SAMPLER_NEEDS = {"gp": ("torch", "scipy"), "cmaes": ("cmaes",), "qmc": ("scipy",)}
+_SINGLE_OBJECTIVE = {"cmaes", "gp"}
+# Options the framework sets itself; config.yaml may not pass them.
+_RESERVED = {"seed", "search_space"}
+
+
+def check_sampler(
+    name: Any, options: Mapping[str, Any], n_objectives: int, space: SearchSpace, check: Checker
+) -> None:
+    """Fail with a ConfigError unless ``build_sampler`` will work with these values."""
+    if name not in SAMPLERS:
+        check.at("name").choice(name, SAMPLERS)
+    for module in _SAMPLER_NEEDS.get(name, ()):
+        if importlib.util.find_spec(module) is None:
+            check.at("name").fail(
+                f"the '{name}' sampler needs the Python package '{module}': "
+                "pip install 'hpo[samplers,examples]'"
+            )
+    if name in _SINGLE_OBJECTIVE and n_objectives > 1:
+        check.at("name").fail(f"the '{name}' sampler supports a single direction only")
+    _check_options(SAMPLERS[name], options, check.at("options"))
+    try:
+        build_sampler(name, None, options, space, check.source)
+    except (TypeError, ValueError) as e:
+        check.at("options").fail(_one_line(e))
+
+
+def check_pruner(name: Any, options: Mapping[str, Any], n_objectives: int, check: Checker) -> None:
+    """Fail with a ConfigError unless ``build_pruner`` will work with these values."""
+    if name not in PRUNERS:
+        check.at("name").choice(name, PRUNERS)
+    if name != "none" and n_objectives > 1:
+        check.at("name").fail("Optuna cannot prune multi-objective studies; use 'none'")
+    _check_options(PRUNERS[name], options, check.at("options"))
+    try:
+        build_pruner(name, options)
+    except (TypeError, ValueError) as e:
+        check.at("options").fail(_one_line(e))
+
+
+def build_sampler(
+    name: str, seed: int | None, options: Mapping[str, Any], space: SearchSpace, source: str
+) -> optuna.samplers.BaseSampler:
+    cls = SAMPLERS[name]
+    kwargs = dict(options)
+    if name == "grid":
+        kwargs["search_space"] = space.grid(Checker(source))
+    if "seed" in inspect.signature(cls).parameters:
+        kwargs["seed"] = seed
+    return cls(**kwargs)  # type: ignore[no-any-return]
+
+
+def build_pruner(name: str, options: Mapping[str, Any]) -> optuna.pruners.BasePruner:
+    return PRUNERS[name](**options)  # type: ignore[no-any-return]
+
+
+def worker_seed(seed: int | None, worker_index: int) -> int | None:
+    """The sampler seed of one worker: distinct per worker so no two draw the same points."""
+    if seed is None:
+        return None
+    return (seed + 7919 * worker_index) % 2**32
+
+
+def _check_options(cls: Any, options: Mapping[str, Any], check: Checker) -> None:
+    params = inspect.signature(cls).parameters
+    allowed = [
+        p for p, v in params.items() if p not in _RESERVED and v.kind is not v.VAR_KEYWORD
+    ]
+    for key in options:
+        if key in _RESERVED:
+            check.at(str(key)).fail(f"'{key}' is set by the framework; use study.sampler.seed")
+        if key not in allowed:
+            check.at(str(key)).unknown(str(key), allowed, what="option")
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())

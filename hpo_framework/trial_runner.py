@@ -1,0 +1,315 @@
+"""One study as a process serves it, and the life of one trial: ticket, sample, session, result.
+
+This is the whole data path of a trial::
+
+    ticket (registry) -> trial row (waiting point or new) -> heartbeat -> params (param_sampler)
+    -> cfg = static + params -> session(cfg) -> checked score -> tell -> on failure: retry
+
+Both ``run_hpo`` (one process) and ``hpo-worker`` (many) run trials through ``StudyHandle``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo_framework import reporting
+from hpo_framework.config import Config
+from hpo_framework.exceptions import TrialLost
+from hpo_framework.heartbeat import Heartbeat, stale_trial_ids
+from hpo_framework.param_sampler import merge
+from hpo_framework.registry import OPEN, Registry, StudyRecord
+from hpo_framework.samplers import build_pruner, build_sampler, worker_seed
+from hpo_framework.session import ObjectiveCountError, SessionFn, check_result
+from hpo_framework.storage import with_db_retry
+
+log = logging.getLogger("hpo.trial")
+
+#: User attributes every trial carries (shown by hpo-inspect and optuna-dashboard).
+WORKER_ATTR, ERROR_ATTR = "worker", "error"
+RETRY_OF_ATTR, ATTEMPT_ATTR = "retry_of", "attempt"
+
+
+class ColdShutdown(BaseException):
+    """Raised in the main thread by a worker's second SIGTERM/SIGINT to abandon the trial now.
+
+    A BaseException, like KeyboardInterrupt, so that a session's ``except Exception`` cannot
+    swallow it.
+    """
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    study: str
+    number: int
+    state: TrialState
+    values: list[float] | None
+    duration_s: float
+    error: str | None = None
+    #: The session broke the study's contract (wrong number of values): stop the study.
+    fatal: bool = False
+
+
+class StudyHandle:
+    """A study loaded in this process: its checked config, session, sampler and Optuna study."""
+
+    def __init__(
+        self,
+        storage: optuna.storages.RDBStorage,
+        record: StudyRecord,
+        config: Config,
+        session_fn: SessionFn,
+        *,
+        worker_id: str,
+        worker_index: int = 0,
+    ) -> None:
+        self.storage = storage
+        self.registry = Registry(storage.engine)
+        self.record = record
+        self.config = config
+        self.session_fn = session_fn
+        self.worker_id = worker_id
+        spec = config.study
+        sampler = build_sampler(
+            spec.sampler.name,
+            worker_seed(spec.sampler.seed, worker_index),
+            spec.sampler.options,
+            config.search_space,
+            config.source,
+        )
+        pruner = build_pruner(spec.pruner.name, spec.pruner.options)
+        # One Study object per study per process: its trial cache makes sampling incremental.
+        self.study = with_db_retry(
+            lambda: optuna.load_study(
+                study_name=record.name, storage=storage, sampler=sampler, pruner=pruner
+            ),
+            f"loading study {record.name!r}",
+        )
+        # Optuna's per-study trial cache. Trials must be created and popped through it (as
+        # Study.ask does) or it rejects their parameters; there is no public handle on it.
+        self._cached_storage = self.study._storage
+        self.n_objectives = len(spec.directions)
+        self._next_sweep = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    # --- one trial ----------------------------------------------------------------------------
+
+    def run_one(self, heartbeat: Heartbeat) -> TrialOutcome | None:
+        """Run one trial if the study has budget left; None when it has none."""
+        if not with_db_retry(lambda: self.registry.claim_ticket(self.record.study_id), "claiming"):
+            return None
+        trial_id = with_db_retry(self._start_trial, "starting a trial")
+        heartbeat.track(trial_id, self.config.study.heartbeat_interval)
+        try:
+            return self._run_trial(trial_id)
+        finally:
+            heartbeat.untrack()
+
+    def _start_trial(self) -> int:
+        """Take a waiting trial (an enqueued point or a retry) if any, else create a new one."""
+        storage = self._cached_storage
+        for waiting in storage.get_all_trials(
+            self.record.study_id, deepcopy=False, states=(TrialState.WAITING,)
+        ):
+            try:
+                # Conditional WAITING -> RUNNING: False when another worker popped it first.
+                if not storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            storage.set_trial_user_attr(waiting._trial_id, WORKER_ATTR, self.worker_id)
+            return waiting._trial_id
+        template = optuna.trial.create_trial(state=TrialState.WAITING)
+        template.state = TrialState.RUNNING
+        template.datetime_start = datetime.now()
+        template.user_attrs = {WORKER_ATTR: self.worker_id}
+        return storage.create_new_trial(self.record.study_id, template_trial=template)
+
+    def _run_trial(self, trial_id: int) -> TrialOutcome:
+        # Like Study.ask: the sampler must see the trials finished since the last one.
+        self.study._thread_local.cached_all_trials = None
+        trial = optuna.Trial(self.study, trial_id)
+        started = time.monotonic()
+        try:
+            params = with_db_retry(lambda: self.config.search_space.sample(trial), "sampling")
+            cfg = merge(self.config.static, params)
+            with reporting.bound_to(trial):
+                result = self.session_fn(cfg)
+            values = check_result(result, self.n_objectives)
+        except TrialLost:
+            return self._dropped(trial, started)
+        except optuna.TrialPruned:
+            return self._finish(trial, TrialState.PRUNED, None, started, None)
+        except ColdShutdown:
+            self._finish(trial, TrialState.FAIL, None, started, "worker stopped by a second signal")
+            raise
+        except KeyboardInterrupt:
+            self._finish(trial, TrialState.FAIL, None, started, "interrupted (KeyboardInterrupt)")
+            raise
+        except (Exception, SystemExit) as e:  # the session's failure is the trial's, not ours
+            fatal = isinstance(e, ObjectiveCountError)
+            error = _describe_error(e)
+            if not fatal:
+                log.warning(
+                    "study=%s trial=%d session failed: %s\n%s",
+                    self.name, trial.number, error, _short_traceback(e),
+                )  # fmt: skip
+            outcome = self._finish(trial, TrialState.FAIL, None, started, error)
+            if fatal:
+                with_db_retry(lambda: self.registry.set_state(self.name, "failed", error), "stop")
+                return TrialOutcome(**{**outcome.__dict__, "fatal": True})
+            return outcome
+        return self._finish(trial, TrialState.COMPLETE, values, started, None)
+
+    def _finish(
+        self,
+        trial: optuna.Trial,
+        state: TrialState,
+        values: list[float] | None,
+        started: float,
+        error: str | None,
+    ) -> TrialOutcome:
+        duration = time.monotonic() - started
+        kept = with_db_retry(lambda: self._tell(trial, state, values, error), "saving a result")
+        outcome = TrialOutcome(self.name, trial.number, state, values, duration, error)
+        if not kept:
+            return self._dropped(trial, started)
+        if state == TrialState.FAIL:
+            self._retry(self.storage.get_trial(trial._trial_id))
+        value = "-" if values is None else ",".join(f"{v:.6g}" for v in values)
+        log.info(
+            "study=%s trial=%d state=%s value=%s duration=%.2fs worker=%s%s",
+            self.name, trial.number, state.name, value, duration, self.worker_id,
+            f" error={error}" if error else "",
+        )  # fmt: skip
+        return outcome
+
+    def _dropped(self, trial: optuna.Trial, started: float) -> TrialOutcome:
+        log.warning(
+            "study=%s trial=%d result dropped: the trial was failed as stale and retried "
+            "elsewhere while this worker was unresponsive", self.name, trial.number,
+        )  # fmt: skip
+        duration = time.monotonic() - started
+        return TrialOutcome(self.name, trial.number, TrialState.FAIL, None, duration, "lost")
+
+    def _tell(
+        self, trial: optuna.Trial, state: TrialState, values: list[float] | None, error: str | None
+    ) -> bool:
+        """Record the result; False if the trial had been finished by someone else (stale)."""
+        try:
+            if error is not None:
+                self.storage.set_trial_user_attr(trial._trial_id, ERROR_ATTR, error[:2000])
+            self.study.tell(trial, values, state=state)
+            return True
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            # Either our own earlier try committed before the connection dropped, or a live
+            # worker failed this trial because our heartbeat stopped (e.g. SIGSTOP).
+            stored = self.storage.get_trial(trial._trial_id)
+            if stored.state != state:
+                return False
+            if state == TrialState.FAIL:  # the stale sweep writes its own error
+                return stored.user_attrs.get(ERROR_ATTR) == (error or "")[:2000]
+            return values is None or stored.values == values
+
+    def _retry(self, failed: FrozenTrial) -> None:
+        """A failed trial's parameters run again (up to max_retries), its ticket is returned.
+
+        The point is enqueued before the ticket goes back, so the next ticket holder finds it.
+        """
+        attempt = int(failed.user_attrs.get(ATTEMPT_ATTR, 0))
+        if failed.params and attempt < self.config.study.max_retries and self._is_open():
+            root = failed.user_attrs.get(RETRY_OF_ATTR, failed.number)
+            with_db_retry(
+                lambda: self.study.enqueue_trial(
+                    failed.params, user_attrs={RETRY_OF_ATTR: root, ATTEMPT_ATTR: attempt + 1}
+                ),
+                "re-queueing a failed trial",
+            )
+        state = with_db_retry(
+            lambda: self.registry.return_ticket(self.record.study_id, failed=True),
+            "returning a ticket",
+        )
+        if state != OPEN:
+            log.error("study=%s stopped: %s", self.name, "max_failed_trials reached")
+
+    def _is_open(self) -> bool:
+        return self.registry.get(self.name).state == OPEN
+
+    # --- trials of dead workers ---------------------------------------------------------------
+
+    def sweep_stale(self) -> int:
+        """Fail trials whose heartbeat stopped and re-run their parameters; at most once per
+        heartbeat interval. Returns how many trials this process failed."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return 0
+        self._next_sweep = now + self.config.study.heartbeat_interval
+        grace = self.config.study.grace_period
+        failed = 0
+        ids = with_db_retry(
+            lambda: stale_trial_ids(self.storage, self.record.study_id, grace), "sweeping"
+        )
+        for trial_id in ids:
+            if with_db_retry(lambda: self._fail_stale(trial_id, grace), "failing a stale trial"):
+                failed += 1
+        return failed
+
+    def _fail_stale(self, trial_id: int, grace: float) -> bool:
+        trial = self.storage.get_trial(trial_id)
+        lost = trial.user_attrs.get(WORKER_ATTR, "unknown")
+        try:
+            self.storage.set_trial_user_attr(
+                trial_id, ERROR_ATTR, f"worker {lost} lost: no heartbeat for over {grace:g}s"
+            )
+            # Conditional RUNNING -> FAIL under a row lock: one live worker wins the trial.
+            if not self.storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                return False
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False  # it finished after all, or another worker failed it first
+        log.warning(
+            "study=%s trial=%d failed: worker %s lost (no heartbeat for %gs); params re-queued",
+            self.name, trial.number, lost, grace,
+        )  # fmt: skip
+        self._retry(self.storage.get_trial(trial_id))
+        return True
+
+
+def _describe_error(e: BaseException) -> str:
+    if isinstance(e, SystemExit):
+        return f"session called sys.exit({e.code!r})"
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}"[:2000] if text else type(e).__name__
+
+
+def _short_traceback(e: BaseException) -> str:
+    return "".join(traceback.format_exception(type(e), e, e.__traceback__, limit=-3)).rstrip()
+
+
+def load_config_of(record: StudyRecord) -> Config:
+    """The stored config of a study, checked again: workers trust nothing from the database."""
+    return Config.from_mapping(record.config, f"study {record.name!r} (stored config)")
+
+
+def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
+    """The fields every trial listing shows, in one place."""
+    duration = trial.duration.total_seconds() if trial.duration is not None else None
+    return {
+        "number": trial.number,
+        "state": trial.state.name,
+        "values": trial.values,
+        "params": trial.params,
+        "worker": trial.user_attrs.get(WORKER_ATTR),
+        "duration_s": duration,
+        "error": trial.user_attrs.get(ERROR_ATTR),
+        "retry_of": trial.user_attrs.get(RETRY_OF_ATTR),
+    }

@@ -1,0 +1,14 @@
+"""Run the linear-regression HPO in this process: `python run_experiment.py [config.yaml]`."""
+
+import sys
+
+from experiments.linear_regression import single_session
+from hpo_framework import HPOError, run_hpo
+
+if __name__ == "__main__":
+    try:
+        study = run_hpo(single_session, sys.argv[1] if len(sys.argv) > 1 else "config.yaml")
+    except HPOError as e:
+        sys.exit(f"error: {e}")
+    print(f"best validation MSE {study.best_value:.6f} (trial {study.best_trial.number})")
+    print(f"best parameters {study.best_params}")
