@@ -1,0 +1,202 @@
+"""``hpo-coordinator`` and ``hpo-inspect``: thin click adapters over the library."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+import click
+import optuna
+from rich.console import Console
+from rich.table import Table
+
+from hpo_framework.cli_options import storage_option, translate_errors
+from hpo_framework.config import load_config
+from hpo_framework.coordinator import create_study, delete_study, stop_study
+from hpo_framework.inspection import STATES, list_studies, summarize
+from hpo_framework.storage import open_storage, redact, resolve_storage_url
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def _open(storage: str | None, config_storage: str | None = None, create: bool = False) -> Any:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return open_storage(
+        resolve_storage_url(storage, config_storage), create_schema=create, role="hpo-cli"
+    )
+
+
+def _fmt(values: list[float] | None) -> str:
+    return "-" if not values else ", ".join(f"{v:.6g}" for v in values)
+
+
+def _console() -> Console:
+    return Console(soft_wrap=False, width=120, highlight=False)
+
+
+# --- hpo-coordinator ---------------------------------------------------------------------------
+
+
+@click.group(context_settings=CONTEXT)
+def coordinator() -> None:
+    """Create, list, stop and delete studies in the shared storage."""
+
+
+@coordinator.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--name", help="Study name (default: the config's study.name).")
+@click.option("--resume", is_flag=True, help="Continue an existing study of the same config.")
+@storage_option
+@translate_errors
+def create(config_path: str, name: str | None, resume: bool, storage: str | None) -> None:
+    """Check CONFIG, create its study and enqueue its points; print the study name last."""
+    config = load_config(config_path)
+    if name:
+        config = config.with_name(name)
+    rdb = _open(storage, config.storage, create=True)
+    record = create_study(rdb, config, resume=resume)
+    budget = "unlimited" if record.budget is None else record.budget
+    click.echo(
+        f"study {record.name!r} ready in {redact(rdb.url)}: budget {budget}, "
+        f"{len(config.enqueue)} enqueued point(s), session {record.session_ref}"
+    )
+    click.echo(record.name)
+
+
+@coordinator.command("list")
+@storage_option
+@translate_errors
+def list_command(storage: str | None) -> None:
+    """One line per study: state, budget progress, best value."""
+    _print_study_list(list_studies(_open(storage)), "table")
+
+
+@coordinator.command()
+@click.argument("name")
+@storage_option
+@translate_errors
+def stop(name: str, storage: str | None) -> None:
+    """Stop NAME: workers take no new trial of it; running trials finish."""
+    if stop_study(_open(storage), name):
+        click.echo(f"study {name!r} stopped; running trials will finish")
+    else:
+        click.echo(f"study {name!r} was not open; nothing to stop")
+
+
+@coordinator.command()
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@storage_option
+@translate_errors
+def delete(name: str, yes: bool, storage: str | None) -> None:
+    """Delete NAME and all its trials."""
+    if not yes:
+        click.confirm(f"Delete study {name!r} and all its trials?", abort=True)
+    delete_study(_open(storage), name)
+    click.echo(f"study {name!r} deleted")
+
+
+# --- hpo-inspect -------------------------------------------------------------------------------
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("study", required=False)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+    show_default=True, help="Output format.",
+)  # fmt: skip
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="How many best trials to list.")
+@storage_option
+@translate_errors
+def inspect_command(study: str | None, fmt: str, top: int, storage: str | None) -> None:
+    """Summarize every study, or one STUDY in detail, from the database."""
+    rdb = _open(storage)
+    if study is None:
+        _print_study_list(list_studies(rdb), fmt)
+        return
+    summary = summarize(rdb, study, top=top)
+    if fmt == "json":
+        click.echo(json.dumps(summary, indent=2, default=str))
+    elif fmt == "csv":
+        click.echo(_trials_csv(summary["trials"], summary["directions"]), nl=False)
+    else:
+        _print_summary(summary)
+
+
+def _print_study_list(rows: list[dict[str, Any]], fmt: str) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["study", "state", "finished", "budget", "best", "running", "failed"])
+        for r in rows:
+            best = "" if r["best"] is None else ";".join(map(str, r["best"]))
+            writer.writerow([r["study"], r["state"], r["finished"], r["budget"], best, r["running"], r["failed"]])
+        click.echo(out.getvalue(), nl=False)
+        return
+    if not rows:
+        click.echo("no studies yet: create one with `hpo-coordinator create config.yaml`")
+        return
+    table = Table("study", "state", "progress", "best", "running", "failed")
+    for r in rows:
+        budget = "∞" if r["budget"] is None else r["budget"]
+        table.add_row(
+            r["study"], r["state"], f"{r['finished']}/{budget}", _fmt(r["best"]),
+            str(r["running"]), str(r["failed"]),
+        )  # fmt: skip
+    _console().print(table)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    console = _console()
+    budget = "∞" if s["budget"] is None else s["budget"]
+    console.print(
+        f"[bold]{s['study']}[/bold]  state {s['state']}  directions {', '.join(s['directions'])}"
+        f"  progress {s['finished']}/{budget}"
+    )
+    console.print("  ".join(f"{k} {s['counts'][k]}" for k in STATES))
+    d = s["duration_s"]
+    if d["mean"] is not None:
+        console.print(f"duration mean {d['mean']:.2f}s  p50 {d['p50']:.2f}s  p95 {d['p95']:.2f}s")
+    if s["study_error"]:
+        console.print(f"[red]study error: {s['study_error']}[/red]")
+
+    title = "Pareto front" if len(s["directions"]) > 1 else "best trial"
+    best = Table("trial", "value", "params", title=title, title_justify="left")
+    for b in s["best"]:
+        best.add_row(str(b["number"]), _fmt(b["values"]), json.dumps(b["params"]))
+    console.print(best)
+
+    top = Table("trial", "value", "worker", "duration", "params", title=f"top {len(s['top'])}", title_justify="left")
+    for t in s["top"]:
+        top.add_row(str(t["number"]), _fmt(t["values"]), str(t["worker"]), f"{t['duration_s']:.2f}s", json.dumps(t["params"]))
+    console.print(top)
+
+    workers = Table("worker", "trials", title="trials per worker", title_justify="left")
+    for worker, n in s["workers"].items():
+        workers.add_row(worker, str(n))
+    console.print(workers)
+    if s["errors"]:
+        errors = Table("trial", "error", title="last errors", title_justify="left")
+        for e in s["errors"]:
+            errors.add_row(str(e["number"]), str(e["error"]))
+        console.print(errors)
+
+
+def _trials_csv(trials: list[dict[str, Any]], directions: list[str]) -> str:
+    params = sorted({p for t in trials for p in t["params"]})
+    value_cols = ["value"] if len(directions) == 1 else [f"value_{i}" for i in range(len(directions))]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["number", "state", *value_cols, *params, "worker", "duration_s", "error"])
+    for t in trials:
+        values = t["values"] or [None] * len(value_cols)
+        writer.writerow(
+            [t["number"], t["state"], *values, *(t["params"].get(p) for p in params),
+             t["worker"], t["duration_s"], t["error"]]
+        )  # fmt: skip
+    return out.getvalue()

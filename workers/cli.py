@@ -1,0 +1,53 @@
+"""``hpo-worker``: a thin click adapter over ``Worker`` and ``run_pool``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from hpo_framework.cli_options import storage_option, translate_errors
+from hpo_framework.logs import ensure_console_logging
+from hpo_framework.storage import resolve_storage_url
+from workers.pool import run_pool
+from workers.worker import run_worker
+
+
+def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    gpus = [g.strip() for g in value.split(",") if g.strip()]
+    if not gpus or not all(g.isdigit() for g in gpus):
+        raise click.BadParameter(f"expected GPU indices like 0,1,2; got {value!r}")
+    return gpus
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@storage_option
+@click.option("--study", metavar="NAME", help="Serve only this study (default: every open one).")
+@click.option(
+    "--processes", type=click.IntRange(1, 1024), default=1, show_default=True,
+    help="Worker processes to run on this host.",
+)  # fmt: skip
+@click.option("--gpus", callback=_gpu_list, metavar="0,1,...", help="One process per GPU, each seeing only its own (CUDA_VISIBLE_DEVICES).")
+@click.option(
+    "--idle-exit", type=click.FloatRange(min=0), metavar="SECONDS",
+    help="Exit 0 after this long without work (default: wait forever).",
+)  # fmt: skip
+@translate_errors
+def main(
+    storage: str | None, study: str | None, processes: int, gpus: list[str] | None,
+    idle_exit: float | None,
+) -> None:  # fmt: skip
+    """Run trials of the studies in the storage; wait for studies when there are none.
+
+    Needs nothing but the storage URL: the config and the session come from the database.
+    The first SIGTERM/SIGINT finishes the running trial and exits 0; a second one fails it,
+    re-queues its parameters and exits 1.
+    """
+    ensure_console_logging()
+    url = resolve_storage_url(storage)
+    kwargs = {"study": study, "idle_exit": idle_exit}
+    if gpus or processes > 1:
+        sys.exit(run_pool(url, processes, gpus, **kwargs))
+    sys.exit(run_worker(url, **kwargs))

@@ -1,0 +1,197 @@
+"""The worker loop: wait for studies, run their trials, survive everything but a second signal.
+
+Shape (after rq's worker): bootstrap (wait for the schema) -> install signal handlers ->
+``while not stopping``: refresh the open studies -> sweep stale trials -> claim and run one
+trial per study -> back off when idle; teardown in ``finally``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import zlib
+from types import FrameType
+from typing import Any
+
+import optuna
+
+from hpo_framework import defaults
+from hpo_framework.exceptions import HPOError
+from hpo_framework.heartbeat import Heartbeat
+from hpo_framework.registry import FAILED, Registry, StudyRecord
+from hpo_framework.session import import_session
+from hpo_framework.storage import (
+    TRANSIENT_ERRORS,
+    open_storage,
+    redact,
+    schema_exists,
+    with_db_retry,
+)
+from hpo_framework.trial_runner import ColdShutdown, StudyHandle, load_config_of
+
+log = logging.getLogger("hpo.worker")
+
+#: Exit status after a second signal abandoned the running trial.
+COLD_EXIT = 1
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Worker:
+    """One worker process. ``run`` returns its exit status."""
+
+    def __init__(
+        self, url: str, *, study: str | None = None, idle_exit: float | None = None
+    ) -> None:
+        self.url = url
+        self.study_filter = study
+        self.idle_exit = idle_exit
+        self.id = worker_id()
+        self._stopping = False
+        self._wake = threading.Event()
+        self._handles: dict[int, StudyHandle] = {}
+        self._broken: set[int] = set()
+
+    # --- signals: warm on the first, cold on the second -----------------------------------------
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        if self._stopping:
+            log.warning("worker %s: second signal, abandoning the running trial", self.id)
+            raise ColdShutdown()
+        self._stopping = True
+        self._wake.set()
+        log.info(
+            "worker %s: %s received, finishing the running trial (again to abort it)",
+            self.id, signal.Signals(signum).name,
+        )  # fmt: skip
+
+    def run(self) -> int:
+        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            storage = self._wait_for_schema()
+            if storage is None:
+                return 0
+            with Heartbeat(storage) as heartbeat:
+                self._loop(storage, heartbeat)
+            log.info("worker %s: stopped", self.id)
+            return 0
+        except ColdShutdown:
+            return COLD_EXIT
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    # --- bootstrap ----------------------------------------------------------------------------
+
+    def _wait_for_schema(self) -> optuna.storages.RDBStorage | None:
+        """Workers never create tables: they wait until the coordinator has (Optuna #1092)."""
+        where = redact(self.url)
+        next_log = 0.0
+        started = time.monotonic()
+        while not self._stopping:
+            try:
+                if schema_exists(self.url):
+                    return open_storage(self.url, create_schema=False, role="hpo-worker")
+                reason = "no study created yet (run hpo-coordinator create)"
+            except TRANSIENT_ERRORS as e:
+                reason = f"database unreachable: {' '.join(str(e).split())[:200]}"
+            if time.monotonic() >= next_log:
+                log.info("worker %s: waiting for %s: %s", self.id, where, reason)
+                next_log = time.monotonic() + defaults.SCHEMA_WAIT_LOG_EVERY
+            if self._idle_expired(started):
+                return None
+            self._wake.wait(1.0)
+        return None
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _loop(self, storage: optuna.storages.RDBStorage, heartbeat: Heartbeat) -> None:
+        registry = Registry(storage.engine)
+        idle_since = time.monotonic()
+        wait = defaults.IDLE_POLL_MIN
+        waiting_logged = False
+        while not self._stopping:
+            records = with_db_retry(registry.open, "listing open studies")
+            if self.study_filter is not None:
+                records = [r for r in records if r.name == self.study_filter]
+            worked = False
+            for record in records:
+                if self._stopping:
+                    break
+                handle = self._handle(storage, registry, record)
+                if handle is None:
+                    continue
+                handle.sweep_stale()
+                if not record.claimable:
+                    continue
+                # Serve this study while it has budget; re-list studies at least every second
+                # so that several open studies are all served.
+                until = time.monotonic() + 1.0
+                while not self._stopping and time.monotonic() < until:
+                    outcome = handle.run_one(heartbeat)
+                    if outcome is None:
+                        break
+                    worked = True
+                    if outcome.fatal:
+                        self._drop(record, str(outcome.error))
+                        break
+            if worked:
+                idle_since, wait, waiting_logged = time.monotonic(), defaults.IDLE_POLL_MIN, False
+                continue
+            if not waiting_logged:
+                log.info("worker %s: waiting for work (no open study with budget left)", self.id)
+                waiting_logged = True
+            if self._idle_expired(idle_since):
+                log.info("worker %s: idle for %ss, exiting", self.id, self.idle_exit)
+                return
+            self._wake.wait(wait)
+            wait = min(wait * 2, defaults.IDLE_POLL_MAX)
+
+    def _handle(
+        self, storage: optuna.storages.RDBStorage, registry: Registry, record: StudyRecord
+    ) -> StudyHandle | None:
+        """The loaded study, loading it on first sight; None for a study this worker can't run."""
+        if record.study_id in self._broken:
+            return None
+        handle = self._handles.get(record.study_id)
+        if handle is not None:
+            handle.record = record
+            return handle
+        try:
+            config = load_config_of(record)
+            if not record.session_ref:
+                raise HPOError(f"study {record.name!r} has no session reference")
+            session_fn = import_session(record.session_ref)
+            handle = StudyHandle(
+                storage, record, config, session_fn,
+                worker_id=self.id, worker_index=zlib.crc32(self.id.encode()),
+            )  # fmt: skip
+        except HPOError as e:
+            self._broken.add(record.study_id)
+            log.error("worker %s: cannot serve study %r: %s", self.id, record.name, e)
+            with_db_retry(
+                lambda: registry.set_state(record.name, FAILED, f"worker {self.id}: {e}"),
+                "recording a study error",
+            )
+            return None
+        log.info("worker %s: serving study %r (session %s)", self.id, record.name, record.session_ref)
+        self._handles[record.study_id] = handle
+        return handle
+
+    def _drop(self, record: StudyRecord, error: str) -> None:
+        log.error("worker %s: study %r failed: %s", self.id, record.name, error)
+        self._broken.add(record.study_id)
+        self._handles.pop(record.study_id, None)
+
+    def _idle_expired(self, since: float) -> bool:
+        return self.idle_exit is not None and time.monotonic() - since >= self.idle_exit
+
+
+def run_worker(url: str, **kwargs: Any) -> int:
+    return Worker(url, **kwargs).run()
