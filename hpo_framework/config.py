@@ -174,7 +174,7 @@ def _parse_study(raw: Any, check: Checker, space: SearchSpace) -> StudySpec:
     if len(name) > 500:
         check.at("name").fail("must be at most 500 characters")
 
-    if "direction" in raw and "directions" in raw:
+    if raw.get("direction") is not None and "directions" in raw:
         check.at("directions").fail("give either 'direction' or 'directions', not both")
     if "directions" in raw:
         directions = raw["directions"]

@@ -247,7 +247,7 @@ def _parse_when(when: Any, check: Checker, earlier: list[Param]) -> dict[str, tu
     for name, wanted in when.items():
         at = check.at(str(name))
         if name not in known:
-            at.unknown(str(name), list(known), what="parameter defined above this one")
+            at.unknown(str(name), list(known), what="parameter (when: names one defined above)")
         values = tuple(wanted) if isinstance(wanted, list) else (wanted,)
         for value in values:
             if not _contains(known[name].distribution, value):

@@ -1,0 +1,140 @@
+"""Real backends for every test: SQLite files in tmp_path and fresh PostgreSQL databases.
+
+PostgreSQL comes from ``HPO_TEST_PG_URL`` (default: the local server, trust auth); each test
+that asks for it gets a database of its own, dropped afterwards. Without a server the tests
+skip locally, but under ``CI=true`` they fail: a missing service must never pass silently.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get(
+    "HPO_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+)
+BIN = Path(sys.executable).parent
+
+
+def _pg_available() -> str | None:
+    engine = sa.create_engine(PG_ADMIN_URL, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+        return None
+    except sa.exc.OperationalError as e:
+        return str(e).splitlines()[0]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[sa.Engine]:
+    problem = _pg_available()
+    if problem:
+        message = f"PostgreSQL unreachable at {PG_ADMIN_URL}: {problem}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    engine = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_admin: sa.Engine) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test."""
+    name = f"hpo_test_{uuid.uuid4().hex[:10]}"
+    with pg_admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(PG_ADMIN_URL).set(database=name)
+    yield url.render_as_string(hide_password=False)
+    with pg_admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'hpo.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'hpo.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+def make_config(**overrides: Any) -> dict[str, Any]:
+    """A small valid config; ``study``/``search_space``... replace the defaults' sections."""
+    config: dict[str, Any] = {
+        "study": {
+            "name": "test-study",
+            "direction": "minimize",
+            "n_trials": 6,
+            "sampler": {"name": "tpe", "seed": 1, "options": {"n_startup_trials": 3}},
+            "heartbeat_interval": 1,
+            "grace_period": 3,
+        },
+        "session": "tests.sessions:quadratic",
+        "static": {},
+        "search_space": {"x": {"type": "float", "low": -5.0, "high": 5.0}},
+    }
+    for key, value in overrides.items():
+        if key == "study_":
+            config["study"].update(value)
+        else:
+            config[key] = value
+    return config
+
+
+def write_config(path: Path, config: dict[str, Any] | str) -> Path:
+    text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+    path.write_text(textwrap.dedent(text) if isinstance(config, str) else text)
+    return path
+
+
+def cli_env(url: str | None = None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["HPO_SESSION_MODULES"] = "experiments,tests.sessions"
+    if url is not None:
+        env["HPO_STORAGE"] = url
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, url: str | None = None, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run one of the console scripts as a real process from the repository root."""
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]], cwd=ROOT, env=cli_env(url, **env),
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def start_worker(*args: str, url: str, log: Path | None = None, **env: str) -> subprocess.Popen[str]:
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        [str(BIN / "hpo-worker"), *args], cwd=ROOT, env=cli_env(url, **env),
+        stdout=out, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _session_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process runs may import the tests' own sessions, as the worker processes do."""
+    monkeypatch.setenv("HPO_SESSION_MODULES", "experiments,tests.sessions")
+    monkeypatch.delenv("HPO_STORAGE", raising=False)
+    monkeypatch.chdir(ROOT)

@@ -1,0 +1,88 @@
+"""Session functions the tests run: ones that succeed, fail, prune, hang or misbehave."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Any
+
+from hpo_framework import report
+
+
+def quadratic(cfg: dict[str, Any]) -> float:
+    time.sleep(cfg.get("sleep_s", 0))
+    return float((cfg["x"] - 2) ** 2)
+
+
+def echo_cfg(cfg: dict[str, Any]) -> float:
+    """Records the cfg it got in a file named by cfg["out"], for tests that inspect cfg."""
+    import json
+
+    with open(cfg["out"], "a") as f:
+        f.write(json.dumps(cfg, sort_keys=True) + "\n")
+    return float(cfg.get("x", 0.0))
+
+
+def raises(cfg: dict[str, Any]) -> float:
+    raise RuntimeError("boom: the model diverged")
+
+
+def returns_nan(cfg: dict[str, Any]) -> float:
+    return math.nan
+
+
+def returns_inf(cfg: dict[str, Any]) -> float:
+    return math.inf
+
+
+def returns_none(cfg: dict[str, Any]) -> Any:
+    return None
+
+
+def returns_str(cfg: dict[str, Any]) -> Any:
+    return "0.5"
+
+
+def returns_pair(cfg: dict[str, Any]) -> Any:
+    return (cfg["x"], -cfg["x"])
+
+
+def calls_exit(cfg: dict[str, Any]) -> float:
+    sys.exit(3)
+
+
+def fails_when_x_small(cfg: dict[str, Any]) -> float:
+    if cfg["x"] < 0:
+        raise ValueError(f"x={cfg['x']} is negative")
+    return float(cfg["x"])
+
+
+def fail_first_attempt(cfg: dict[str, Any]) -> float:
+    """Fails the first time a given x is seen (marker files in cfg["dir"]), succeeds after."""
+    marker = os.path.join(cfg["dir"], f"seen-{cfg['x']!r}")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError("transient failure")
+    return float(cfg["x"])
+
+
+def two_objectives(cfg: dict[str, Any]) -> tuple[float, float]:
+    x = cfg["x"]
+    return float(x**2), float((x - 2) ** 2)
+
+
+def reports_steps(cfg: dict[str, Any]) -> float:
+    """A curve that is flat at x: the median pruner stops the worse half after warm-up."""
+    for step in range(10):
+        report(cfg["x"] + 1.0 / (step + 1), step)
+    return float(cfg["x"])
+
+
+def sleepy(cfg: dict[str, Any]) -> float:
+    """Sleeps cfg["sleep_s"]; leaves a file when it starts so tests know a trial is running."""
+    if "dir" in cfg:
+        open(os.path.join(cfg["dir"], f"started-{os.getpid()}-{time.time()}"), "w").close()
+    time.sleep(cfg["sleep_s"])
+    return float(cfg["x"])
