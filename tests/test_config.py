@@ -214,7 +214,7 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_non_utf8_file(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_bytes(b"study: {name: \xff\xfe}\n")
-    with pytest.raises(ConfigError, match=r"config.yaml: not valid UTF-8 \(byte 15\)$"):
+    with pytest.raises(ConfigError, match=r"config.yaml: not valid UTF-8 \(byte 14\)$"):
         load_config(path)
 
 
