@@ -27,7 +27,7 @@ from hpo_framework.heartbeat import Heartbeat, stale_trial_ids
 from hpo_framework.param_sampler import merge
 from hpo_framework.registry import OPEN, Registry, StudyRecord
 from hpo_framework.samplers import build_pruner, build_sampler, worker_seed
-from hpo_framework.session import ObjectiveCountError, SessionFn, check_result
+from hpo_framework.session import ObjectiveCountError, SessionError, SessionFn, check_result
 from hpo_framework.storage import with_db_retry
 
 log = logging.getLogger("hpo.trial")
@@ -209,7 +209,14 @@ class StudyHandle:
         try:
             if error is not None:
                 self.storage.set_trial_user_attr(trial._trial_id, ERROR_ATTR, error[:2000])
-            self.study.tell(trial, values, state=state)
+            try:
+                self.study.tell(trial, values, state=state)
+            except RuntimeError as e:
+                # GridSampler calls Study.stop() once the grid is covered, which Optuna only
+                # allows inside study.optimize; the result is stored before it raises, and the
+                # budget (capped at the grid size) already ends the study.
+                if "Study.stop" not in str(e):
+                    raise
             return True
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
             # Either our own earlier try committed before the connection dropped, or a live
@@ -287,6 +294,8 @@ class StudyHandle:
 def _describe_error(e: BaseException) -> str:
     if isinstance(e, SystemExit):
         return f"session called sys.exit({e.code!r})"
+    if isinstance(e, SessionError):  # our own wording already says what went wrong
+        return str(e)
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text}"[:2000] if text else type(e).__name__
 

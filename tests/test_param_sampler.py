@@ -1,0 +1,107 @@
+"""The search space: every distribution kind, conditions, nesting, and the cfg a session sees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+
+from hpo_framework import load_config, run_hpo
+from hpo_framework.param_sampler import merge
+from tests import sessions
+from tests.conftest import make_config, write_config
+
+SPACE = {
+    "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+    "dropout": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.1},
+    "layers": {"type": "int", "low": 1, "high": 4},
+    "width": {"type": "int", "low": 8, "high": 128, "log": True},
+    "units": {"type": "int", "low": 0, "high": 64, "step": 16},
+    "optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
+    "flag": {"type": "categorical", "choices": [True, False, None, 3, 0.5]},
+    "momentum": {"type": "float", "low": 0.0, "high": 0.99, "when": {"optimizer": "sgd"}},
+    "nesterov": {"type": "categorical", "choices": [True, False], "when": {"optimizer": "sgd", "layers": [1, 2]}},
+    "model": {"head": {"kind": {"type": "categorical", "choices": ["mlp", "linear"]}}},
+}
+
+
+def sampled_cfgs(tmp_path: Path, n: int = 40, **study: object) -> list[dict]:
+    out = tmp_path / "cfgs.jsonl"
+    config = make_config(
+        session="tests.sessions:echo_cfg",
+        static={"out": str(out), "data": {"n": 10, "seed": 0}, "model": {"depth": 2}},
+        search_space=SPACE,
+        study_={"n_trials": n, "sampler": {"name": "random", "seed": 3}, **study},
+    )
+    run_hpo(sessions.echo_cfg, write_config(tmp_path / "c.yaml", config), f"sqlite:///{tmp_path / 'db'}")
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_every_kind_is_sampled_within_its_bounds(tmp_path: Path) -> None:
+    cfgs = sampled_cfgs(tmp_path)
+    assert len(cfgs) == 40
+    for cfg in cfgs:
+        assert 1e-4 <= cfg["lr"] <= 1e-1
+        assert round(cfg["dropout"] * 10, 6) == round(cfg["dropout"] * 10) and 0 <= cfg["dropout"] <= 0.5
+        assert cfg["layers"] in range(1, 5) and isinstance(cfg["layers"], int)
+        assert 8 <= cfg["width"] <= 128
+        assert cfg["units"] in (0, 16, 32, 48, 64)
+        assert cfg["optimizer"] in ("sgd", "adam")
+        assert cfg["flag"] in (True, False, None, 3, 0.5)
+    assert {c["optimizer"] for c in cfgs} == {"sgd", "adam"}
+
+
+def test_conditional_parameter_exists_only_when_its_condition_holds(tmp_path: Path) -> None:
+    cfgs = sampled_cfgs(tmp_path)
+    for cfg in cfgs:
+        assert ("momentum" in cfg) == (cfg["optimizer"] == "sgd")
+        assert ("nesterov" in cfg) == (cfg["optimizer"] == "sgd" and cfg["layers"] in (1, 2))
+
+
+def test_nested_keys_become_nested_dicts_merged_with_static(tmp_path: Path) -> None:
+    for cfg in sampled_cfgs(tmp_path, n=5):
+        assert cfg["model"]["depth"] == 2  # static, untouched
+        assert cfg["model"]["head"]["kind"] in ("mlp", "linear")  # searched, nested
+        assert cfg["data"] == {"n": 10, "seed": 0}
+
+
+def test_merge_keeps_static_siblings() -> None:
+    assert merge({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"c": 9}}) == {"a": {"b": 1, "c": 9}, "d": 3}
+
+
+def test_grid_sampler_covers_the_grid_exactly_once(tmp_path: Path) -> None:
+    config = make_config(
+        search_space={
+            "a": {"type": "categorical", "choices": ["x", "y"]},
+            "b": {"type": "int", "low": 0, "high": 2},
+            "c": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.25},
+        },
+        session="tests.sessions:echo_cfg",
+        static={"out": str(tmp_path / "cfgs.jsonl")},
+        study_={"n_trials": None, "sampler": {"name": "grid"}},
+    )
+    study = run_hpo(sessions.echo_cfg, write_config(tmp_path / "c.yaml", config), f"sqlite:///{tmp_path / 'db'}")
+    points = {(t.params["a"], t.params["b"], t.params["c"]) for t in study.trials}
+    assert len(study.trials) == 18 and len(points) == 18  # budget = grid size
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "gp", "nsga2", "qmc"])
+def test_each_sampler_runs_a_study(tmp_path: Path, sampler: str) -> None:
+    config = make_config(study_={"n_trials": 6, "sampler": {"name": sampler, "seed": 0}})
+    config["search_space"]["y"] = {"type": "int", "low": 0, "high": 3}
+    study = run_hpo(sessions.quadratic, write_config(tmp_path / "c.yaml", config), f"sqlite:///{tmp_path / 'db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 6
+
+
+def test_sampler_seed_makes_a_run_reproducible(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", make_config(study_={"n_trials": 8}))
+    a = run_hpo(sessions.quadratic, path, f"sqlite:///{tmp_path / 'a.db'}")
+    b = run_hpo(sessions.quadratic, path, f"sqlite:///{tmp_path / 'b.db'}")
+    assert [t.params for t in a.trials] == [t.params for t in b.trials]
+
+
+def test_load_config_exposes_flat_names_for_optuna(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path / "c.yaml", make_config(search_space=SPACE)))
+    assert config.search_space.names[-1] == "model.head.kind"

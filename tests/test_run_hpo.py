@@ -1,0 +1,178 @@
+"""run_hpo end to end: results, failures, pruning, several objectives, warm starts, storage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hpo_framework import ConfigError, report, resolve_storage_url, run_hpo
+from tests import sessions
+from tests.conftest import ROOT, make_config, write_config
+
+
+def run(tmp_path: Path, session, url: str | None = None, **overrides) -> optuna.Study:  # type: ignore[no-untyped-def]
+    path = write_config(tmp_path / "config.yaml", make_config(**overrides))
+    return run_hpo(session, path, url or f"sqlite:///{tmp_path / 'hpo.db'}")
+
+
+def states(study: optuna.Study) -> list[str]:
+    return [t.state.name for t in study.trials]
+
+
+def test_run_hpo_optimizes_and_returns_the_study(storage_url: str, tmp_path: Path) -> None:
+    study = run(tmp_path, sessions.quadratic, storage_url, study_={"n_trials": 12})
+    assert states(study) == ["COMPLETE"] * 12
+    assert study.best_value < 1.0
+    assert all(t.user_attrs["worker"].endswith(f":{os.getpid()}") for t in study.trials)
+    assert all(t.duration is not None for t in study.trials)
+
+
+@pytest.mark.parametrize(
+    ("session", "error"),
+    [
+        (sessions.raises, "RuntimeError: boom: the model diverged"),
+        (sessions.returns_nan, "session returned nan, not a finite number"),
+        (sessions.returns_inf, "session returned inf, not a finite number"),
+        (sessions.returns_none, "session returned None (NoneType), not a number"),
+        (sessions.returns_str, "session returned '0.5' (str), not a number"),
+        (sessions.calls_exit, "session called sys.exit(3)"),
+    ],
+)
+def test_a_bad_session_fails_its_trial_with_the_error_recorded(
+    tmp_path: Path, session, error: str  # type: ignore[no-untyped-def]
+) -> None:
+    study = run(tmp_path, session, study_={"n_trials": 5, "max_failed_trials": 3})
+    assert states(study) == ["FAIL"] * 3  # max_failed_trials stops the study
+    assert {t.user_attrs["error"] for t in study.trials} == {error}
+
+
+def test_failed_parameters_are_retried_and_the_study_goes_on(tmp_path: Path) -> None:
+    study = run(
+        tmp_path, sessions.fail_first_attempt, static={"dir": str(tmp_path)},
+        study_={"n_trials": 4, "max_retries": 1, "max_failed_trials": 10},
+    )  # fmt: skip
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4  # the budget counts finished trials only
+    assert len(failed) == 4  # every new point failed once...
+    retried = {t.params["x"] for t in complete if t.user_attrs.get("retry_of") is not None}
+    assert retried == {t.params["x"] for t in failed}  # ...and its parameters ran again
+
+
+def test_retries_stop_after_max_retries(tmp_path: Path) -> None:
+    study = run(tmp_path, sessions.raises, study_={"n_trials": 2, "max_retries": 2, "max_failed_trials": 3})
+    assert [t.user_attrs.get("attempt", 0) for t in study.trials] == [0, 1, 2]
+    assert len({t.params["x"] for t in study.trials}) == 1
+
+
+def test_pruning_through_report(tmp_path: Path) -> None:
+    study = run(
+        tmp_path, sessions.reports_steps,
+        study_={"n_trials": 16, "pruner": {"name": "median", "options": {"n_startup_trials": 4}}},
+    )  # fmt: skip
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned, "the median pruner never pruned"
+    assert all(len(t.intermediate_values) < 10 for t in pruned)
+    assert all(len(t.intermediate_values) == 10 for t in study.trials if t.state == TrialState.COMPLETE)
+
+
+def test_report_outside_a_trial_is_a_no_op() -> None:
+    report(1.0, 0)
+    assert sessions.reports_steps({"x": 1.5}) == 1.5
+
+
+def test_multi_objective(tmp_path: Path) -> None:
+    study = run(
+        tmp_path, sessions.two_objectives,
+        study_={"direction": None, "directions": ["minimize", "minimize"], "n_trials": 8,
+                "sampler": {"name": "nsga2", "seed": 0}},
+    )  # fmt: skip
+    assert states(study) == ["COMPLETE"] * 8
+    assert all(len(t.values) == 2 for t in study.trials)
+    assert study.best_trials
+
+
+def test_direction_count_mismatch_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"study.direction: session returned 2 values but the study has 1 directions"):
+        run(tmp_path, sessions.returns_pair)
+
+
+def test_enqueued_points_run_first_and_exactly_once(tmp_path: Path) -> None:
+    enqueue = [{"x": 1.5}, {"x": -2.0}]
+    path = write_config(tmp_path / "config.yaml", make_config(enqueue=enqueue, study_={"n_trials": 5}))
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    study = run_hpo(sessions.quadratic, path, url)
+    assert [t.params["x"] for t in study.trials[:2]] == [1.5, -2.0]
+    # Running again resumes the finished study: nothing is enqueued or run twice.
+    again = run_hpo(sessions.quadratic, path, url)
+    assert len(again.trials) == 5
+
+
+def test_changed_config_under_the_same_name_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    run_hpo(sessions.quadratic, write_config(tmp_path / "a.yaml", make_config()), url)
+    changed = write_config(tmp_path / "a.yaml", make_config(study_={"n_trials": 7}))
+    with pytest.raises(Exception, match="was created from a different config"):
+        run_hpo(sessions.quadratic, changed, url)
+
+
+def test_storage_resolution_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_storage_url(None, None) == "sqlite:///hpo.db"
+    assert resolve_storage_url(None, "sqlite:///config.db") == "sqlite:///config.db"
+    monkeypatch.setenv("HPO_STORAGE", "sqlite:///env.db")
+    assert resolve_storage_url(None, "sqlite:///config.db") == "sqlite:///env.db"
+    assert resolve_storage_url("sqlite:///arg.db", "sqlite:///config.db") == "sqlite:///arg.db"
+
+
+def test_config_storage_key_is_used(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", make_config(storage=f"sqlite:///{tmp_path / 'from-config.db'}"))
+    run_hpo(sessions.quadratic, path)
+    assert (tmp_path / "from-config.db").exists()
+
+
+def test_timeout_ends_the_study(tmp_path: Path) -> None:
+    study = run(
+        tmp_path, sessions.quadratic, static={"sleep_s": 0.3},
+        study_={"n_trials": 100, "timeout": 1},
+    )  # fmt: skip
+    assert 2 <= len(study.trials) <= 6
+
+
+def test_linear_regression_example_beats_the_untrained_baseline(tmp_path: Path) -> None:
+    from experiments.linear_regression import single_session, untrained_mse
+
+    config = write_config(
+        tmp_path / "config.yaml",
+        (ROOT / "config.yaml").read_text().replace("n_trials: 30", "n_trials: 6").replace("epochs: 20", "epochs: 5"),
+    )
+    study = run_hpo(single_session, config, f"sqlite:///{tmp_path / 'lr.db'}")
+    baseline = untrained_mse({"data": {"n_samples": 2000, "n_features": 10, "noise": 0.1, "seed": 0}})
+    assert study.best_value < 0.1 * baseline
+    assert study.trials[0].params["optimizer"] == "adam"  # the enqueued warm start ran first
+
+
+def test_run_experiment_script_prints_the_best_parameters(tmp_path: Path) -> None:
+    text = (ROOT / "config.yaml").read_text().replace("n_trials: 30", "n_trials: 3").replace("epochs: 20", "epochs: 2")
+    config = write_config(tmp_path / "config.yaml", text)
+    env = {**os.environ, "HPO_STORAGE": f"sqlite:///{tmp_path / 's.db'}"}
+    result = subprocess.run(
+        [sys.executable, "run_experiment.py", str(config)], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "best validation MSE" in result.stdout and "best parameters {'lr':" in result.stdout
+
+
+def test_run_experiment_script_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "run_experiment.py", str(tmp_path / "missing.yaml")], cwd=ROOT,
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == f"error: {tmp_path / 'missing.yaml'}: file not found\n"
