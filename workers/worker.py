@@ -20,7 +20,7 @@ from typing import Any
 import optuna
 
 from hpo_framework import defaults
-from hpo_framework.exceptions import HPOError
+from hpo_framework.exceptions import HPOError, StorageError
 from hpo_framework.heartbeat import Heartbeat
 from hpo_framework.registry import FAILED, Registry, StudyRecord
 from hpo_framework.session import import_session
@@ -99,7 +99,8 @@ class Worker:
                 if schema_exists(self.url):
                     return open_storage(self.url, create_schema=False, role="hpo-worker")
                 reason = "no study created yet (run hpo-coordinator create)"
-            except TRANSIENT_ERRORS as e:
+            except (*TRANSIENT_ERRORS, StorageError) as e:
+                # Not up yet, restarting, refusing connections: all are waited out.
                 reason = f"database unreachable: {' '.join(str(e).split())[:200]}"
             if time.monotonic() >= next_log:
                 log.info("worker %s: waiting for %s: %s", self.id, where, reason)

@@ -1,0 +1,192 @@
+"""The worker pool's guarantees, each against a real PostgreSQL with real worker processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from tests.conftest import run_cli, start_worker
+from tests.pool_helpers import counts, create, trials, wait_until
+
+
+def test_workers_wait_for_the_schema_then_run_the_exact_budget(pg_url: str, tmp_path: Path) -> None:
+    # Workers start on an empty database: none may create tables (Optuna #1092); they wait.
+    log = tmp_path / "workers.log"
+    pool = start_worker("--processes", "8", "--idle-exit", "3", url=pg_url, log=log)
+    wait_until("workers to announce waiting", lambda: log.read_text().count("waiting for") >= 8)
+    name = create(tmp_path, pg_url, static={"sleep_s": 0.05}, study_={"n_trials": 40})
+    assert pool.wait(timeout=120) == 0
+    c = counts(pg_url, name)
+    assert c["COMPLETE"] == 40 and c["RUNNING"] == 0 and c["WAITING"] == 0 and c["FAIL"] == 0
+    text = log.read_text()
+    assert "alembic" not in text.lower() and "Traceback" not in text
+    assert len({t.user_attrs["worker"] for t in trials(pg_url, name)}) > 1
+
+
+def test_a_killed_worker_loses_no_trial(pg_url: str, tmp_path: Path) -> None:
+    name = create(
+        tmp_path, pg_url, session="tests.sessions:sleepy",
+        static={"sleep_s": 2.0, "dir": str(tmp_path)},
+        study_={"n_trials": 3, "heartbeat_interval": 1, "grace_period": 3},
+    )  # fmt: skip
+    victim = start_worker(url=pg_url)
+    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    rescuer = start_worker("--idle-exit", "5", url=pg_url, log=tmp_path / "rescuer.log")
+    assert rescuer.wait(timeout=120) == 0
+    result = trials(pg_url, name)
+    failed = [t for t in result if t.state.name == "FAIL"]
+    assert len(failed) == 1
+    assert f"worker {failed[0].user_attrs['worker']} lost: no heartbeat for over 3s" == failed[0].user_attrs["error"]
+    retries = [t for t in result if t.user_attrs.get("retry_of") == failed[0].number]
+    assert [t.params for t in retries] == [failed[0].params]
+    assert retries[0].state.name == "COMPLETE"
+    c = counts(pg_url, name)
+    assert c["COMPLETE"] == 3 and c["RUNNING"] == 0 and c["WAITING"] == 0
+    assert "params re-queued" in (tmp_path / "rescuer.log").read_text()
+
+
+def test_first_sigterm_finishes_the_trial_and_exits_0(pg_url: str, tmp_path: Path) -> None:
+    name = create(
+        tmp_path, pg_url, session="tests.sessions:sleepy",
+        static={"sleep_s": 1.5, "dir": str(tmp_path)}, study_={"n_trials": 5},
+    )  # fmt: skip
+    worker = start_worker(url=pg_url, log=tmp_path / "w.log")
+    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    c = counts(pg_url, name)
+    assert c == {"COMPLETE": 1}  # the running trial finished, no new one was taken
+
+
+def test_second_sigterm_fails_the_trial_requeues_it_and_exits_at_once(
+    pg_url: str, tmp_path: Path
+) -> None:
+    name = create(
+        tmp_path, pg_url, session="tests.sessions:sleepy",
+        static={"sleep_s": 30, "dir": str(tmp_path)}, study_={"n_trials": 1},
+    )  # fmt: skip
+    worker = start_worker(url=pg_url, log=tmp_path / "w.log")
+    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    started = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=10) == 1
+    assert time.monotonic() - started < 5
+    result = trials(pg_url, name)
+    assert [t.state.name for t in result] == ["FAIL", "WAITING"]
+    assert result[0].user_attrs["error"] == "worker stopped by a second signal"
+    assert result[1].params == {} and result[1].system_attrs["fixed_params"] == result[0].params
+
+
+def test_64_workers_fit_in_a_stock_postgresql(pg_url: str, pg_admin: sa.Engine, tmp_path: Path) -> None:
+    database = sa.engine.make_url(pg_url).database
+    with pg_admin.connect() as conn:
+        max_connections = int(conn.execute(sa.text("show max_connections")).scalar_one())
+    assert max_connections <= 100
+    name = create(tmp_path, pg_url, static={"sleep_s": 0.2}, study_={"n_trials": 192})
+    log = tmp_path / "workers.log"
+    pool = start_worker("--processes", "64", "--idle-exit", "4", url=pg_url, log=log)
+    peak = 0
+    query = sa.text("select count(*) from pg_stat_activity where datname = :d")
+    while pool.poll() is None:
+        with pg_admin.connect() as conn:
+            peak = max(peak, int(conn.execute(query, {"d": database}).scalar_one()))
+        time.sleep(0.05)
+    assert pool.returncode == 0, log.read_text()[-3000:]
+    assert peak <= 2 * 64 and peak < max_connections, peak
+    c = counts(pg_url, name)
+    assert c["COMPLETE"] == 192 and c["FAIL"] == 0
+    text = log.read_text()
+    assert "too many clients" not in text and "Traceback" not in text
+    assert len({t.user_attrs["worker"] for t in trials(pg_url, name)}) >= 48
+
+
+def test_dropped_connections_delay_work_but_lose_nothing(
+    pg_url: str, pg_admin: sa.Engine, tmp_path: Path
+) -> None:
+    database = sa.engine.make_url(pg_url).database
+    name = create(tmp_path, pg_url, static={"sleep_s": 0.1}, study_={"n_trials": 60})
+    log = tmp_path / "workers.log"
+    pool = start_worker("--processes", "4", "--idle-exit", "3", url=pg_url, log=log)
+    kill = sa.text(
+        "select count(pg_terminate_backend(pid)) from pg_stat_activity "
+        "where datname = :d and application_name like 'hpo-worker:%'"
+    )
+    terminated = 0
+    for _ in range(6):
+        time.sleep(0.5)
+        with pg_admin.connect() as conn:
+            terminated += int(conn.execute(kill, {"d": database}).scalar_one())
+    assert pool.wait(timeout=120) == 0, log.read_text()[-3000:]
+    assert terminated > 0
+    c = counts(pg_url, name)
+    assert c["COMPLETE"] == 60 and c["RUNNING"] == 0 and c["WAITING"] == 0
+    assert "Traceback" not in log.read_text()
+
+
+def test_a_bad_session_in_the_database_is_recorded_not_fatal(pg_url: str, tmp_path: Path) -> None:
+    name = create(tmp_path, pg_url)
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("update hpo_studies set session_ref = 'os:system'"))
+    worker = start_worker("--idle-exit", "2", url=pg_url, log=tmp_path / "w.log")
+    assert worker.wait(timeout=60) == 0
+    with engine.connect() as conn:
+        state, error = conn.execute(sa.text("select state, error from hpo_studies")).one()
+    engine.dispose()
+    assert state == "failed"
+    assert "module 'os' is outside the allowed prefixes" in error
+    assert counts(pg_url, name) == {}
+
+
+def test_stop_lets_running_trials_finish_and_takes_no_new_ones(pg_url: str, tmp_path: Path) -> None:
+    name = create(
+        tmp_path, pg_url, session="tests.sessions:sleepy",
+        static={"sleep_s": 1.0, "dir": str(tmp_path)}, study_={"n_trials": 50},
+    )  # fmt: skip
+    worker = start_worker("--idle-exit", "2", url=pg_url)
+    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
+    result = run_cli("hpo-coordinator", "stop", name, url=pg_url)
+    assert result.stdout == f"study '{name}' stopped; running trials will finish\n"
+    assert worker.wait(timeout=30) == 0
+    c = counts(pg_url, name)
+    assert c["RUNNING"] == 0 and 1 <= c["COMPLETE"] <= 2
+    summary = json.loads(run_cli("hpo-inspect", name, "--format", "json", url=pg_url).stdout)
+    assert summary["state"] == "stopped"
+
+
+def test_several_open_studies_are_all_served(pg_url: str, tmp_path: Path) -> None:
+    a = create(tmp_path, pg_url, name="study-a", study_={"n_trials": 5})
+    b = create(tmp_path, pg_url, name="study-b", study_={"n_trials": 5})
+    pool = start_worker("--processes", "2", "--idle-exit", "2", url=pg_url)
+    assert pool.wait(timeout=120) == 0
+    assert counts(pg_url, a)["COMPLETE"] == 5 and counts(pg_url, b)["COMPLETE"] == 5
+
+
+def test_worker_with_study_filter_serves_only_that_study(pg_url: str, tmp_path: Path) -> None:
+    a = create(tmp_path, pg_url, name="only-me", study_={"n_trials": 3})
+    b = create(tmp_path, pg_url, name="not-me", study_={"n_trials": 3})
+    worker = start_worker("--study", a, "--idle-exit", "2", url=pg_url)
+    assert worker.wait(timeout=60) == 0
+    assert counts(pg_url, a)["COMPLETE"] == 3 and sum(counts(pg_url, b).values()) == 0
+
+
+def test_gpus_option_runs_one_process_per_gpu(pg_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "cfgs.jsonl"
+    name = create(
+        tmp_path, pg_url, session="tests.sessions:echo_cfg",
+        static={"out": str(out)}, study_={"n_trials": 6},
+    )  # fmt: skip
+    log = tmp_path / "w.log"
+    pool = start_worker("--gpus", "0,1", "--idle-exit", "2", url=pg_url, log=log)
+    assert pool.wait(timeout=60) == 0
+    assert log.read_text().count("on GPUs 0,1") == 1
+    assert counts(pg_url, name)["COMPLETE"] == 6
