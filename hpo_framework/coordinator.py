@@ -8,6 +8,7 @@ only after its Optuna study and its ``enqueue:`` points exist.
 from __future__ import annotations
 
 import logging
+import time
 
 import optuna
 
@@ -22,7 +23,7 @@ from hpo_framework.exceptions import (
 )
 from hpo_framework.registry import STOPPED, Registry, StudyRecord
 from hpo_framework.session import import_session
-from hpo_framework.storage import redact
+from hpo_framework.storage import redact, with_db_retry
 
 log = logging.getLogger("hpo.coordinator")
 
@@ -40,7 +41,7 @@ def create_study(
     every worker.
     """
     registry = Registry(storage.engine)
-    registry.create_table()
+    with_db_retry(registry.create_table, "creating the hpo_studies table")
     name = config.study.name
     if check_session:
         if not config.session:
@@ -55,6 +56,9 @@ def create_study(
     if existing is not None:
         return _resume(registry, existing, config, resume, storage)
     if name in {s.study_name for s in storage.get_all_studies()}:
+        # Either another process is registering it this very moment, or plain Optuna made it.
+        if resume and (record := _wait_registered(registry, name)) is not None:
+            return _resume(registry, record, config, resume, storage)
         raise StudyExistsError(
             f"an Optuna study named {name!r} already exists in {redact(storage.url)} but was not "
             "created by hpo-coordinator; choose another study.name or --name"
@@ -66,6 +70,9 @@ def create_study(
             directions=list(config.study.directions),
         )
     except optuna.exceptions.DuplicatedStudyError:
+        # Another process created it a moment ago; with resume, join it once it is registered.
+        if resume and (record := _wait_registered(registry, name)) is not None:
+            return _resume(registry, record, config, resume, storage)
         raise StudyExistsError(f"study {name!r} was just created by someone else") from None
     study.set_user_attr("hpo_config", dict(config.raw))
     study.set_user_attr("hpo_version", __version__)
@@ -84,6 +91,15 @@ def create_study(
     )
     log.info("created study %r in %s (budget %s)", name, redact(storage.url), budget)
     return registry.get(name)
+
+
+def _wait_registered(registry: Registry, name: str, seconds: float = 10.0) -> StudyRecord | None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if (record := registry.find(name)) is not None:
+            return record
+        time.sleep(0.1)
+    return None
 
 
 def _resume(

@@ -47,8 +47,17 @@ def redact(url: str) -> str:
     """The URL as it may be printed: the password replaced by ``***``."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # an unparsable URL is shown without anything after a scheme
-        return url.split("://", 1)[0] + "://..."
+    except Exception:  # unparsable: show no more than the scheme, which holds no secret
+        return url.split("://", 1)[0] + "://..." if "@" in url else url
+
+
+def check_url(url: str) -> str:
+    """The URL if it parses as a database URL; StorageError (password hidden) if not."""
+    try:
+        make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise StorageError(f"storage URL {redact(url)!r} is not a database URL") from None
+    return url
 
 
 def open_storage(url: str, *, create_schema: bool, role: str = "hpo") -> optuna.storages.RDBStorage:
@@ -57,25 +66,29 @@ def open_storage(url: str, *, create_schema: bool, role: str = "hpo") -> optuna.
     ``create_schema`` is for the coordinator and local runs only: workers never create tables,
     so that many of them starting on an empty database cannot race (Optuna issue #1092).
     """
-    try:
-        parsed = make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise StorageError(f"storage URL {redact(url)!r} is not a database URL") from None
+    parsed = make_url(check_url(url))
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         _prepare_sqlite(parsed.database)
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs(backend, role, parsed.database),
-            skip_table_creation=not create_schema,
-        )
-    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
-        raise StorageError(f"cannot open storage {redact(url)}: {_reason(e)}") from e
-    except ImportError as e:
-        raise StorageError(f"no database driver for {redact(url)}: {e}") from e
-    except RuntimeError as e:  # Optuna's schema-version mismatch
-        raise StorageError(f"storage {redact(url)}: {_reason(e)}") from e
+    # Processes that create the schema at the same moment collide ("alembic_version already
+    # exists", Optuna #1092); the loser finds the tables made by the winner on its next try.
+    tries = 5 if create_schema else 1
+    for attempt in range(1, tries + 1):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs(backend, role, parsed.database),
+                skip_table_creation=not create_schema,
+            )
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+            if attempt == tries:
+                raise StorageError(f"cannot open storage {redact(url)}: {_reason(e)}") from e
+            time.sleep(0.2 * attempt * random.random())
+        except ImportError as e:
+            raise StorageError(f"no database driver for {redact(url)}: {e}") from e
+        except RuntimeError as e:  # Optuna's schema-version mismatch
+            raise StorageError(f"storage {redact(url)}: {_reason(e)}") from e
+    raise AssertionError("unreachable")
 
 
 def schema_exists(url: str) -> bool:

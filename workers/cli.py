@@ -8,7 +8,7 @@ import click
 
 from hpo_framework.cli_options import storage_option, translate_errors
 from hpo_framework.logs import ensure_console_logging
-from hpo_framework.storage import resolve_storage_url
+from hpo_framework.storage import check_url, resolve_storage_url
 from workers.pool import run_pool
 from workers.worker import run_worker
 
@@ -46,7 +46,7 @@ def main(
     re-queues its parameters and exits 1.
     """
     ensure_console_logging()
-    url = resolve_storage_url(storage)
+    url = check_url(resolve_storage_url(storage))
     kwargs = {"study": study, "idle_exit": idle_exit}
     if gpus or processes > 1:
         sys.exit(run_pool(url, processes, gpus, **kwargs))

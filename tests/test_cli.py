@@ -1,0 +1,149 @@
+"""The three commands as a user types them: exact output, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from hpo_framework.cli import coordinator, inspect_command
+from tests.conftest import make_config, run_cli, start_worker, write_config
+from tests.pool_helpers import create
+
+
+def test_create_prints_the_study_name_last(storage_url: str, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", make_config(enqueue=[{"x": 1.0}]))
+    result = run_cli("hpo-coordinator", "create", str(path), url=storage_url)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "test-study"
+    assert "budget 6, 1 enqueued point(s), session tests.sessions:quadratic" in lines[0]
+
+
+def test_create_twice_is_an_error_unless_resume_with_the_same_config(sqlite_url: str, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", make_config())
+    assert run_cli("hpo-coordinator", "create", str(path), url=sqlite_url).returncode == 0
+    again = run_cli("hpo-coordinator", "create", str(path), url=sqlite_url)
+    assert again.returncode == 2
+    assert again.stderr == (
+        f"Error: study 'test-study' already exists in {sqlite_url}; use --resume to continue it "
+        "with the same config, or --name to create another\n"
+    )
+    resumed = run_cli("hpo-coordinator", "create", str(path), "--resume", url=sqlite_url)
+    assert resumed.returncode == 0 and resumed.stdout.splitlines()[-1] == "test-study"
+    write_config(path, make_config(study_={"n_trials": 9}))
+    changed = run_cli("hpo-coordinator", "create", str(path), "--resume", url=sqlite_url)
+    assert changed.returncode == 2 and "was created from a different config" in changed.stderr
+    other = run_cli("hpo-coordinator", "create", str(path), "--name", "second", url=sqlite_url)
+    assert other.returncode == 0 and other.stdout.splitlines()[-1] == "second"
+
+
+def test_create_refuses_a_session_outside_the_allowed_modules(sqlite_url: str, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", make_config(session="os.path:join"))
+    result = run_cli("hpo-coordinator", "create", str(path), url=sqlite_url)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"Error: {path}: session: session 'os.path:join': module 'os.path' is outside the allowed "
+        "prefixes (experiments, tests.sessions); set HPO_SESSION_MODULES to allow it\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("ref", "reason"),
+    [
+        ("tests.sessions:nope", "module 'tests.sessions' has no 'nope'"),
+        ("tests.sessions:ROOT_NOT_CALLABLE", "module 'tests.sessions' has no 'ROOT_NOT_CALLABLE'"),
+        ("tests.sessions.missing:f", "cannot import 'tests.sessions.missing': ModuleNotFoundError"),
+    ],
+)
+def test_create_refuses_a_session_that_cannot_be_imported(
+    sqlite_url: str, tmp_path: Path, ref: str, reason: str
+) -> None:
+    path = write_config(tmp_path / "c.yaml", make_config(session=ref))
+    result = run_cli("hpo-coordinator", "create", str(path), url=sqlite_url)
+    assert result.returncode == 2 and reason in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_inspect_json_has_the_documented_keys(pg_url: str, tmp_path: Path) -> None:
+    name = create(tmp_path, pg_url, study_={"n_trials": 4})
+    assert start_worker("--idle-exit", "1", url=pg_url).wait(timeout=60) == 0
+    result = run_cli("hpo-inspect", name, "--format", "json", url=pg_url)
+    data = json.loads(result.stdout)
+    assert {"study", "directions", "state", "budget", "counts", "best", "trials", "workers"} <= set(data)
+    assert data["state"] == "done" and data["budget"] == 4 and data["directions"] == ["minimize"]
+    assert data["counts"] == {"COMPLETE": 4, "PRUNED": 0, "FAIL": 0, "RUNNING": 0, "WAITING": 0}
+    assert set(data["best"][0]) == {"number", "values", "params"}
+    trial = data["trials"][0]
+    assert {"number", "state", "values", "params", "worker", "duration_s", "error"} <= set(trial)
+    assert sum(data["workers"].values()) == 4
+
+
+def test_inspect_table_csv_and_study_list(sqlite_url: str, tmp_path: Path) -> None:
+    name = create(tmp_path, sqlite_url, study_={"n_trials": 3})
+    assert start_worker("--idle-exit", "1", url=sqlite_url).wait(timeout=60) == 0
+    table = run_cli("hpo-inspect", name, url=sqlite_url).stdout
+    assert "state done" in table and "COMPLETE 3" in table and "best trial" in table
+    rows = list(csv.DictReader(io.StringIO(run_cli("hpo-inspect", name, "--format", "csv", url=sqlite_url).stdout)))
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 3 and float(rows[0]["x"]) == pytest.approx(float(rows[0]["x"]))
+    listing = run_cli("hpo-inspect", url=sqlite_url).stdout
+    assert name in listing and "3/3" in listing and "done" in listing
+    assert run_cli("hpo-coordinator", "list", url=sqlite_url).stdout == listing
+
+
+def test_no_command_prints_a_password(pg_url: str, tmp_path: Path) -> None:
+    url = sa.engine.make_url(pg_url).set(password="s3cret-pw").render_as_string(hide_password=False)
+    path = write_config(tmp_path / "c.yaml", make_config())
+    outputs = [
+        run_cli("hpo-coordinator", "create", str(path), url=url),
+        run_cli("hpo-coordinator", "create", str(path), url=url),
+        run_cli("hpo-inspect", "missing", url=url),
+        run_cli("hpo-worker", "--idle-exit", "1", url=url),
+        run_cli("hpo-inspect", url="postgresql+psycopg2://u:s3cret-pw@127.0.0.1:1/x"),
+    ]
+    for result in outputs:
+        assert "s3cret-pw" not in result.stdout + result.stderr
+    assert "***" in outputs[1].stderr  # the "already exists" error names the redacted URL
+
+
+def test_inspect_unknown_study_is_a_one_line_error(sqlite_url: str, tmp_path: Path) -> None:
+    create(tmp_path, sqlite_url)
+    result = run_cli("hpo-inspect", "nope", url=sqlite_url)
+    assert result.returncode == 1
+    assert result.stderr == "Error: no study named 'nope' in this storage\n"
+
+
+def test_bad_storage_url_is_a_one_line_error(tmp_path: Path) -> None:
+    for command in (["hpo-inspect"], ["hpo-worker"], ["hpo-coordinator", "list"]):
+        result = run_cli(*command, url="not a url")
+        assert result.returncode == 1, command
+        assert result.stderr == "Error: storage URL 'not a url' is not a database URL\n"
+
+
+def test_delete_removes_the_study(sqlite_url: str, tmp_path: Path) -> None:
+    create(tmp_path, sqlite_url, name="doomed")
+    result = run_cli("hpo-coordinator", "delete", "doomed", "--yes", url=sqlite_url)
+    assert result.stdout == "study 'doomed' deleted\n"
+    assert "doomed" not in run_cli("hpo-inspect", url=sqlite_url).stdout
+
+
+@pytest.mark.parametrize("command", [coordinator, inspect_command])
+def test_every_command_has_help(command) -> None:  # type: ignore[no-untyped-def]
+    runner = CliRunner()
+    commands = [[]] + [[name] for name in getattr(command, "commands", {})]
+    for args in commands:
+        result = runner.invoke(command, [*args, "--help"], catch_exceptions=False)
+        assert result.exit_code == 0 and "Usage:" in result.output
+        assert len(result.output.splitlines()) > 3
+
+
+def test_worker_help_documents_signals() -> None:
+    from workers.cli import main
+
+    result = CliRunner().invoke(main, ["--help"], catch_exceptions=False)
+    assert "first SIGTERM/SIGINT finishes the running trial" in " ".join(result.output.split())
