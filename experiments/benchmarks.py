@@ -32,7 +32,7 @@ def hartmann6(cfg: dict[str, Any]) -> float:
     _sleep(cfg)
     x = [cfg[f"x{i}"] for i in range(1, 7)]
     total = 0.0
-    for a, p, alpha in zip(_A, _P, _ALPHA):
+    for a, p, alpha in zip(_A, _P, _ALPHA, strict=True):
         inner = sum(a[j] * (x[j] - p[j] * 1e-4) ** 2 for j in range(6))
         total -= alpha * math.exp(-inner)
     return total

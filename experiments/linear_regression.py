@@ -14,7 +14,9 @@ from torch import nn
 from hpo_framework import report
 
 
-def make_data(n_samples: int, n_features: int, noise: float, seed: int) -> tuple[torch.Tensor, ...]:
+def make_data(
+    n_samples: int, n_features: int, noise: float, seed: int
+) -> tuple[torch.Tensor, ...]:
     """A fixed random linear problem: y = X w + b + noise, split 80/20."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_samples, n_features, generator=g)
@@ -36,7 +38,8 @@ def single_session(cfg: dict[str, Any]) -> float:
     torch.manual_seed(data.get("seed", 0))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x_train, y_train, x_val, y_val = (
-        t.to(device) for t in make_data(data["n_samples"], data["n_features"], data["noise"], data["seed"])
+        t.to(device)
+        for t in make_data(data["n_samples"], data["n_features"], data["noise"], data["seed"])
     )
     model = build_model(data["n_features"], cfg.get("model", {}).get("hidden", 0)).to(device)
     if cfg["optimizer"] == "sgd":

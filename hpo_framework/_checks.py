@@ -54,8 +54,10 @@ class Checker:
     def unknown(self, key: str, known: Iterable[str], what: str = "key") -> NoReturn:
         known = sorted(set(known))
         close = difflib.get_close_matches(key, known, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else (
-            f"; expected one of: {', '.join(known)}" if known else ""
+        hint = (
+            f"; did you mean '{close[0]}'?"
+            if close
+            else (f"; expected one of: {', '.join(known)}" if known else "")
         )
         self.fail(f"unknown {what} '{key}'{hint}")
 

@@ -107,7 +107,13 @@ def delete(name: str, yes: bool, storage: str | None) -> None:
     "--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
     show_default=True, help="Output format.",
 )  # fmt: skip
-@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="How many best trials to list.")
+@click.option(
+    "--top",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="How many best trials to list.",
+)
 @storage_option
 @translate_errors
 def inspect_command(study: str | None, fmt: str, top: int, storage: str | None) -> None:
@@ -135,7 +141,17 @@ def _print_study_list(rows: list[dict[str, Any]], fmt: str) -> None:
         writer.writerow(["study", "state", "finished", "budget", "best", "running", "failed"])
         for r in rows:
             best = "" if r["best"] is None else ";".join(map(str, r["best"]))
-            writer.writerow([r["study"], r["state"], r["finished"], r["budget"], best, r["running"], r["failed"]])
+            writer.writerow(
+                [
+                    r["study"],
+                    r["state"],
+                    r["finished"],
+                    r["budget"],
+                    best,
+                    r["running"],
+                    r["failed"],
+                ]
+            )
         click.echo(out.getvalue(), nl=False)
         return
     if not rows:
@@ -171,9 +187,23 @@ def _print_summary(s: dict[str, Any]) -> None:
         best.add_row(str(b["number"]), _fmt(b["values"]), json.dumps(b["params"]))
     console.print(best)
 
-    top = Table("trial", "value", "worker", "duration", "params", title=f"top {len(s['top'])}", title_justify="left")
+    top = Table(
+        "trial",
+        "value",
+        "worker",
+        "duration",
+        "params",
+        title=f"top {len(s['top'])}",
+        title_justify="left",
+    )
     for t in s["top"]:
-        top.add_row(str(t["number"]), _fmt(t["values"]), str(t["worker"]), f"{t['duration_s']:.2f}s", json.dumps(t["params"]))
+        top.add_row(
+            str(t["number"]),
+            _fmt(t["values"]),
+            str(t["worker"]),
+            f"{t['duration_s']:.2f}s",
+            json.dumps(t["params"]),
+        )
     console.print(top)
 
     workers = Table("worker", "trials", title="trials per worker", title_justify="left")
@@ -189,7 +219,9 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 def _trials_csv(trials: list[dict[str, Any]], directions: list[str]) -> str:
     params = sorted({p for t in trials for p in t["params"]})
-    value_cols = ["value"] if len(directions) == 1 else [f"value_{i}" for i in range(len(directions))]
+    value_cols = (
+        ["value"] if len(directions) == 1 else [f"value_{i}" for i in range(len(directions))]
+    )
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["number", "state", *value_cols, *params, "worker", "duration_s", "error"])

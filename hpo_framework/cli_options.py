@@ -27,11 +27,11 @@ class CommandError(click.ClickException):
 
     def __init__(self, error: HPOError) -> None:
         super().__init__(str(error))
-        self.exit_code = error.exit_code
+        self.exit_code = error.exit_code  # type: ignore[misc]
 
 
 def translate_errors(fn: F) -> F:
-    """Library errors become one-line click errors with the right exit status, never a traceback."""
+    """Library errors become one-line click errors with the right exit status, no traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -67,7 +67,7 @@ def create_study(
         study = optuna.create_study(
             study_name=name,
             storage=storage,
-            directions=list(config.study.directions),
+            directions=[optuna.study.StudyDirection[d.upper()] for d in config.study.directions],
         )
     except optuna.exceptions.DuplicatedStudyError:
         # Another process created it a moment ago; with resume, join it once it is registered.

@@ -2,8 +2,7 @@
 
 Optuna's own heartbeat runs only inside ``study.optimize``; the pool uses ask/tell, so it keeps
 its own: one thread per worker process that beats for whichever trial the process is running.
-Staleness is judged by the database's clock, never a worker's, and failing a stale trial is the
-same conditional state change Optuna uses, so exactly one live worker wins each stale trial.
+Staleness is judged by the database's clock (see ``optuna_tables.stale_trial_ids``).
 """
 
 from __future__ import annotations
@@ -13,19 +12,10 @@ import threading
 from types import TracebackType
 
 import optuna
-import sqlalchemy as sa
 
-from hpo_framework.storage import TRANSIENT_ERRORS
+from hpo_framework.storage import TRANSIENT_ERRORS, with_db_retry
 
 log = logging.getLogger("hpo.heartbeat")
-
-# The two columns of Optuna's tables the sweep reads (schema owned and versioned by Optuna).
-_trials = sa.table(
-    "trials", sa.column("trial_id"), sa.column("number"), sa.column("study_id"), sa.column("state")
-)
-_heartbeats = sa.table(
-    "trial_heartbeats", sa.column("trial_id"), sa.column("heartbeat", sa.DateTime)
-)
 
 
 class Heartbeat:
@@ -55,10 +45,15 @@ class Heartbeat:
         self._thread.join(timeout=10)
 
     def track(self, trial_id: int, interval: float) -> None:
-        """Beat for ``trial_id`` from now on, starting at once."""
+        """Beat for ``trial_id`` from now on; the first beat is recorded before this returns.
+
+        Beating first in the caller's thread, on the connection it just used, keeps the
+        heartbeat thread off the pool at the busiest moment of a trial, so a worker process
+        rarely needs its second connection.
+        """
+        with_db_retry(lambda: self._storage.record_heartbeat(trial_id), "recording a heartbeat")
         with self._lock:
             self._trial_id, self._interval = trial_id, interval
-        self._wake.set()
 
     def untrack(self) -> None:
         with self._lock:
@@ -95,24 +90,3 @@ class NullHeartbeat(Heartbeat):
 
     def untrack(self) -> None:
         pass
-
-
-def stale_trial_ids(storage: optuna.storages.RDBStorage, study_id: int, grace: float) -> list[int]:
-    """Running trials of the study whose last heartbeat is older than ``grace`` seconds.
-
-    The database's current time is read in the same query as the heartbeats it is compared to.
-    Heartbeats are naive timestamps in the database session's time zone, as Optuna stores them.
-    """
-    now = sa.func.current_timestamp().label("now")
-    query = (
-        sa.select(_trials.c.trial_id, _heartbeats.c.heartbeat, sa.type_coerce(now, sa.DateTime))
-        .join(_heartbeats, _heartbeats.c.trial_id == _trials.c.trial_id)
-        .where(_trials.c.study_id == study_id, _trials.c.state == "RUNNING")
-    )
-    with storage.engine.connect() as conn:
-        rows = conn.execute(query).all()
-    stale = []
-    for trial_id, beat, current in rows:
-        if (current.replace(tzinfo=None) - beat.replace(tzinfo=None)).total_seconds() > grace:
-            stale.append(int(trial_id))
-    return stale

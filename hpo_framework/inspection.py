@@ -56,9 +56,13 @@ def summarize(storage: optuna.storages.RDBStorage, name: str, top: int = 10) -> 
     counts = Counter(t.state.name for t in trials)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     durations = sorted(
-        t.duration.total_seconds() for t in trials if t.duration is not None and t.state.is_finished()
+        t.duration.total_seconds()
+        for t in trials
+        if t.duration is not None and t.state.is_finished()
     )
-    workers = Counter(str(t.user_attrs.get("worker", "unknown")) for t in trials if t.state != TrialState.WAITING)
+    workers = Counter(
+        str(t.user_attrs.get("worker", "unknown")) for t in trials if t.state != TrialState.WAITING
+    )
     errors = [
         {"number": t.number, "error": t.user_attrs.get("error")}
         for t in trials

@@ -48,7 +48,9 @@ class Param:
         return tuple(self.name.split("."))
 
     def is_active(self, values: Mapping[str, Any]) -> bool:
-        return all(name in values and values[name] in allowed for name, allowed in self.when.items())
+        return all(
+            name in values and values[name] in allowed for name, allowed in self.when.items()
+        )
 
 
 class SearchSpace:
@@ -99,7 +101,9 @@ class SearchSpace:
                 n = round((d.high - d.low) / d.step)
                 grid[p.name] = [d.low + i * d.step for i in range(n + 1)]
             else:
-                check.at("search_space", *p.path).fail("the grid sampler needs a finite set: give a step, no log")
+                check.at("search_space", *p.path).fail(
+                    "the grid sampler needs a finite set: give a step, no log"
+                )
         return grid
 
     def check_point(self, point: Any, check: Checker) -> dict[str, Any]:
@@ -211,7 +215,9 @@ def _numeric(kind: str, spec: Mapping[str, Any], check: Checker) -> BaseDistribu
         value = spec[key]
         ok = isinstance(value, int) if is_int else is_number(value)
         if not ok or isinstance(value, bool):
-            check.at(key).fail(f"must be {'an integer' if is_int else 'a number'}, got {describe(value)}")
+            check.at(key).fail(
+                f"must be {'an integer' if is_int else 'a number'}, got {describe(value)}"
+            )
         if not math.isfinite(value):
             check.at(key).fail(f"must be finite, got {value}")
         bounds[key] = value
@@ -225,7 +231,9 @@ def _numeric(kind: str, spec: Mapping[str, Any], check: Checker) -> BaseDistribu
     if step is not None:
         ok = isinstance(step, int) if is_int else is_number(step)
         if not ok or isinstance(step, bool) or not math.isfinite(step) or step <= 0:
-            check.at("step").fail(f"must be a positive {'integer' if is_int else 'number'}, got {describe(step)}")
+            check.at("step").fail(
+                f"must be a positive {'integer' if is_int else 'number'}, got {describe(step)}"
+            )
         if log and (not is_int or step != 1):
             check.at("step").fail("cannot be combined with log: true")
         span = high - low
@@ -251,7 +259,10 @@ def _parse_when(when: Any, check: Checker, earlier: list[Param]) -> dict[str, tu
         values = tuple(wanted) if isinstance(wanted, list) else (wanted,)
         for value in values:
             if not _contains(known[name].distribution, value):
-                at.fail(f"{describe(value)} is not a possible value ({_range(known[name].distribution)})")
+                at.fail(
+                    f"{describe(value)} is not a possible value "
+                    f"({_range(known[name].distribution)})"
+                )
         rule[name] = values
     return rule
 
@@ -262,7 +273,7 @@ def _suggest(trial: optuna.Trial, name: str, d: BaseDistribution) -> Any:
     if isinstance(d, IntDistribution):
         return trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
     assert isinstance(d, CategoricalDistribution)
-    return trial.suggest_categorical(name, d.choices)  # type: ignore[arg-type]
+    return trial.suggest_categorical(name, d.choices)
 
 
 def _contains(d: BaseDistribution, value: Any) -> bool:

@@ -105,11 +105,19 @@ class Registry:
             now = conn.execute(sa.select(self._now)).scalar_one()
             conn.execute(
                 hpo_studies.insert().values(
-                    study_id=study_id, study_name=name, state=OPEN, budget=budget,
-                    claimed=0, failures=0, max_failures=max_failures,
+                    study_id=study_id,
+                    study_name=name,
+                    state=OPEN,
+                    budget=budget,
+                    claimed=0,
+                    failures=0,
+                    max_failures=max_failures,
                     deadline=None if timeout is None else now + timeout,
-                    config_json=json.dumps(config), config_hash=config_hash,
-                    session_ref=session_ref, version=version, created_at=now,
+                    config_json=json.dumps(config),
+                    config_hash=config_hash,
+                    session_ref=session_ref,
+                    version=version,
+                    created_at=now,
                 )  # fmt: skip
             )
 
@@ -201,11 +209,21 @@ class Registry:
             ).all()
         return [
             StudyRecord(
-                study_id=r.study_id, name=r.study_name, state=r.state, budget=r.budget,
-                claimed=r.claimed, failures=r.failures, max_failures=r.max_failures,
-                deadline=r.deadline, config=json.loads(r.config_json),
-                config_hash=r.config_hash, session_ref=r.session_ref, version=r.version,
-                created_at=r.created_at, error=r.error, now=float(r.now),
+                study_id=r.study_id,
+                name=r.study_name,
+                state=r.state,
+                budget=r.budget,
+                claimed=r.claimed,
+                failures=r.failures,
+                max_failures=r.max_failures,
+                deadline=r.deadline,
+                config=json.loads(r.config_json),
+                config_hash=r.config_hash,
+                session_ref=r.session_ref,
+                version=r.version,
+                created_at=r.created_at,
+                error=r.error,
+                now=float(r.now),
             )  # fmt: skip
             for r in rows
         ]

@@ -96,9 +96,7 @@ def worker_seed(seed: int | None, worker_index: int) -> int | None:
 
 def _check_options(cls: Any, options: Mapping[str, Any], check: Checker) -> None:
     params = inspect.signature(cls).parameters
-    allowed = [
-        p for p, v in params.items() if p not in _RESERVED and v.kind is not v.VAR_KEYWORD
-    ]
+    allowed = [p for p, v in params.items() if p not in _RESERVED and v.kind is not v.VAR_KEYWORD]
     for key in options:
         if key in _RESERVED:
             check.at(str(key)).fail(f"'{key}' is set by the framework; use study.sampler.seed")

@@ -82,7 +82,9 @@ def check_result(result: Any, n_objectives: int) -> list[float]:
     for v in values:
         # numpy and torch scalars are fine: anything that is a real number or converts to one.
         try:
-            if isinstance(v, (bool, str, bytes)) or not (isinstance(v, Real) or hasattr(v, "__float__")):
+            if isinstance(v, (bool, str, bytes)) or not (
+                isinstance(v, Real) or hasattr(v, "__float__")
+            ):
                 raise TypeError
             f = float(v)
         except (TypeError, ValueError):

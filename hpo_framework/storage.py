@@ -60,7 +60,9 @@ def check_url(url: str) -> str:
     return url
 
 
-def open_storage(url: str, *, create_schema: bool, role: str = "hpo") -> optuna.storages.RDBStorage:
+def open_storage(
+    url: str, *, create_schema: bool, role: str = "hpo"
+) -> optuna.storages.RDBStorage:
     """An RDBStorage with the framework's engine settings.
 
     ``create_schema`` is for the coordinator and local runs only: workers never create tables,

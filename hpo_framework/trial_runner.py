@@ -10,6 +10,7 @@ Both ``run_hpo`` (one process) and ``hpo-worker`` (many) run trials through ``St
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import traceback
@@ -22,12 +23,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo_framework import reporting
 from hpo_framework.config import Config
-from hpo_framework.exceptions import TrialLost
-from hpo_framework.heartbeat import Heartbeat, stale_trial_ids
+from hpo_framework.exceptions import SessionError, TrialLost
+from hpo_framework.heartbeat import Heartbeat
+from hpo_framework.optuna_tables import has_waiting_trials, stale_trial_ids
 from hpo_framework.param_sampler import merge
 from hpo_framework.registry import OPEN, Registry, StudyRecord
 from hpo_framework.samplers import build_pruner, build_sampler, worker_seed
-from hpo_framework.session import ObjectiveCountError, SessionError, SessionFn, check_result
+from hpo_framework.session import ObjectiveCountError, SessionFn, check_result
 from hpo_framework.storage import with_db_retry
 
 log = logging.getLogger("hpo.trial")
@@ -118,9 +120,16 @@ class StudyHandle:
     def _start_trial(self) -> int:
         """Take a waiting trial (an enqueued point or a retry) if any, else create a new one."""
         storage = self._cached_storage
-        for waiting in storage.get_all_trials(
-            self.record.study_id, deepcopy=False, states=(TrialState.WAITING,)
-        ):
+        # One indexed probe first: reading the trials through Optuna's cache costs several
+        # queries, and most trials find nothing waiting.
+        waiting_trials = (
+            storage.get_all_trials(
+                self.record.study_id, deepcopy=False, states=(TrialState.WAITING,)
+            )
+            if has_waiting_trials(self.storage, self.record.study_id)
+            else []
+        )
+        for waiting in waiting_trials:
             try:
                 # Conditional WAITING -> RUNNING: False when another worker popped it first.
                 if not storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
@@ -151,7 +160,9 @@ class StudyHandle:
         except optuna.TrialPruned:
             return self._finish(trial, TrialState.PRUNED, None, started, None)
         except ColdShutdown:
-            self._finish(trial, TrialState.FAIL, None, started, "worker stopped by a second signal")
+            self._finish(
+                trial, TrialState.FAIL, None, started, "worker stopped by a second signal"
+            )
             raise
         except KeyboardInterrupt:
             self._finish(trial, TrialState.FAIL, None, started, "interrupted (KeyboardInterrupt)")
@@ -267,7 +278,8 @@ class StudyHandle:
             lambda: stale_trial_ids(self.storage, self.record.study_id, grace), "sweeping"
         )
         for trial_id in ids:
-            if with_db_retry(lambda: self._fail_stale(trial_id, grace), "failing a stale trial"):
+            fail = functools.partial(self._fail_stale, trial_id, grace)
+            if with_db_retry(fail, "failing a stale trial"):
                 failed += 1
         return failed
 

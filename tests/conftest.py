@@ -47,7 +47,9 @@ def pg_admin() -> Iterator[sa.Engine]:
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    engine = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    engine = sa.create_engine(
+        PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool
+    )
     yield engine
     engine.dispose()
 
@@ -116,7 +118,9 @@ def cli_env(url: str | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, url: str | None = None, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, url: str | None = None, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess[str]:
     """Run one of the console scripts as a real process from the repository root."""
     return subprocess.run(
         [str(BIN / args[0]), *args[1:]], cwd=ROOT, env=cli_env(url, **env),
@@ -124,7 +128,9 @@ def run_cli(*args: str, url: str | None = None, timeout: float = 120, **env: str
     )  # fmt: skip
 
 
-def start_worker(*args: str, url: str, log: Path | None = None, **env: str) -> subprocess.Popen[str]:
+def start_worker(
+    *args: str, url: str, log: Path | None = None, **env: str
+) -> subprocess.Popen[str]:
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
         [str(BIN / "hpo-worker"), *args], cwd=ROOT, env=cli_env(url, **env),

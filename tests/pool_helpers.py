@@ -34,7 +34,9 @@ def counts(url: str, name: str) -> Counter[str]:
     return Counter(t.state.name for t in trials(url, name))
 
 
-def wait_until(what: str, check: Callable[[], bool], timeout: float = 60, every: float = 0.2) -> None:
+def wait_until(
+    what: str, check: Callable[[], bool], timeout: float = 60, every: float = 0.2
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():

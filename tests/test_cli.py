@@ -25,7 +25,9 @@ def test_create_prints_the_study_name_last(storage_url: str, tmp_path: Path) -> 
     assert "budget 6, 1 enqueued point(s), session tests.sessions:quadratic" in lines[0]
 
 
-def test_create_twice_is_an_error_unless_resume_with_the_same_config(sqlite_url: str, tmp_path: Path) -> None:
+def test_create_twice_is_an_error_unless_resume_with_the_same_config(
+    sqlite_url: str, tmp_path: Path
+) -> None:
     path = write_config(tmp_path / "c.yaml", make_config())
     assert run_cli("hpo-coordinator", "create", str(path), url=sqlite_url).returncode == 0
     again = run_cli("hpo-coordinator", "create", str(path), url=sqlite_url)
@@ -43,7 +45,9 @@ def test_create_twice_is_an_error_unless_resume_with_the_same_config(sqlite_url:
     assert other.returncode == 0 and other.stdout.splitlines()[-1] == "second"
 
 
-def test_create_refuses_a_session_outside_the_allowed_modules(sqlite_url: str, tmp_path: Path) -> None:
+def test_create_refuses_a_session_outside_the_allowed_modules(
+    sqlite_url: str, tmp_path: Path
+) -> None:
     path = write_config(tmp_path / "c.yaml", make_config(session="os.path:join"))
     result = run_cli("hpo-coordinator", "create", str(path), url=sqlite_url)
     assert result.returncode == 2
@@ -58,7 +62,10 @@ def test_create_refuses_a_session_outside_the_allowed_modules(sqlite_url: str, t
     [
         ("tests.sessions:nope", "module 'tests.sessions' has no 'nope'"),
         ("tests.sessions:ROOT_NOT_CALLABLE", "module 'tests.sessions' has no 'ROOT_NOT_CALLABLE'"),
-        ("tests.sessions.missing:f", "cannot import 'tests.sessions.missing': ModuleNotFoundError"),
+        (
+            "tests.sessions.missing:f",
+            "cannot import 'tests.sessions.missing': ModuleNotFoundError",
+        ),
     ],
 )
 def test_create_refuses_a_session_that_cannot_be_imported(
@@ -75,7 +82,16 @@ def test_inspect_json_has_the_documented_keys(pg_url: str, tmp_path: Path) -> No
     assert start_worker("--idle-exit", "1", url=pg_url).wait(timeout=60) == 0
     result = run_cli("hpo-inspect", name, "--format", "json", url=pg_url)
     data = json.loads(result.stdout)
-    assert {"study", "directions", "state", "budget", "counts", "best", "trials", "workers"} <= set(data)
+    assert {
+        "study",
+        "directions",
+        "state",
+        "budget",
+        "counts",
+        "best",
+        "trials",
+        "workers",
+    } <= set(data)
     assert data["state"] == "done" and data["budget"] == 4 and data["directions"] == ["minimize"]
     assert data["counts"] == {"COMPLETE": 4, "PRUNED": 0, "FAIL": 0, "RUNNING": 0, "WAITING": 0}
     assert set(data["best"][0]) == {"number", "values", "params"}
@@ -89,15 +105,23 @@ def test_inspect_table_csv_and_study_list(sqlite_url: str, tmp_path: Path) -> No
     assert start_worker("--idle-exit", "1", url=sqlite_url).wait(timeout=60) == 0
     table = run_cli("hpo-inspect", name, url=sqlite_url).stdout
     assert "state done" in table and "COMPLETE 3" in table and "best trial" in table
-    rows = list(csv.DictReader(io.StringIO(run_cli("hpo-inspect", name, "--format", "csv", url=sqlite_url).stdout)))
-    assert [r["state"] for r in rows] == ["COMPLETE"] * 3 and float(rows[0]["x"]) == pytest.approx(float(rows[0]["x"]))
+    rows = list(
+        csv.DictReader(
+            io.StringIO(run_cli("hpo-inspect", name, "--format", "csv", url=sqlite_url).stdout)
+        )
+    )
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 3 and float(rows[0]["x"]) == pytest.approx(
+        float(rows[0]["x"])
+    )
     listing = run_cli("hpo-inspect", url=sqlite_url).stdout
     assert name in listing and "3/3" in listing and "done" in listing
     assert run_cli("hpo-coordinator", "list", url=sqlite_url).stdout == listing
 
 
 def test_no_command_prints_a_password(pg_url: str, tmp_path: Path) -> None:
-    url = sa.engine.make_url(pg_url).set(password="s3cret-pw").render_as_string(hide_password=False)
+    url = (
+        sa.engine.make_url(pg_url).set(password="s3cret-pw").render_as_string(hide_password=False)
+    )
     path = write_config(tmp_path / "c.yaml", make_config())
     outputs = [
         run_cli("hpo-coordinator", "create", str(path), url=url),

@@ -137,7 +137,13 @@ BAD_CONFIGS = [
         id="bad-pruner-option-value",
     ),
     pytest.param(
-        make_config(study_={"direction": None, "directions": ["minimize", "maximize"], "pruner": {"name": "median"}}),
+        make_config(
+            study_={
+                "direction": None,
+                "directions": ["minimize", "maximize"],
+                "pruner": {"name": "median"},
+            }
+        ),
         "config.yaml: study.pruner.name: Optuna cannot prune multi-objective studies; use 'none'",
         id="pruner-with-two-directions",
     ),
@@ -183,7 +189,9 @@ BAD_CONFIGS = [
         "config.yaml: must be a mapping, got a list",
         id="not-a-mapping",
     ),
-    pytest.param("", "config.yaml: the file is empty; it needs at least 'study:' with a 'name'", id="empty"),
+    pytest.param(
+        "", "config.yaml: the file is empty; it needs at least 'study:' with a 'name'", id="empty"
+    ),
     pytest.param(
         "study: {name: x}\nstatic: {when: 2024-01-01}\n",
         "config.yaml: static.when: unsupported value datetime.date(2024, 1, 1); "
@@ -234,13 +242,23 @@ def test_the_shipped_config_is_valid_and_nested() -> None:
     assert config.static["data"]["n_features"] == 10
     assert "model.hidden" in config.search_space
     assert config.search_space.params[3].when == {"optimizer": ("sgd",)}
-    assert config.enqueue[0] == {"lr": 0.01, "batch_size": 32, "optimizer": "adam", "model.hidden": 0}
+    assert config.enqueue[0] == {
+        "lr": 0.01,
+        "batch_size": 32,
+        "optimizer": "adam",
+        "model.hidden": 0,
+    }
 
 
 def test_defaults_fill_what_the_file_leaves_out(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path / "c.yaml", "study: {name: minimal}\n"))
     s = config.study
-    assert (s.directions, s.n_trials, s.timeout, s.max_failed_trials) == (("minimize",), 50, None, 10)
+    assert (s.directions, s.n_trials, s.timeout, s.max_failed_trials) == (
+        ("minimize",),
+        50,
+        None,
+        10,
+    )
     assert (s.sampler.name, s.pruner.name, s.max_retries) == ("tpe", "none", 2)
     assert (s.heartbeat_interval, s.grace_period) == (5.0, 20.0)
 
@@ -253,8 +271,13 @@ def test_config_hash_ignores_key_order_and_formatting(tmp_path: Path) -> None:
 
 
 def test_cli_reports_bad_config_in_one_line_with_exit_2(tmp_path: Path) -> None:
-    path = write_config(tmp_path / "config.yaml", space(lr={"type": "float", "low": 0, "high": 1, "log": True}))
+    path = write_config(
+        tmp_path / "config.yaml", space(lr={"type": "float", "low": 0, "high": 1, "log": True})
+    )
     result = run_cli("hpo-coordinator", "create", str(path), url=f"sqlite:///{tmp_path / 'x.db'}")
     assert result.returncode == 2
-    assert result.stderr == f"Error: {path}: search_space.lr.low: must be > 0 when log is true, got 0\n"
+    assert (
+        result.stderr
+        == f"Error: {path}: search_space.lr.low: must be > 0 when log is true, got 0\n"
+    )
     assert not (tmp_path / "x.db").exists()  # nothing was created for a bad config

@@ -22,7 +22,11 @@ SPACE = {
     "optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},
     "flag": {"type": "categorical", "choices": [True, False, None, 3, 0.5]},
     "momentum": {"type": "float", "low": 0.0, "high": 0.99, "when": {"optimizer": "sgd"}},
-    "nesterov": {"type": "categorical", "choices": [True, False], "when": {"optimizer": "sgd", "layers": [1, 2]}},
+    "nesterov": {
+        "type": "categorical",
+        "choices": [True, False],
+        "when": {"optimizer": "sgd", "layers": [1, 2]},
+    },
     "model": {"head": {"kind": {"type": "categorical", "choices": ["mlp", "linear"]}}},
 }
 
@@ -35,7 +39,11 @@ def sampled_cfgs(tmp_path: Path, n: int = 40, **study: object) -> list[dict]:
         search_space=SPACE,
         study_={"n_trials": n, "sampler": {"name": "random", "seed": 3}, **study},
     )
-    run_hpo(sessions.echo_cfg, write_config(tmp_path / "c.yaml", config), f"sqlite:///{tmp_path / 'db'}")
+    run_hpo(
+        sessions.echo_cfg,
+        write_config(tmp_path / "c.yaml", config),
+        f"sqlite:///{tmp_path / 'db'}",
+    )
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
@@ -44,7 +52,10 @@ def test_every_kind_is_sampled_within_its_bounds(tmp_path: Path) -> None:
     assert len(cfgs) == 40
     for cfg in cfgs:
         assert 1e-4 <= cfg["lr"] <= 1e-1
-        assert round(cfg["dropout"] * 10, 6) == round(cfg["dropout"] * 10) and 0 <= cfg["dropout"] <= 0.5
+        assert (
+            round(cfg["dropout"] * 10, 6) == round(cfg["dropout"] * 10)
+            and 0 <= cfg["dropout"] <= 0.5
+        )
         assert cfg["layers"] in range(1, 5) and isinstance(cfg["layers"], int)
         assert 8 <= cfg["width"] <= 128
         assert cfg["units"] in (0, 16, 32, 48, 64)
@@ -68,7 +79,10 @@ def test_nested_keys_become_nested_dicts_merged_with_static(tmp_path: Path) -> N
 
 
 def test_merge_keeps_static_siblings() -> None:
-    assert merge({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"c": 9}}) == {"a": {"b": 1, "c": 9}, "d": 3}
+    assert merge({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"c": 9}}) == {
+        "a": {"b": 1, "c": 9},
+        "d": 3,
+    }
 
 
 def test_grid_sampler_covers_the_grid_exactly_once(tmp_path: Path) -> None:
@@ -82,7 +96,11 @@ def test_grid_sampler_covers_the_grid_exactly_once(tmp_path: Path) -> None:
         static={"out": str(tmp_path / "cfgs.jsonl")},
         study_={"n_trials": None, "sampler": {"name": "grid"}},
     )
-    study = run_hpo(sessions.echo_cfg, write_config(tmp_path / "c.yaml", config), f"sqlite:///{tmp_path / 'db'}")
+    study = run_hpo(
+        sessions.echo_cfg,
+        write_config(tmp_path / "c.yaml", config),
+        f"sqlite:///{tmp_path / 'db'}",
+    )
     points = {(t.params["a"], t.params["b"], t.params["c"]) for t in study.trials}
     assert len(study.trials) == 18 and len(points) == 18  # budget = grid size
 
@@ -91,7 +109,11 @@ def test_grid_sampler_covers_the_grid_exactly_once(tmp_path: Path) -> None:
 def test_each_sampler_runs_a_study(tmp_path: Path, sampler: str) -> None:
     config = make_config(study_={"n_trials": 6, "sampler": {"name": sampler, "seed": 0}})
     config["search_space"]["y"] = {"type": "int", "low": 0, "high": 3}
-    study = run_hpo(sessions.quadratic, write_config(tmp_path / "c.yaml", config), f"sqlite:///{tmp_path / 'db'}")
+    study = run_hpo(
+        sessions.quadratic,
+        write_config(tmp_path / "c.yaml", config),
+        f"sqlite:///{tmp_path / 'db'}",
+    )
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 6
 
 

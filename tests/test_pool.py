@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,7 +13,9 @@ from tests.conftest import run_cli, start_worker
 from tests.pool_helpers import counts, create, trials, wait_until
 
 
-def test_workers_wait_for_the_schema_then_run_the_exact_budget(pg_url: str, tmp_path: Path) -> None:
+def test_workers_wait_for_the_schema_then_run_the_exact_budget(
+    pg_url: str, tmp_path: Path
+) -> None:
     # Workers start on an empty database: none may create tables (Optuna #1092); they wait.
     log = tmp_path / "workers.log"
     pool = start_worker("--processes", "8", "--idle-exit", "3", url=pg_url, log=log)
@@ -43,7 +44,10 @@ def test_a_killed_worker_loses_no_trial(pg_url: str, tmp_path: Path) -> None:
     result = trials(pg_url, name)
     failed = [t for t in result if t.state.name == "FAIL"]
     assert len(failed) == 1
-    assert f"worker {failed[0].user_attrs['worker']} lost: no heartbeat for over 3s" == failed[0].user_attrs["error"]
+    assert (
+        f"worker {failed[0].user_attrs['worker']} lost: no heartbeat for over 3s"
+        == failed[0].user_attrs["error"]
+    )
     retries = [t for t in result if t.user_attrs.get("retry_of") == failed[0].number]
     assert [t.params for t in retries] == [failed[0].params]
     assert retries[0].state.name == "COMPLETE"
@@ -86,7 +90,9 @@ def test_second_sigterm_fails_the_trial_requeues_it_and_exits_at_once(
     assert result[1].params == {} and result[1].system_attrs["fixed_params"] == result[0].params
 
 
-def test_64_workers_fit_in_a_stock_postgresql(pg_url: str, pg_admin: sa.Engine, tmp_path: Path) -> None:
+def test_64_workers_fit_in_a_stock_postgresql(
+    pg_url: str, pg_admin: sa.Engine, tmp_path: Path
+) -> None:
     database = sa.engine.make_url(pg_url).database
     with pg_admin.connect() as conn:
         max_connections = int(conn.execute(sa.text("show max_connections")).scalar_one())
@@ -147,7 +153,9 @@ def test_a_bad_session_in_the_database_is_recorded_not_fatal(pg_url: str, tmp_pa
     assert counts(pg_url, name) == {}
 
 
-def test_stop_lets_running_trials_finish_and_takes_no_new_ones(pg_url: str, tmp_path: Path) -> None:
+def test_stop_lets_running_trials_finish_and_takes_no_new_ones(
+    pg_url: str, tmp_path: Path
+) -> None:
     name = create(
         tmp_path, pg_url, session="tests.sessions:sleepy",
         static={"sleep_s": 1.0, "dir": str(tmp_path)}, study_={"n_trials": 50},

@@ -45,7 +45,9 @@ def test_run_hpo_optimizes_and_returns_the_study(storage_url: str, tmp_path: Pat
     ],
 )
 def test_a_bad_session_fails_its_trial_with_the_error_recorded(
-    tmp_path: Path, session, error: str  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    session,
+    error: str,  # type: ignore[no-untyped-def]
 ) -> None:
     study = run(tmp_path, session, study_={"n_trials": 5, "max_failed_trials": 3})
     assert states(study) == ["FAIL"] * 3  # max_failed_trials stops the study
@@ -66,7 +68,9 @@ def test_failed_parameters_are_retried_and_the_study_goes_on(tmp_path: Path) -> 
 
 
 def test_retries_stop_after_max_retries(tmp_path: Path) -> None:
-    study = run(tmp_path, sessions.raises, study_={"n_trials": 2, "max_retries": 2, "max_failed_trials": 3})
+    study = run(
+        tmp_path, sessions.raises, study_={"n_trials": 2, "max_retries": 2, "max_failed_trials": 3}
+    )
     assert [t.user_attrs.get("attempt", 0) for t in study.trials] == [0, 1, 2]
     assert len({t.params["x"] for t in study.trials}) == 1
 
@@ -79,7 +83,9 @@ def test_pruning_through_report(tmp_path: Path) -> None:
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
     assert pruned, "the median pruner never pruned"
     assert all(len(t.intermediate_values) < 10 for t in pruned)
-    assert all(len(t.intermediate_values) == 10 for t in study.trials if t.state == TrialState.COMPLETE)
+    assert all(
+        len(t.intermediate_values) == 10 for t in study.trials if t.state == TrialState.COMPLETE
+    )
 
 
 def test_report_outside_a_trial_is_a_no_op() -> None:
@@ -99,13 +105,18 @@ def test_multi_objective(tmp_path: Path) -> None:
 
 
 def test_direction_count_mismatch_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"study.direction: session returned 2 values but the study has 1 directions"):
+    with pytest.raises(
+        ConfigError,
+        match=r"study.direction: session returned 2 values but the study has 1 directions",
+    ):
         run(tmp_path, sessions.returns_pair)
 
 
 def test_enqueued_points_run_first_and_exactly_once(tmp_path: Path) -> None:
     enqueue = [{"x": 1.5}, {"x": -2.0}]
-    path = write_config(tmp_path / "config.yaml", make_config(enqueue=enqueue, study_={"n_trials": 5}))
+    path = write_config(
+        tmp_path / "config.yaml", make_config(enqueue=enqueue, study_={"n_trials": 5})
+    )
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     study = run_hpo(sessions.quadratic, path, url)
     assert [t.params["x"] for t in study.trials[:2]] == [1.5, -2.0]
@@ -131,7 +142,9 @@ def test_storage_resolution_order(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_config_storage_key_is_used(tmp_path: Path) -> None:
-    path = write_config(tmp_path / "c.yaml", make_config(storage=f"sqlite:///{tmp_path / 'from-config.db'}"))
+    path = write_config(
+        tmp_path / "c.yaml", make_config(storage=f"sqlite:///{tmp_path / 'from-config.db'}")
+    )
     run_hpo(sessions.quadratic, path)
     assert (tmp_path / "from-config.db").exists()
 
@@ -149,16 +162,26 @@ def test_linear_regression_example_beats_the_untrained_baseline(tmp_path: Path) 
 
     config = write_config(
         tmp_path / "config.yaml",
-        (ROOT / "config.yaml").read_text().replace("n_trials: 30", "n_trials: 6").replace("epochs: 20", "epochs: 5"),
+        (ROOT / "config.yaml")
+        .read_text()
+        .replace("n_trials: 30", "n_trials: 6")
+        .replace("epochs: 20", "epochs: 5"),
     )
     study = run_hpo(single_session, config, f"sqlite:///{tmp_path / 'lr.db'}")
-    baseline = untrained_mse({"data": {"n_samples": 2000, "n_features": 10, "noise": 0.1, "seed": 0}})
+    baseline = untrained_mse(
+        {"data": {"n_samples": 2000, "n_features": 10, "noise": 0.1, "seed": 0}}
+    )
     assert study.best_value < 0.1 * baseline
     assert study.trials[0].params["optimizer"] == "adam"  # the enqueued warm start ran first
 
 
 def test_run_experiment_script_prints_the_best_parameters(tmp_path: Path) -> None:
-    text = (ROOT / "config.yaml").read_text().replace("n_trials: 30", "n_trials: 3").replace("epochs: 20", "epochs: 2")
+    text = (
+        (ROOT / "config.yaml")
+        .read_text()
+        .replace("n_trials: 30", "n_trials: 3")
+        .replace("epochs: 20", "epochs: 2")
+    )
     config = write_config(tmp_path / "config.yaml", text)
     env = {**os.environ, "HPO_STORAGE": f"sqlite:///{tmp_path / 's.db'}"}
     result = subprocess.run(

@@ -27,7 +27,13 @@ def test_three_run_hpo_processes_share_one_study(sqlite_url: str, tmp_path: Path
     )
     # The first creates the study; the others resume it (same name, same config).
     procs = [
-        subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=cli_env(), stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env=cli_env(),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(3)
     ]
     errors = [p.communicate(timeout=180)[1] for p in procs]

@@ -29,7 +29,12 @@ def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     "--processes", type=click.IntRange(1, 1024), default=1, show_default=True,
     help="Worker processes to run on this host.",
 )  # fmt: skip
-@click.option("--gpus", callback=_gpu_list, metavar="0,1,...", help="One process per GPU, each seeing only its own (CUDA_VISIBLE_DEVICES).")
+@click.option(
+    "--gpus",
+    callback=_gpu_list,
+    metavar="0,1,...",
+    help="One process per GPU, each seeing only its own (CUDA_VISIBLE_DEVICES).",
+)
 @click.option(
     "--idle-exit", type=click.FloatRange(min=0), metavar="SECONDS",
     help="Exit 0 after this long without work (default: wait forever).",

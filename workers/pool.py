@@ -38,7 +38,11 @@ def run_pool(url: str, processes: int, gpus: Sequence[str] | None, **kwargs: Any
     ]
     for child in children:
         child.start()
-    log.info("started %d worker processes%s", len(children), f" on GPUs {','.join(gpus)}" if gpus else "")
+    log.info(
+        "started %d worker processes%s",
+        len(children),
+        f" on GPUs {','.join(gpus)}" if gpus else "",
+    )
 
     def forward(signum: int, frame: FrameType | None) -> None:
         for child in children:

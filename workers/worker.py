@@ -72,7 +72,9 @@ class Worker:
         )  # fmt: skip
 
     def run(self) -> int:
-        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous = {
+            s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)
+        }
         try:
             storage = self._wait_for_schema()
             if storage is None:
@@ -99,7 +101,7 @@ class Worker:
                 if schema_exists(self.url):
                     return open_storage(self.url, create_schema=False, role="hpo-worker")
                 reason = "no study created yet (run hpo-coordinator create)"
-            except (*TRANSIENT_ERRORS, StorageError) as e:
+            except (*TRANSIENT_ERRORS, StorageError) as e:  # type: ignore[misc]
                 # Not up yet, restarting, refusing connections: all are waited out.
                 reason = f"database unreachable: {' '.join(str(e).split())[:200]}"
             if time.monotonic() >= next_log:
@@ -175,13 +177,15 @@ class Worker:
             )  # fmt: skip
         except HPOError as e:
             self._broken.add(record.study_id)
+            error = f"worker {self.id}: {e}"
             log.error("worker %s: cannot serve study %r: %s", self.id, record.name, e)
             with_db_retry(
-                lambda: registry.set_state(record.name, FAILED, f"worker {self.id}: {e}"),
-                "recording a study error",
+                lambda: registry.set_state(record.name, FAILED, error), "recording a study error"
             )
             return None
-        log.info("worker %s: serving study %r (session %s)", self.id, record.name, record.session_ref)
+        log.info(
+            "worker %s: serving study %r (session %s)", self.id, record.name, record.session_ref
+        )
         self._handles[record.study_id] = handle
         return handle
 

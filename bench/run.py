@@ -1,0 +1,232 @@
+"""hpo against plain Optuna on the same PostgreSQL, side by side in one run.
+
+    python bench/run.py [--quick] [--repeats N] [--output docs/BENCHMARKS.md]
+
+Each row runs A (hpo) and B (plain Optuna) alternately, ``--repeats`` times each, and reports
+medians and the A/B ratio: these machines are noisy, so only ratios measured together count.
+Every run gets a fresh database on the server named by HPO_BENCH_PG_URL (default: the local
+one). ``--quick`` shrinks every size so that the test suite can check the script never rots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy as sa
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ADMIN_URL = os.environ.get(
+    "HPO_BENCH_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    name = f"hpo_bench_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield (
+            sa.engine.make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+        )
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def env(url: str) -> dict[str, str]:
+    return {**os.environ, "HPO_STORAGE": url, "PYTHONUNBUFFERED": "1"}
+
+
+def hpo_config(tmp: Path, name: str, n_trials: int, sleep_s: float) -> Path:
+    config = {
+        "study": {
+            "name": name, "direction": "minimize", "n_trials": n_trials,
+            "sampler": {"name": "tpe", "seed": 0, "options": {"n_startup_trials": 10}},
+        },
+        "session": "experiments.benchmarks:quadratic",
+        "static": {"sleep_s": sleep_s},
+        "search_space": {"x": {"type": "float", "low": -5.0, "high": 5.0}},
+    }  # fmt: skip
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def finished(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+        return [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    finally:
+        storage.engine.dispose()
+
+
+def span_s(trials: list[optuna.trial.FrozenTrial]) -> float:
+    start = min(t.datetime_start for t in trials if t.datetime_start)
+    end = max(t.datetime_complete for t in trials if t.datetime_complete)
+    return (end - start).total_seconds()
+
+
+# --- A: hpo --------------------------------------------------------------------------------------
+
+
+def run_hpo_pool(n_workers: int, n_trials: int, sleep_s: float) -> dict[str, Any]:
+    """Workers wait first; the clock runs from `hpo-coordinator create` to the last trial."""
+    with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
+        name = "bench"
+        path = hpo_config(Path(tmp), name, n_trials, sleep_s)
+        subprocess.run(
+            [str(BIN / "hpo-coordinator"), "create", str(path), "--name", "warmup"],
+            env=env(url),
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )  # the schema
+        subprocess.run(
+            [str(BIN / "hpo-coordinator"), "stop", "warmup"],
+            env=env(url),
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        pool = subprocess.Popen(
+            [str(BIN / "hpo-worker"), "--processes", str(n_workers), "--idle-exit", "3"],
+            env=env(url), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(3 + n_workers * 0.05)  # all workers up and waiting
+        created = time.time()
+        subprocess.run([str(BIN / "hpo-coordinator"), "create", str(path)], env=env(url), cwd=ROOT,
+                       check=True, capture_output=True)  # fmt: skip
+        pool.wait()
+        trials = finished(url, name)
+        last = max(t.datetime_complete for t in trials if t.datetime_complete)
+        done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+        return {
+            "trials": done,
+            "span_s": span_s(trials),
+            "wall_s": _utc(last) - created,  # Optuna stores naive UTC
+        }
+
+
+def _utc(naive: Any) -> float:
+    import datetime as dt
+
+    return float(naive.replace(tzinfo=dt.timezone.utc).timestamp())
+
+
+# --- B: plain Optuna -----------------------------------------------------------------------------
+
+
+def run_plain_pool(n_workers: int, n_trials: int, sleep_s: float) -> dict[str, Any]:
+    with fresh_database() as url:
+        optuna.create_study(study_name="bench", storage=url)
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(ROOT / "bench" / "plain_optuna_worker.py"),
+                    url,
+                    "bench",
+                    str(n_trials),
+                    str(sleep_s),
+                    str(i),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for i in range(n_workers)
+        ]
+        errors = sum(p.wait() != 0 for p in procs)
+        trials = finished(url, "bench")
+        done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+        return {"trials": done, "span_s": span_s(trials), "errors": errors}
+
+
+# --- rows ----------------------------------------------------------------------------------------
+
+
+def paired(
+    repeats: int, a: Callable[[], dict[str, Any]], b: Callable[[], dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    ra, rb = [], []
+    for _ in range(repeats):
+        ra.append(a())
+        rb.append(b())
+    return ra, rb
+
+
+def median(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    args = parser.parse_args()
+    q = args.quick
+    repeats = 1 if q else args.repeats
+    lines: list[str] = []
+
+    # Overhead: one worker, trivial objective, trials per second over the run's own span.
+    n = 20 if q else 200
+    a, b = paired(repeats, lambda: run_hpo_pool(1, n, 0.0), lambda: run_plain_pool(1, n, 0.0))
+    tps_a, tps_b = (n - 1) / median(a, "span_s"), (n - 1) / median(b, "span_s")
+    lines.append(
+        f"| overhead | trials/s, 1 worker, {n} trials of a trivial objective (TPE) | "
+        f"{tps_a:.1f} | {tps_b:.1f} | {tps_a / tps_b:.2f}x |"
+    )
+
+    # Scaling and exact budget: 16 workers, 160 trials of 0.5 s; ideal 5 s.
+    w, n, s = (4, 8, 0.2) if q else (16, 160, 0.5)
+    ideal = n * s / w
+    a, b = paired(repeats, lambda: run_hpo_pool(w, n, s), lambda: run_plain_pool(w, n, s))
+    lines.append(
+        f"| scaling | {w} workers, {n} trials of {s} s: time / ideal {ideal:.0f} s "
+        f"(hpo: from create; Optuna: first to last trial) | {median(a, 'wall_s') / ideal:.3f} | "
+        f"{median(b, 'span_s') / ideal:.3f} | |"
+    )
+    lines.append(
+        f"| budget | trials finished beyond n_trials={n} at {w} workers (max over runs) | "
+        f"{max(r['trials'] for r in a) - n} | {max(r['trials'] for r in b) - n} | |"
+    )
+
+    table = "\n".join(
+        ["| row | measure | hpo | plain Optuna | hpo / Optuna |", "|---|---|---|---|---|", *lines]
+    )
+    header = (
+        f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} with {os.cpu_count()} "
+        f"cores, Python {platform.python_version()}, Optuna {optuna.__version__}, "
+        f"PostgreSQL on localhost; medians of {repeats} paired run(s){' (--quick)' if q else ''}."
+    )
+    print(header + "\n\n" + table)
+    if not q:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(
+            f"# Benchmarks\n\nProduced by `make bench` (bench/run.py).\n\n{header}\n\n{table}\n"
+        )
+
+
+if __name__ == "__main__":
+    main()

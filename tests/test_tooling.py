@@ -1,0 +1,38 @@
+"""The project's own tools keep working: lint and types clean, benchmarks runnable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import BIN, ROOT
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_ruff_is_clean() -> None:
+    result = run(str(BIN / "ruff"), "check", "hpo_framework", "workers", "experiments", "tests", "bench")
+    assert result.returncode == 0, result.stdout
+
+
+def test_mypy_is_clean() -> None:
+    result = run(str(BIN / "mypy"))
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.usefixtures("pg_admin")
+def test_benchmark_script_runs_at_a_tiny_size() -> None:
+    result = run(sys.executable, "bench/run.py", "--quick", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[2:]] == ["overhead", "scaling", "budget"]
+    assert rows[-1].split("|")[3].strip() == "0"  # hpo's budget overshoot
+
+
+def test_framework_does_not_import_torch() -> None:
+    code = "import sys, hpo_framework, workers.worker; print('torch' in sys.modules)"
+    assert run(sys.executable, "-c", code).stdout.strip() == "False"
