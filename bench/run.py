@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -109,14 +110,30 @@ def run_hpo_pool(n_workers: int, n_trials: int, sleep_s: float) -> dict[str, Any
             capture_output=True,
         )
         pool = subprocess.Popen(
-            [str(BIN / "hpo-worker"), "--processes", str(n_workers), "--idle-exit", "3"],
+            [str(BIN / "hpo-worker"), "--processes", str(n_workers)],
             env=env(url), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        time.sleep(3 + n_workers * 0.05)  # all workers up and waiting
-        created = time.time()
+        time.sleep(2 + n_workers * 0.1)  # all workers up and waiting
         subprocess.run([str(BIN / "hpo-coordinator"), "create", str(path)], env=env(url), cwd=ROOT,
                        check=True, capture_output=True)  # fmt: skip
-        pool.wait()
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        query = sa.text(
+            "select count(*) from trials t join studies s on s.study_id = t.study_id "
+            "where s.study_name = :n and t.state in ('COMPLETE', 'PRUNED')"
+        )
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                if conn.execute(query, {"n": name}).scalar_one() >= n_trials:
+                    break
+            time.sleep(0.1)
+        with engine.connect() as conn:  # "from create": the study's registration, DB clock
+            created = conn.execute(
+                sa.text("select created_at from hpo_studies where study_name = :n"), {"n": name}
+            ).scalar_one()
+        engine.dispose()
+        pool.send_signal(signal.SIGTERM)
+        pool.wait(timeout=120)
         trials = finished(url, name)
         last = max(t.datetime_complete for t in trials if t.datetime_complete)
         done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
@@ -203,7 +220,7 @@ def main() -> None:
     ideal = n * s / w
     a, b = paired(repeats, lambda: run_hpo_pool(w, n, s), lambda: run_plain_pool(w, n, s))
     lines.append(
-        f"| scaling | {w} workers, {n} trials of {s} s: time / ideal {ideal:.0f} s "
+        f"| scaling | {w} workers, {n} trials of {s} s: time / ideal {ideal:.1f} s "
         f"(hpo: from create; Optuna: first to last trial) | {median(a, 'wall_s') / ideal:.3f} | "
         f"{median(b, 'span_s') / ideal:.3f} | |"
     )

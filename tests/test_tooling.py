@@ -15,7 +15,9 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_is_clean() -> None:
-    result = run(str(BIN / "ruff"), "check", "hpo_framework", "workers", "experiments", "tests", "bench")
+    result = run(
+        str(BIN / "ruff"), "check", "hpo_framework", "workers", "experiments", "tests", "bench"
+    )
     assert result.returncode == 0, result.stdout
 
 
