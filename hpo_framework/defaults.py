@@ -25,7 +25,7 @@ MAX_RETRIES = 2  # re-evaluations of one failed trial's parameters
 
 # Per-process values of the worker.
 IDLE_POLL_MIN = 0.1  # first wait when no study has work (seconds)
-IDLE_POLL_MAX = float(os.environ.get("HPO_IDLE_POLL_MAX", "0.5"))  # cap of the idle backoff
+IDLE_POLL_MAX = float(os.environ.get("HPO_IDLE_POLL_MAX", "0.25"))  # cap of the idle backoff
 SCHEMA_WAIT_LOG_EVERY = 30.0  # how often a waiting worker repeats its "waiting" line
 
 # Database resilience.

@@ -10,7 +10,6 @@ Both ``run_hpo`` (one process) and ``hpo-worker`` (many) run trials through ``St
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import traceback
@@ -147,7 +146,7 @@ class StudyHandle:
     def _run_trial(self, trial_id: int) -> TrialOutcome:
         # Like Study.ask: the sampler must see the trials finished since the last one.
         self.study._thread_local.cached_all_trials = None
-        trial = optuna.Trial(self.study, trial_id)
+        trial = with_db_retry(lambda: optuna.Trial(self.study, trial_id), "loading a trial")
         started = time.monotonic()
         try:
             params = with_db_retry(lambda: self.config.search_space.sample(trial), "sampling")
@@ -196,7 +195,8 @@ class StudyHandle:
         if not kept:
             return self._dropped(trial, started)
         if state == TrialState.FAIL:
-            self._retry(self.storage.get_trial(trial._trial_id))
+            failed = with_db_retry(lambda: self.storage.get_trial(trial._trial_id), "reading")
+            self._retry(failed)
         value = "-" if values is None else ",".join(f"{v:.6g}" for v in values)
         log.info(
             "study=%s trial=%d state=%s value=%s duration=%.2fs worker=%s%s",
@@ -261,7 +261,7 @@ class StudyHandle:
             log.error("study=%s stopped: %s", self.name, "max_failed_trials reached")
 
     def _is_open(self) -> bool:
-        return self.registry.get(self.name).state == OPEN
+        return with_db_retry(lambda: self.registry.get(self.name), "reading").state == OPEN
 
     # --- trials of dead workers ---------------------------------------------------------------
 
@@ -278,29 +278,33 @@ class StudyHandle:
             lambda: stale_trial_ids(self.storage, self.record.study_id, grace), "sweeping"
         )
         for trial_id in ids:
-            fail = functools.partial(self._fail_stale, trial_id, grace)
-            if with_db_retry(fail, "failing a stale trial"):
+            if self._fail_stale(trial_id, grace):
                 failed += 1
         return failed
 
     def _fail_stale(self, trial_id: int, grace: float) -> bool:
-        trial = self.storage.get_trial(trial_id)
+        trial = with_db_retry(lambda: self.storage.get_trial(trial_id), "reading a stale trial")
         lost = trial.user_attrs.get(WORKER_ATTR, "unknown")
-        try:
-            self.storage.set_trial_user_attr(
-                trial_id, ERROR_ATTR, f"worker {lost} lost: no heartbeat for over {grace:g}s"
-            )
-            # Conditional RUNNING -> FAIL under a row lock: one live worker wins the trial.
-            if not self.storage.set_trial_state_values(trial_id, TrialState.FAIL):
-                return False
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return False  # it finished after all, or another worker failed it first
+        error = f"worker {lost} lost: no heartbeat for over {grace:g}s"
+        if not with_db_retry(lambda: self._win_stale(trial_id, error), "failing a stale trial"):
+            return False
         log.warning(
             "study=%s trial=%d failed: worker %s lost (no heartbeat for %gs); params re-queued",
             self.name, trial.number, lost, grace,
         )  # fmt: skip
-        self._retry(self.storage.get_trial(trial_id))
+        # Each step from here retries on its own: once this worker has won the trial, its
+        # ticket must go back even if the database drops in between.
+        failed = with_db_retry(lambda: self.storage.get_trial(trial_id), "reading a stale trial")
+        self._retry(failed)
         return True
+
+    def _win_stale(self, trial_id: int, error: str) -> bool:
+        try:
+            self.storage.set_trial_user_attr(trial_id, ERROR_ATTR, error)
+            # Conditional RUNNING -> FAIL under a row lock: one live worker wins the trial.
+            return self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False  # it finished after all, or another worker failed it first
 
 
 def _describe_error(e: BaseException) -> str:

@@ -144,3 +144,19 @@ def _session_modules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HPO_SESSION_MODULES", "experiments,tests.sessions")
     monkeypatch.delenv("HPO_STORAGE", raising=False)
     monkeypatch.chdir(ROOT)
+
+
+@pytest.fixture
+def private_pg() -> Iterator[Any]:
+    """A PostgreSQL server of this test's own, which it may restart."""
+    from tests.private_postgres import PrivatePostgres
+
+    try:
+        server = PrivatePostgres()
+        server.start()
+    except (RuntimeError, subprocess.CalledProcessError, FileNotFoundError) as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot start a private PostgreSQL: {e}")
+        pytest.skip(f"cannot start a private PostgreSQL: {e}")
+    yield server
+    server.cleanup()

@@ -198,3 +198,18 @@ def test_gpus_option_runs_one_process_per_gpu(pg_url: str, tmp_path: Path) -> No
     assert pool.wait(timeout=60) == 0
     assert log.read_text().count("on GPUs 0,1") == 1
     assert counts(pg_url, name)["COMPLETE"] == 6
+
+
+def test_a_postgresql_restart_mid_run_loses_nothing(private_pg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url = private_pg.url
+    name = create(tmp_path, url, static={"sleep_s": 0.2}, study_={"n_trials": 40})
+    log = tmp_path / "workers.log"
+    pool = start_worker("--processes", "4", "--idle-exit", "3", url=url, log=log)
+    wait_until("some trials", lambda: counts(url, name)["COMPLETE"] >= 5)
+    private_pg.restart()
+    assert pool.wait(timeout=180) == 0, log.read_text()[-3000:]
+    c = counts(url, name)
+    assert c["COMPLETE"] == 40 and c["RUNNING"] == 0 and c["WAITING"] == 0, c
+    text = log.read_text()
+    assert "database unavailable" in text and "database is back" in text
+    assert "Traceback" not in text
