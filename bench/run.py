@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import signal
 import statistics
 import subprocess
@@ -57,19 +58,43 @@ def env(url: str) -> dict[str, str]:
     return {**os.environ, "HPO_STORAGE": url, "PYTHONUNBUFFERED": "1"}
 
 
-def hpo_config(tmp: Path, name: str, n_trials: int, sleep_s: float) -> Path:
+def hpo_config(
+    tmp: Path,
+    name: str,
+    n_trials: int,
+    sleep_s: float,
+    session: str = "experiments.benchmarks:quadratic",
+    space: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> Path:
     config = {
         "study": {
             "name": name, "direction": "minimize", "n_trials": n_trials,
-            "sampler": {"name": "tpe", "seed": 0, "options": {"n_startup_trials": 10}},
+            "sampler": {"name": "tpe", "seed": seed, "options": {"n_startup_trials": 10}},
         },
-        "session": "experiments.benchmarks:quadratic",
+        "session": session,
         "static": {"sleep_s": sleep_s},
-        "search_space": {"x": {"type": "float", "low": -5.0, "high": 5.0}},
+        "search_space": space or {"x": {"type": "float", "low": -5.0, "high": 5.0}},
     }  # fmt: skip
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def add_history(url: str, name: str, n: int, seed: int = 0) -> None:
+    """Fill a study with ``n`` finished trials, as if it had run for a while."""
+    rng = random.Random(seed)
+    dist = optuna.distributions.FloatDistribution(-5.0, 5.0)
+    study = optuna.load_study(study_name=name, storage=url)
+    trials = []
+    for _ in range(n):
+        x = rng.uniform(-5, 5)
+        trials.append(
+            optuna.trial.create_trial(
+                params={"x": x}, distributions={"x": dist}, value=(x - 2) ** 2
+            )
+        )
+    study.add_trials(trials)
 
 
 def finished(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -90,11 +115,11 @@ def span_s(trials: list[optuna.trial.FrozenTrial]) -> float:
 # --- A: hpo --------------------------------------------------------------------------------------
 
 
-def run_hpo_pool(n_workers: int, n_trials: int, sleep_s: float) -> dict[str, Any]:
+def run_hpo_pool(n_workers: int, n_trials: int, sleep_s: float, **config: Any) -> dict[str, Any]:
     """Workers wait first; the clock runs from `hpo-coordinator create` to the last trial."""
     with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
         name = "bench"
-        path = hpo_config(Path(tmp), name, n_trials, sleep_s)
+        path = hpo_config(Path(tmp), name, n_trials, sleep_s, **config)
         subprocess.run(
             [str(BIN / "hpo-coordinator"), "create", str(path), "--name", "warmup"],
             env=env(url),
@@ -139,6 +164,7 @@ def run_hpo_pool(n_workers: int, n_trials: int, sleep_s: float) -> dict[str, Any
         done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
         return {
             "trials": done,
+            "best": min(t.value for t in trials if t.value is not None),
             "span_s": span_s(trials),
             "wall_s": _utc(last) - created,  # Optuna stores naive UTC
         }
@@ -180,6 +206,166 @@ def run_plain_pool(n_workers: int, n_trials: int, sleep_s: float) -> dict[str, A
 
 
 # --- rows ----------------------------------------------------------------------------------------
+
+
+# --- start-up, growth, connections -------------------------------------------------------------
+
+
+def startup(plain: bool) -> float:
+    """Seconds from a worker process's start to its first trial, the study already open."""
+    with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
+        if plain:
+            optuna.create_study(study_name="bench", storage=url)
+            cmd = [
+                sys.executable,
+                str(ROOT / "bench" / "plain_optuna_worker.py"),
+                url,
+                "bench",
+                "3",
+                "0",
+                "0",
+            ]
+        else:
+            path = hpo_config(Path(tmp), "bench", 3, 0.0)
+            subprocess.run(
+                [str(BIN / "hpo-coordinator"), "create", str(path)],
+                env=env(url),
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
+            cmd = [str(BIN / "hpo-worker"), "--idle-exit", "0.5"]
+        started = time.time()
+        subprocess.run(cmd, env=env(url), cwd=ROOT, check=True, capture_output=True, timeout=120)
+        first = min(t.datetime_start for t in finished(url, "bench") if t.datetime_start)
+        return _utc(first) - started
+
+
+def growth(plain: bool, history: int, m: int) -> float:
+    """Per-trial seconds of one in-process worker on a study that already holds ``history``."""
+    from experiments.benchmarks import quadratic
+    from hpo_framework.config import load_config
+    from hpo_framework.coordinator import create_study
+    from hpo_framework.heartbeat import Heartbeat
+    from hpo_framework.storage import open_storage
+    from hpo_framework.trial_runner import StudyHandle
+
+    with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
+        if plain:
+            storage = optuna.storages.RDBStorage(
+                url, heartbeat_interval=5, grace_period=20,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )  # fmt: skip
+            study = optuna.create_study(
+                study_name="bench", storage=storage,
+                sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=10),
+            )  # fmt: skip
+            add_history(url, "bench", history)
+            states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            callbacks = [optuna.study.MaxTrialsCallback(history + m, states=states)]
+            objective = lambda t: (t.suggest_float("x", -5.0, 5.0) - 2) ** 2  # noqa: E731
+            study.optimize(objective, n_trials=1, callbacks=callbacks)  # warm the cache
+            started = time.perf_counter()
+            study.optimize(objective, n_trials=m - 1, callbacks=callbacks)
+            elapsed = time.perf_counter() - started
+            storage.engine.dispose()
+            return elapsed / (m - 1)
+        config = load_config(hpo_config(Path(tmp), "bench", m, 0.0))
+        rdb = open_storage(url, create_schema=True)
+        record = create_study(rdb, config, check_session=False)
+        add_history(url, "bench", history)
+        handle = StudyHandle(rdb, record, config, quadratic, worker_id="bench")
+        with Heartbeat(rdb) as heartbeat:
+            handle.run_one(heartbeat)  # warm the cache
+            started = time.perf_counter()
+            for _ in range(m - 1):
+                handle.run_one(heartbeat)
+            elapsed = time.perf_counter() - started
+        rdb.engine.dispose()
+        return elapsed / (m - 1)
+
+
+def connections(plain: bool, n_workers: int, n_trials: int) -> dict[str, Any]:
+    """Peak connections to the study's database and workers that failed, at ``n_workers``."""
+    with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
+        database = sa.engine.make_url(url).database
+        if plain:
+            optuna.create_study(study_name="bench", storage=url)
+            procs = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(ROOT / "bench" / "plain_optuna_worker.py"),
+                        url,
+                        "bench",
+                        str(n_trials),
+                        "0.2",
+                        str(i),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                for i in range(n_workers)
+            ]
+        else:
+            path = hpo_config(Path(tmp), "bench", n_trials, 0.2)
+            subprocess.run(
+                [str(BIN / "hpo-coordinator"), "create", str(path)],
+                env=env(url),
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
+            procs = [
+                subprocess.Popen(
+                    [str(BIN / "hpo-worker"), "--processes", str(n_workers), "--idle-exit", "2"],
+                    env=env(url),
+                    cwd=ROOT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )  # fmt: skip
+            ]
+        admin = sa.create_engine(ADMIN_URL, poolclass=sa.pool.NullPool)
+        query = sa.text("select count(*) from pg_stat_activity where datname = :d")
+        peak = 0
+        while any(p.poll() is None for p in procs):
+            try:
+                with admin.connect() as conn:
+                    peak = max(peak, int(conn.execute(query, {"d": database}).scalar_one()))
+            except sa.exc.OperationalError:
+                pass  # the server is full: that is what is being measured
+            time.sleep(0.1)
+        admin.dispose()
+        if plain:
+            errors = sum(p.returncode != 0 for p in procs)
+        else:
+            log = procs[0].stderr.read() if procs[0].stderr else ""
+            errors = log.count("Traceback") + (procs[0].returncode != 0)
+        done = sum(t.state.name == "COMPLETE" for t in finished(url, "bench"))
+        return {"peak": peak, "errors": errors, "complete": done}
+
+
+SPACES = {
+    "branin": ("experiments.benchmarks:branin", {
+        "x1": {"type": "float", "low": -5.0, "high": 10.0},
+        "x2": {"type": "float", "low": 0.0, "high": 15.0}}),
+    "hartmann6": ("experiments.benchmarks:hartmann6", {
+        f"x{i}": {"type": "float", "low": 0.0, "high": 1.0} for i in range(1, 7)}),
+}  # fmt: skip
+
+
+def quality(function: str, workers: int, seed: int, n: int) -> float:
+    session, space = SPACES[function]
+    return float(run_hpo_pool(workers, n, 0.02, session=session, space=space, seed=seed)["best"])
+
+
+def max_connections() -> int:
+    admin = sa.create_engine(ADMIN_URL, poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        value = int(conn.execute(sa.text("show max_connections")).scalar_one())
+    admin.dispose()
+    return value
 
 
 def paired(
@@ -229,8 +415,52 @@ def main() -> None:
         f"{max(r['trials'] for r in a) - n} | {max(r['trials'] for r in b) - n} | |"
     )
 
+    # Start-up: worker process start to its first trial.
+    a, b = paired(repeats, lambda: {"s": startup(False)}, lambda: {"s": startup(True)})
+    lines.append(
+        f"| start-up | seconds from worker process start to its first trial | "
+        f"{median(a, 's'):.2f} | {median(b, 's'):.2f} | {median(b, 's') / median(a, 's'):.2f}x |"
+    )
+
+    # Growth: per-trial time with 5,000 trials already in the study vs 100 (TPE).
+    big, m = (300, 10) if q else (5000, 30)
+    ga = growth(False, big, m) / growth(False, 100, m)
+    gb = growth(True, big, m) / growth(True, 100, m)
+    lines.append(
+        f"| growth | per-trial time at {big} vs 100 trials already in the study (TPE), ratio | "
+        f"{ga:.2f} | {gb:.2f} | |"
+    )
+
+    # Connections: 64 workers against the server's max_connections (plain Optuna only in full
+    # runs: it exhausts the server, which would disturb anything else using it).
+    n_workers = 8 if q else 64
+    ca = connections(False, n_workers, n_workers * 2)
+    cb = {"peak": "-", "errors": "-"} if q else connections(True, n_workers, n_workers * 2)
+    lines.append(
+        f"| connections | {n_workers} workers: peak server connections / workers failed "
+        f"(max_connections = {max_connections()}) | {ca['peak']} / {ca['errors']} | "
+        f"{cb['peak']} / {cb['errors']} | |"
+    )
+
+    # Search quality: best after N trials, 8 workers vs 1, several seeds (median [min, max]).
+    n, seeds, w = (20, 2, 2) if q else (100, 5, 8)
+    quality_lines = []
+    for function, optimum in (("branin", 0.397887), ("hartmann6", -3.32237)):
+        results = {}
+        for workers in (1, w):
+            values = sorted(quality(function, workers, seed, n) for seed in range(seeds))
+            results[workers] = (
+                f"{statistics.median(values):.4f} [{values[0]:.4f}, {values[-1]:.4f}]"
+            )
+        quality_lines.append(f"| {function} | {optimum} | {results[1]} | {results[w]} |")
+
     table = "\n".join(
         ["| row | measure | hpo | plain Optuna | hpo / Optuna |", "|---|---|---|---|---|", *lines]
+    )
+    table += (
+        f"\n\nSearch quality: best value after {n} trials (TPE, constant liar), median "
+        f"[min, max] over {seeds} seeds.\n\n| function | optimum | 1 worker | {w} workers |\n"
+        "|---|---|---|---|\n" + "\n".join(quality_lines)
     )
     header = (
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} with {os.cpu_count()} "

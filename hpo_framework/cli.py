@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import click
@@ -17,6 +18,7 @@ from hpo_framework.config import load_config
 from hpo_framework.coordinator import create_study, delete_study, stop_study
 from hpo_framework.inspection import STATES, list_studies, summarize
 from hpo_framework.storage import open_storage, redact, resolve_storage_url
+from hpo_framework.watch import watch as watch_study
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -32,8 +34,8 @@ def _fmt(values: list[float] | None) -> str:
     return "-" if not values else ", ".join(f"{v:.6g}" for v in values)
 
 
-def _console() -> Console:
-    return Console(soft_wrap=False, width=120, highlight=False)
+def _console(stderr: bool = False) -> Console:
+    return Console(soft_wrap=False, width=120, highlight=False, stderr=stderr)
 
 
 # --- hpo-coordinator ---------------------------------------------------------------------------
@@ -48,9 +50,12 @@ def coordinator() -> None:
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--name", help="Study name (default: the config's study.name).")
 @click.option("--resume", is_flag=True, help="Continue an existing study of the same config.")
+@click.option("--wait", is_flag=True, help="Show live progress until the study finishes.")
 @storage_option
 @translate_errors
-def create(config_path: str, name: str | None, resume: bool, storage: str | None) -> None:
+def create(
+    config_path: str, name: str | None, resume: bool, wait: bool, storage: str | None
+) -> None:
     """Check CONFIG, create its study and enqueue its points; print the study name last."""
     config = load_config(config_path)
     if name:
@@ -62,6 +67,8 @@ def create(config_path: str, name: str | None, resume: bool, storage: str | None
         f"study {record.name!r} ready in {redact(rdb.url)}: budget {budget}, "
         f"{len(config.enqueue)} enqueued point(s), session {record.session_ref}"
     )
+    if wait:
+        _print_summary(watch_study(rdb, record.name, _console(stderr=True)), stderr=True)
     click.echo(record.name)
 
 
@@ -70,7 +77,7 @@ def create(config_path: str, name: str | None, resume: bool, storage: str | None
 @translate_errors
 def list_command(storage: str | None) -> None:
     """One line per study: state, budget progress, best value."""
-    _print_study_list(list_studies(_open(storage)), "table")
+    _print_study_list(list_studies(_open(storage)), _console())
 
 
 @coordinator.command()
@@ -108,33 +115,60 @@ def delete(name: str, yes: bool, storage: str | None) -> None:
     show_default=True, help="Output format.",
 )  # fmt: skip
 @click.option(
-    "--top",
-    type=click.IntRange(min=0),
-    default=10,
-    show_default=True,
+    "--top", type=click.IntRange(min=0), default=10, show_default=True,
     help="How many best trials to list.",
+)  # fmt: skip
+@click.option(
+    "--output", "-o", type=click.Path(dir_okay=False), help="Write json/csv here, not stdout."
 )
+@click.option(
+    "--plot", "plot_dir", type=click.Path(file_okay=False),
+    help="Write PNG and HTML plots and an index.html to this directory.",
+)  # fmt: skip
+@click.option("--watch", is_flag=True, help="Live view until the study is done.")
 @storage_option
 @translate_errors
-def inspect_command(study: str | None, fmt: str, top: int, storage: str | None) -> None:
+def inspect_command(
+    study: str | None, fmt: str, top: int, output: str | None, plot_dir: str | None,
+    watch: bool, storage: str | None,
+) -> None:  # fmt: skip
     """Summarize every study, or one STUDY in detail, from the database."""
     rdb = _open(storage)
     if study is None:
-        _print_study_list(list_studies(rdb), fmt)
+        if plot_dir or watch:
+            raise click.UsageError("--plot and --watch need a STUDY")
+        _emit(_study_list_text(list_studies(rdb), fmt), output)
+        return
+    if watch:
+        _print_summary(watch_study(rdb, study, _console()))
         return
     summary = summarize(rdb, study, top=top)
+    if plot_dir:
+        from hpo_framework.plots import write_plots  # plotting libraries only when asked for
+
+        loaded = optuna.load_study(study_name=study, storage=rdb)
+        files = write_plots(loaded, Path(plot_dir), summary)
+        click.echo(f"wrote {len(files)} files; open {Path(plot_dir) / 'index.html'}")
+        return
     if fmt == "json":
-        click.echo(json.dumps(summary, indent=2, default=str))
+        _emit(json.dumps(summary, indent=2, default=str) + "\n", output)
     elif fmt == "csv":
-        click.echo(_trials_csv(summary["trials"], summary["directions"]), nl=False)
+        _emit(_trials_csv(summary["trials"], summary["directions"]), output)
     else:
         _print_summary(summary)
 
 
-def _print_study_list(rows: list[dict[str, Any]], fmt: str) -> None:
+def _emit(text: str, output: str | None) -> None:
+    if output:
+        Path(output).write_text(text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+def _study_list_text(rows: list[dict[str, Any]], fmt: str) -> str:
     if fmt == "json":
-        click.echo(json.dumps(rows, indent=2))
-        return
+        return json.dumps(rows, indent=2) + "\n"
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out)
@@ -152,10 +186,16 @@ def _print_study_list(rows: list[dict[str, Any]], fmt: str) -> None:
                     r["failed"],
                 ]
             )
-        click.echo(out.getvalue(), nl=False)
-        return
+        return out.getvalue()
+    console = _console()
+    with console.capture() as captured:
+        _print_study_list(rows, console)
+    return captured.get()
+
+
+def _print_study_list(rows: list[dict[str, Any]], console: Console) -> None:
     if not rows:
-        click.echo("no studies yet: create one with `hpo-coordinator create config.yaml`")
+        console.print("no studies yet: create one with `hpo-coordinator create config.yaml`")
         return
     table = Table("study", "state", "progress", "best", "running", "failed")
     for r in rows:
@@ -164,11 +204,11 @@ def _print_study_list(rows: list[dict[str, Any]], fmt: str) -> None:
             r["study"], r["state"], f"{r['finished']}/{budget}", _fmt(r["best"]),
             str(r["running"]), str(r["failed"]),
         )  # fmt: skip
-    _console().print(table)
+    console.print(table)
 
 
-def _print_summary(s: dict[str, Any]) -> None:
-    console = _console()
+def _print_summary(s: dict[str, Any], stderr: bool = False) -> None:
+    console = _console(stderr)
     budget = "∞" if s["budget"] is None else s["budget"]
     console.print(
         f"[bold]{s['study']}[/bold]  state {s['state']}  directions {', '.join(s['directions'])}"

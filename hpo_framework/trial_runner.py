@@ -198,10 +198,14 @@ class StudyHandle:
             failed = with_db_retry(lambda: self.storage.get_trial(trial._trial_id), "reading")
             self._retry(failed)
         value = "-" if values is None else ",".join(f"{v:.6g}" for v in values)
+        fields = {
+            "study": self.name, "trial": trial.number, "state": state.name, "values": values,
+            "duration_s": round(duration, 3), "worker": self.worker_id, "error": error,
+        }  # fmt: skip
         log.info(
             "study=%s trial=%d state=%s value=%s duration=%.2fs worker=%s%s",
             self.name, trial.number, state.name, value, duration, self.worker_id,
-            f" error={error}" if error else "",
+            f" error={error}" if error else "", extra={"hpo": fields},
         )  # fmt: skip
         return outcome
 
@@ -337,4 +341,5 @@ def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
         "duration_s": duration,
         "error": trial.user_attrs.get(ERROR_ATTR),
         "retry_of": trial.user_attrs.get(RETRY_OF_ATTR),
+        "started": trial.datetime_start,
     }

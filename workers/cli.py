@@ -39,10 +39,15 @@ def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     "--idle-exit", type=click.FloatRange(min=0), metavar="SECONDS",
     help="Exit 0 after this long without work (default: wait forever).",
 )  # fmt: skip
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    help="One line per event as text, or one JSON object per line for log collectors.",
+)  # fmt: skip
 @translate_errors
 def main(
     storage: str | None, study: str | None, processes: int, gpus: list[str] | None,
     idle_exit: float | None,
+    log_format: str,
 ) -> None:  # fmt: skip
     """Run trials of the studies in the storage; wait for studies when there are none.
 
@@ -50,7 +55,7 @@ def main(
     The first SIGTERM/SIGINT finishes the running trial and exits 0; a second one fails it,
     re-queues its parameters and exits 1.
     """
-    ensure_console_logging()
+    ensure_console_logging(fmt=log_format)
     url = check_url(resolve_storage_url(storage))
     kwargs = {"study": study, "idle_exit": idle_exit}
     if gpus or processes > 1:

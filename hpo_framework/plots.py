@@ -1,0 +1,146 @@
+"""Pictures of a study: each plot as a PNG (matplotlib) and an interactive HTML file (plotly),
+plus an ``index.html`` that shows them beside the summary table.
+
+Plotting libraries are an optional extra (``pip install 'hpo[plots]'``), imported only here.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from hpo_framework.exceptions import HPOError
+
+log = logging.getLogger("hpo.plots")
+
+
+class PlotsUnavailable(HPOError):
+    """Raised when ``--plot`` is asked for but matplotlib or plotly is not installed."""
+
+
+def _libraries() -> tuple[Any, Any]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, never a window
+        import matplotlib.pyplot as plt
+        import plotly  # noqa: F401
+    except ImportError as e:
+        raise PlotsUnavailable(
+            f"plots need matplotlib and plotly ({e.name} is missing): pip install 'hpo[plots]'"
+        ) from None
+    return optuna.visualization, plt
+
+
+def _plots(study: optuna.Study) -> dict[str, tuple[str, str, dict[str, Any]]]:
+    """name -> (title, function name in optuna.visualization[.matplotlib], extra kwargs)."""
+    if len(study.directions) > 1:
+        names = [d.name.lower() for d in study.directions]
+        return {
+            "pareto_front": ("Pareto front", "plot_pareto_front", {"target_names": names}),
+            "history_0": ("Optimization history (objective 0)", "plot_optimization_history",
+                          {"target": lambda t: t.values[0], "target_name": names[0]}),
+        }  # fmt: skip
+    evaluator = optuna.importance.PedAnovaImportanceEvaluator()  # needs no scikit-learn
+    plots: dict[str, tuple[str, str, dict[str, Any]]] = {
+        "history": ("Optimization history", "plot_optimization_history", {}),
+        "importances": ("Parameter importances", "plot_param_importances",
+                        {"evaluator": evaluator}),
+        "parallel_coordinate": ("Parallel coordinates", "plot_parallel_coordinate", {}),
+        "slice": ("Slice", "plot_slice", {}),
+    }  # fmt: skip
+    if len(_numeric_params(study)) >= 2:
+        plots["contour"] = ("Contour", "plot_contour", {"params": _numeric_params(study)[:2]})
+    return plots
+
+
+def _numeric_params(study: optuna.Study) -> list[str]:
+    names: list[str] = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        for name, dist in t.distributions.items():
+            if (
+                not isinstance(dist, optuna.distributions.CategoricalDistribution)
+                and name not in names
+            ):
+                names.append(name)
+    return names
+
+
+def write_plots(study: optuna.Study, directory: Path, summary: dict[str, Any]) -> list[Path]:
+    """Write every plot as PNG and HTML, and index.html; returns the files written."""
+    vis, plt = _libraries()
+    directory.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    shown: list[tuple[str, str]] = []
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2:
+        raise HPOError(
+            f"study {study.study_name!r} has {len(complete)} completed trials; plots need 2"
+        )
+    for name, (title, function, kwargs) in _plots(study).items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+                figure = getattr(vis, function)(study, **kwargs)
+                figure.update_layout(title=title)
+                figure.write_html(directory / f"{name}.html", include_plotlyjs="directory")
+                axes = getattr(vis.matplotlib, function)(study, **kwargs)
+                fig = _figure_of(axes)
+                # Optuna sizes and titles its own figures; resizing would push the colour bar
+                # of the slice plot over its last panel.
+                fig.savefig(directory / f"{name}.png", dpi=110, bbox_inches="tight")
+                plt.close(fig)
+        except (ValueError, RuntimeError, ZeroDivisionError) as e:
+            log.warning("plot %s skipped: %s", name, e)
+            continue
+        written += [directory / f"{name}.png", directory / f"{name}.html"]
+        shown.append((name, title))
+    index = directory / "index.html"
+    index.write_text(_index_html(summary, shown))
+    written.append(index)
+    return written
+
+
+def _figure_of(axes: Any) -> Any:
+    first = axes.flat[0] if hasattr(axes, "flat") else axes
+    return first.get_figure()
+
+
+def _index_html(summary: dict[str, Any], shown: list[tuple[str, str]]) -> str:
+    e = html.escape
+    counts = " · ".join(f"{k} {v}" for k, v in summary["counts"].items())
+    budget = "∞" if summary["budget"] is None else summary["budget"]
+    rows = "".join(
+        f"<tr><td>{t['number']}</td><td>{e(', '.join(f'{v:.6g}' for v in t['values'] or []))}</td>"
+        f"<td>{e(str(t['worker']))}</td><td>{(t['duration_s'] or 0):.2f}s</td>"
+        f"<td><code>{e(json.dumps(t['params']))}</code></td></tr>"
+        for t in summary["top"]
+    )
+    figures = "".join(
+        f'<figure><a href="{name}.html"><img src="{name}.png" alt="{e(title)}"></a>'
+        f'<figcaption>{e(title)} (<a href="{name}.html">interactive</a>)</figcaption></figure>'
+        for name, title in shown
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{e(summary["study"])} — hpo</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; }}
+table {{ border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }}
+td, th {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: left; }}
+figure {{ display: inline-block; margin: 0.5rem; }} img {{ width: 560px; border: 1px solid #ddd; }}
+</style></head><body>
+<h1>{e(summary["study"])}</h1>
+<p>state <b>{e(summary["state"])}</b> · directions {e(", ".join(summary["directions"]))} ·
+progress {summary["finished"]}/{budget} · {e(counts)}</p>
+<h2>Top trials</h2>
+<table><tr><th>trial</th><th>value</th><th>worker</th><th>duration</th><th>params</th></tr>{rows}</table>
+<h2>Plots</h2>{figures}
+</body></html>
+"""

@@ -1,0 +1,80 @@
+"""A live terminal view of one study: budget progress with ETA, running trials, best, failures.
+
+Used by ``hpo-inspect STUDY --watch`` and ``hpo-coordinator create CONFIG --wait``; it reads
+the database every few seconds and returns when the study is no longer open.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import optuna
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from hpo_framework.inspection import summarize
+from hpo_framework.storage import with_db_retry
+
+DONE_STATES = ("done", "timeout", "stopped", "failed")
+
+
+def _running_table(summary: dict[str, Any]) -> Table:
+    table = Table("trial", "worker", "elapsed", "params", title="running", title_justify="left")
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    for t in summary["trials"]:
+        if t["state"] != "RUNNING":
+            continue
+        started = t.get("started")
+        elapsed = f"{(now - started).total_seconds():.0f}s" if started else "-"
+        table.add_row(str(t["number"]), str(t["worker"]), elapsed, str(t["params"])[:70])
+    return table
+
+
+def _view(progress: Progress, summary: dict[str, Any]) -> Group:
+    best = summary["best"]
+    best_text = (
+        f"best: trial {best[0]['number']} value "
+        + ", ".join(f"{v:.6g}" for v in best[0]["values"])
+        if len(best) == 1
+        else f"Pareto front: {len(best)} trials"
+        if best
+        else "best: no trial completed yet"
+    )
+    counts = summary["counts"]
+    lines: list[Any] = [progress, best_text, f"failed {counts['FAIL']}  pruned {counts['PRUNED']}"]
+    if counts["RUNNING"]:
+        lines.append(_running_table(summary))
+    if summary["errors"]:
+        last = summary["errors"][-1]
+        lines.append(f"last error (trial {last['number']}): {last['error']}")
+    return Group(*lines)
+
+
+def watch(
+    storage: optuna.storages.RDBStorage,
+    name: str,
+    console: Console,
+    refresh: float = 2.0,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Show the study live until it is done (or ``timeout`` seconds pass); return its summary."""
+    progress = Progress(
+        TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+    )  # fmt: skip
+    summary = with_db_retry(lambda: summarize(storage, name, top=0), "reading the study")
+    task = progress.add_task(name, total=summary["budget"], completed=summary["finished"])
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with Live(_view(progress, summary), console=console, refresh_per_second=4) as live:
+        while summary["state"] not in DONE_STATES:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            time.sleep(refresh)
+            summary = with_db_retry(lambda: summarize(storage, name, top=0), "reading the study")
+            progress.update(task, completed=summary["finished"], total=summary["budget"])
+            live.update(_view(progress, summary))
+    return summary

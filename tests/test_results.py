@@ -1,0 +1,152 @@
+"""Results people look at: plots, live progress, exports, optuna-dashboard, JSON logs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+import pytest
+
+from hpo_framework import run_hpo
+from tests import sessions
+from tests.conftest import ROOT, cli_env, make_config, run_cli, start_worker, write_config
+from tests.pool_helpers import create
+
+SPACE = {
+    "x": {"type": "float", "low": -5.0, "high": 5.0},
+    "y": {"type": "int", "low": 0, "high": 10},
+    "kind": {"type": "categorical", "choices": ["a", "b"]},
+}
+
+
+@pytest.fixture
+def finished_study(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    path = write_config(
+        tmp_path / "c.yaml", make_config(search_space=SPACE, study_={"n_trials": 12})
+    )
+    run_hpo(sessions.quadratic, path, url)
+    return url
+
+
+def test_plot_writes_png_html_and_an_index(finished_study: str, tmp_path: Path) -> None:
+    out = tmp_path / "plots"
+    result = run_cli("hpo-inspect", "test-study", "--plot", str(out), url=finished_study)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"wrote 11 files; open {out / 'index.html'}\n"
+    for name in ("history", "importances", "parallel_coordinate", "slice", "contour"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / f"{name}.png").stat().st_size > 10_000
+        assert "plotly" in (out / f"{name}.html").read_text()
+    index = (out / "index.html").read_text()
+    assert '<img src="history.png"' in index and "Top trials" in index and "test-study" in index
+
+
+def test_plot_of_a_multi_objective_study_draws_the_pareto_front(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    config = make_config(
+        study_={"direction": None, "directions": ["minimize", "minimize"], "n_trials": 8}
+    )
+    run_hpo(sessions.two_objectives, write_config(tmp_path / "c.yaml", config), url)
+    result = run_cli("hpo-inspect", "test-study", "--plot", str(tmp_path / "p"), url=url)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "p" / "pareto_front.png").stat().st_size > 10_000
+
+
+def test_plot_without_the_plotting_extra_names_it(finished_study: str, tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['plotly'] = None; from hpo_framework.cli import inspect_command;"
+        "inspect_command()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "test-study", "--plot", str(tmp_path / "p")],
+        cwd=ROOT, env=cli_env(finished_study), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == (
+        "Error: plots need matplotlib and plotly (plotly is missing): pip install 'hpo[plots]'\n"
+    )
+
+
+def test_plotting_libraries_are_not_imported_without_plot() -> None:
+    code = "import sys, hpo_framework.cli; print({'plotly', 'matplotlib'} & set(sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.strip() == "set()"
+
+
+def test_output_writes_json_and_csv_files(finished_study: str, tmp_path: Path) -> None:
+    for fmt in ("json", "csv"):
+        target = tmp_path / f"trials.{fmt}"
+        result = run_cli(
+            "hpo-inspect", "test-study", "--format", fmt, "-o", str(target), url=finished_study
+        )
+        assert result.returncode == 0 and result.stdout == ""
+        assert result.stderr == f"wrote {target}\n"
+    assert len(json.loads((tmp_path / "trials.json").read_text())["trials"]) == 12
+    rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    assert len(rows) == 12 and {"x", "y", "kind", "value", "worker", "duration_s"} <= set(rows[0])
+
+
+def test_watch_follows_a_running_study_until_done(sqlite_url: str, tmp_path: Path) -> None:
+    name = create(tmp_path, sqlite_url, static={"sleep_s": 0.2}, study_={"n_trials": 8})
+    worker = start_worker("--idle-exit", "2", url=sqlite_url)
+    result = run_cli("hpo-inspect", name, "--watch", url=sqlite_url, timeout=120)
+    assert worker.wait(timeout=60) == 0
+    assert result.returncode == 0
+    assert "8/8" in result.stdout and "state done" in result.stdout
+
+
+def test_create_wait_shows_progress_then_prints_the_name(sqlite_url: str, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", make_config(study_={"n_trials": 5}))
+    worker = start_worker("--idle-exit", "10", url=sqlite_url)
+    result = run_cli("hpo-coordinator", "create", str(path), "--wait", url=sqlite_url, timeout=120)
+    worker.send_signal(15)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "test-study"
+    assert "5/5" in result.stderr and "state done" in result.stderr
+
+
+def test_worker_json_logs_one_object_per_trial(sqlite_url: str, tmp_path: Path) -> None:
+    name = create(tmp_path, sqlite_url, study_={"n_trials": 3})
+    log = tmp_path / "w.log"
+    worker = start_worker("--idle-exit", "1", "--log-format", "json", url=sqlite_url, log=log)
+    assert worker.wait(timeout=60) == 0
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    trials = [e for e in events if "trial" in e]
+    assert [e["trial"] for e in trials] == [0, 1, 2]
+    assert {e["study"] for e in trials} == {name} and all(e["state"] == "COMPLETE" for e in trials)
+    assert all(isinstance(e["values"][0], float) and e["duration_s"] >= 0 for e in trials)
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_optuna_dashboard_lists_the_pool_study(pg_url: str, tmp_path: Path) -> None:
+    from optuna_dashboard import wsgi
+
+    name = create(tmp_path, pg_url, study_={"n_trials": 4})
+    assert start_worker("--idle-exit", "1", url=pg_url).wait(timeout=60) == 0
+    server = make_server("127.0.0.1", 0, wsgi(pg_url), handler_class=_Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        studies = json.load(urllib.request.urlopen(f"{base}/api/studies", timeout=30))[
+            "study_summaries"
+        ]
+        [study] = [s for s in studies if s["study_name"] == name]
+        detail = json.load(
+            urllib.request.urlopen(f"{base}/api/studies/{study['study_id']}", timeout=30)
+        )
+        assert len(detail["trials"]) == 4
+        assert all(t["state"] == "Complete" for t in detail["trials"])
+    finally:
+        server.shutdown()
