@@ -58,6 +58,16 @@ def env(url: str) -> dict[str, str]:
     return {**os.environ, "HPO_STORAGE": url, "PYTHONUNBUFFERED": "1"}
 
 
+def coordinator(url: str, *args: str) -> None:
+    subprocess.run(
+        [str(BIN / "hpo-coordinator"), *args],
+        env=env(url),
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+
+
 def hpo_config(
     tmp: Path,
     name: str,
@@ -120,27 +130,14 @@ def run_hpo_pool(n_workers: int, n_trials: int, sleep_s: float, **config: Any) -
     with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
         name = "bench"
         path = hpo_config(Path(tmp), name, n_trials, sleep_s, **config)
-        subprocess.run(
-            [str(BIN / "hpo-coordinator"), "create", str(path), "--name", "warmup"],
-            env=env(url),
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )  # the schema
-        subprocess.run(
-            [str(BIN / "hpo-coordinator"), "stop", "warmup"],
-            env=env(url),
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
+        coordinator(url, "create", str(path), "--name", "warmup")  # the schema
+        coordinator(url, "stop", "warmup")
         pool = subprocess.Popen(
             [str(BIN / "hpo-worker"), "--processes", str(n_workers)],
             env=env(url), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         time.sleep(2 + n_workers * 0.1)  # all workers up and waiting
-        subprocess.run([str(BIN / "hpo-coordinator"), "create", str(path)], env=env(url), cwd=ROOT,
-                       check=True, capture_output=True)  # fmt: skip
+        coordinator(url, "create", str(path))
         engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
         query = sa.text(
             "select count(*) from trials t join studies s on s.study_id = t.study_id "
@@ -179,20 +176,17 @@ def _utc(naive: Any) -> float:
 # --- B: plain Optuna -----------------------------------------------------------------------------
 
 
+def plain_worker_cmd(url: str, n_trials: int, sleep_s: float | str, seed: int) -> list[str]:
+    script = str(ROOT / "bench" / "plain_optuna_worker.py")
+    return [sys.executable, script, url, "bench", str(n_trials), str(sleep_s), str(seed)]
+
+
 def run_plain_pool(n_workers: int, n_trials: int, sleep_s: float) -> dict[str, Any]:
     with fresh_database() as url:
         optuna.create_study(study_name="bench", storage=url)
         procs = [
             subprocess.Popen(
-                [
-                    sys.executable,
-                    str(ROOT / "bench" / "plain_optuna_worker.py"),
-                    url,
-                    "bench",
-                    str(n_trials),
-                    str(sleep_s),
-                    str(i),
-                ],
+                plain_worker_cmd(url, n_trials, str(sleep_s), i),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -216,24 +210,10 @@ def startup(plain: bool) -> float:
     with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
         if plain:
             optuna.create_study(study_name="bench", storage=url)
-            cmd = [
-                sys.executable,
-                str(ROOT / "bench" / "plain_optuna_worker.py"),
-                url,
-                "bench",
-                "3",
-                "0",
-                "0",
-            ]
+            cmd = plain_worker_cmd(url, 3, 0, 0)
         else:
             path = hpo_config(Path(tmp), "bench", 3, 0.0)
-            subprocess.run(
-                [str(BIN / "hpo-coordinator"), "create", str(path)],
-                env=env(url),
-                cwd=ROOT,
-                check=True,
-                capture_output=True,
-            )
+            coordinator(url, "create", str(path))
             cmd = [str(BIN / "hpo-worker"), "--idle-exit", "0.5"]
         started = time.time()
         subprocess.run(cmd, env=env(url), cwd=ROOT, check=True, capture_output=True, timeout=120)
@@ -293,15 +273,7 @@ def connections(plain: bool, n_workers: int, n_trials: int) -> dict[str, Any]:
             optuna.create_study(study_name="bench", storage=url)
             procs = [
                 subprocess.Popen(
-                    [
-                        sys.executable,
-                        str(ROOT / "bench" / "plain_optuna_worker.py"),
-                        url,
-                        "bench",
-                        str(n_trials),
-                        "0.2",
-                        str(i),
-                    ],
+                    plain_worker_cmd(url, n_trials, "0.2", i),
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )  # fmt: skip
@@ -309,13 +281,7 @@ def connections(plain: bool, n_workers: int, n_trials: int) -> dict[str, Any]:
             ]
         else:
             path = hpo_config(Path(tmp), "bench", n_trials, 0.2)
-            subprocess.run(
-                [str(BIN / "hpo-coordinator"), "create", str(path)],
-                env=env(url),
-                cwd=ROOT,
-                check=True,
-                capture_output=True,
-            )
+            coordinator(url, "create", str(path))
             procs = [
                 subprocess.Popen(
                     [str(BIN / "hpo-worker"), "--processes", str(n_workers), "--idle-exit", "2"],

@@ -26,7 +26,7 @@ from hpo_framework.samplers import check_pruner, check_sampler
 TOP_KEYS = ("study", "session", "storage", "static", "search_space", "enqueue")
 STUDY_KEYS = (
     "name", "direction", "directions", "n_trials", "timeout", "max_failed_trials",
-    "sampler", "pruner", "heartbeat_interval", "grace_period", "max_retries",
+    "sampler", "pruner", "heartbeat_interval", "grace_period", "max_retries", "trial_timeout",
 )  # fmt: skip
 DIRECTIONS = ("minimize", "maximize")
 _SESSION_REF = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
@@ -60,6 +60,7 @@ class StudySpec:
     heartbeat_interval: float
     grace_period: float
     max_retries: int
+    trial_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,7 @@ def _parse_study(raw: Any, check: Checker, space: SearchSpace) -> StudySpec:
         )
     max_retries = _optional_int(raw, "max_retries", check, defaults.MAX_RETRIES, minimum=0)
     assert max_retries is not None
+    trial_timeout = _optional_number(raw, "trial_timeout", check, None)
 
     sampler = _parse_sampler(raw.get("sampler"), check.at("sampler"), len(directions), space)
     pruner = _parse_pruner(raw.get("pruner"), check.at("pruner"), len(directions))
@@ -211,6 +213,7 @@ def _parse_study(raw: Any, check: Checker, space: SearchSpace) -> StudySpec:
         name=name, directions=tuple(directions), n_trials=n_trials, timeout=timeout,
         max_failed_trials=max_failed, sampler=sampler, pruner=pruner,
         heartbeat_interval=float(heartbeat), grace_period=float(grace), max_retries=max_retries,
+        trial_timeout=trial_timeout,
     )  # fmt: skip
 
 

@@ -8,7 +8,9 @@ Staleness is judged by the database's clock (see ``optuna_tables.stale_trial_ids
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from types import TracebackType
 
 import optuna
@@ -26,6 +28,7 @@ class Heartbeat:
         self._lock = threading.Lock()
         self._trial_id: int | None = None
         self._interval = 5.0
+        self._kill_at: float | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hpo-heartbeat", daemon=True)
@@ -44,8 +47,12 @@ class Heartbeat:
         self._wake.set()
         self._thread.join(timeout=10)
 
-    def track(self, trial_id: int, interval: float) -> None:
+    def track(self, trial_id: int, interval: float, kill_after: float | None = None) -> None:
         """Beat for ``trial_id`` from now on; the first beat is recorded before this returns.
+
+        ``kill_after`` (seconds) is the watchdog of ``trial_timeout``: a session stuck where no
+        signal reaches it (a C call) ends the process, so its trial goes stale and runs again
+        on another worker instead of blocking this one forever.
 
         Beating first in the caller's thread, on the connection it just used, keeps the
         heartbeat thread off the pool at the busiest moment of a trial, so a worker process
@@ -54,22 +61,30 @@ class Heartbeat:
         with_db_retry(lambda: self._storage.record_heartbeat(trial_id), "recording a heartbeat")
         with self._lock:
             self._trial_id, self._interval = trial_id, interval
+            self._kill_at = None if kill_after is None else time.monotonic() + kill_after
 
     def untrack(self) -> None:
         with self._lock:
             self._trial_id = None
+            self._kill_at = None
 
     def _run(self) -> None:
         while not self._stop.is_set():
             with self._lock:
-                trial_id, interval = self._trial_id, self._interval
+                trial_id, interval, kill_at = self._trial_id, self._interval, self._kill_at
+            if kill_at is not None and time.monotonic() > kill_at:
+                log.error(
+                    "trial id %s ignored its trial_timeout; ending this worker process so that "
+                    "the trial is failed and retried elsewhere", trial_id,
+                )  # fmt: skip
+                os._exit(70)
             if trial_id is not None:
                 try:
                     self._storage.record_heartbeat(trial_id)
                 except TRANSIENT_ERRORS as e:
                     # The next beat retries; the grace period is several beats long.
                     log.warning("heartbeat of trial id %s not recorded: %s", trial_id, e)
-            self._wake.wait(timeout=interval)
+            self._wake.wait(timeout=min(interval, 1.0) if kill_at else interval)
             self._wake.clear()
 
 
@@ -85,7 +100,7 @@ class NullHeartbeat(Heartbeat):
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def track(self, trial_id: int, interval: float) -> None:
+    def track(self, trial_id: int, interval: float, kill_after: float | None = None) -> None:
         pass
 
     def untrack(self) -> None:

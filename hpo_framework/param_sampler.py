@@ -177,7 +177,7 @@ def _parse_group(tree: Mapping[str, Any], check: Checker, params: list[Param]) -
 
 def _parse_param(spec: Mapping[str, Any], check: Checker, earlier: list[Param]) -> Param:
     kind = spec["type"]
-    if kind not in _KEYS:
+    if not isinstance(kind, str) or kind not in _KEYS:
         check.at("type").choice(kind, sorted(_KEYS))
     check.known_keys(spec, _KEYS[kind])
     name = ".".join(check.path[1:])

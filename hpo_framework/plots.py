@@ -134,7 +134,8 @@ def _index_html(summary: dict[str, Any], shown: list[tuple[str, str]]) -> str:
 body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; }}
 table {{ border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }}
 td, th {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: left; }}
-figure {{ display: inline-block; margin: 0.5rem; }} img {{ width: 560px; border: 1px solid #ddd; }}
+figure {{ display: inline-block; margin: 0.5rem; vertical-align: top; }}
+img {{ height: 380px; max-width: 640px; object-fit: contain; border: 1px solid #ddd; }}
 </style></head><body>
 <h1>{e(summary["study"])}</h1>
 <p>state <b>{e(summary["state"])}</b> · directions {e(", ".join(summary["directions"]))} ·

@@ -41,7 +41,7 @@ def check_sampler(
     name: Any, options: Mapping[str, Any], n_objectives: int, space: SearchSpace, check: Checker
 ) -> None:
     """Fail with a ConfigError unless ``build_sampler`` will work with these values."""
-    if name not in SAMPLERS:
+    if not isinstance(name, str) or name not in SAMPLERS:
         check.at("name").choice(name, SAMPLERS)
     for module in _SAMPLER_NEEDS.get(name, ()):
         if importlib.util.find_spec(module) is None:
@@ -60,7 +60,7 @@ def check_sampler(
 
 def check_pruner(name: Any, options: Mapping[str, Any], n_objectives: int, check: Checker) -> None:
     """Fail with a ConfigError unless ``build_pruner`` will work with these values."""
-    if name not in PRUNERS:
+    if not isinstance(name, str) or name not in PRUNERS:
         check.at("name").choice(name, PRUNERS)
     if name != "none" and n_objectives > 1:
         check.at("name").fail("Optuna cannot prune multi-objective studies; use 'none'")

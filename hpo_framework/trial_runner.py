@@ -10,9 +10,13 @@ Both ``run_hpo`` (one process) and ``hpo-worker`` (many) run trials through ``St
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -44,6 +48,30 @@ class ColdShutdown(BaseException):
     A BaseException, like KeyboardInterrupt, so that a session's ``except Exception`` cannot
     swallow it.
     """
+
+
+class TrialTimeout(BaseException):
+    """Raised in the session by the ``trial_timeout`` alarm (a BaseException, so that a
+    session's ``except Exception`` cannot swallow it)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None) -> Iterator[None]:
+    """Interrupt the session after ``seconds`` with SIGALRM (main thread only)."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise TrialTimeout(f"trial_timeout of {seconds:g}s exceeded")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass(frozen=True)
@@ -110,7 +138,9 @@ class StudyHandle:
         if not with_db_retry(lambda: self.registry.claim_ticket(self.record.study_id), "claiming"):
             return None
         trial_id = with_db_retry(self._start_trial, "starting a trial")
-        heartbeat.track(trial_id, self.config.study.heartbeat_interval)
+        spec = self.config.study
+        kill_after = None if spec.trial_timeout is None else spec.trial_timeout + spec.grace_period
+        heartbeat.track(trial_id, spec.heartbeat_interval, kill_after)
         try:
             return self._run_trial(trial_id)
         finally:
@@ -151,11 +181,13 @@ class StudyHandle:
         try:
             params = with_db_retry(lambda: self.config.search_space.sample(trial), "sampling")
             cfg = merge(self.config.static, params)
-            with reporting.bound_to(trial):
+            with reporting.bound_to(trial), _time_limit(self.config.study.trial_timeout):
                 result = self.session_fn(cfg)
             values = check_result(result, self.n_objectives)
         except TrialLost:
             return self._dropped(trial, started)
+        except TrialTimeout as e:
+            return self._finish(trial, TrialState.FAIL, None, started, str(e))
         except optuna.TrialPruned:
             return self._finish(trial, TrialState.PRUNED, None, started, None)
         except ColdShutdown:
@@ -249,7 +281,7 @@ class StudyHandle:
         The point is enqueued before the ticket goes back, so the next ticket holder finds it.
         """
         attempt = int(failed.user_attrs.get(ATTEMPT_ATTR, 0))
-        if failed.params and attempt < self.config.study.max_retries and self._is_open():
+        if failed.params and attempt < self.config.study.max_retries and self._goes_on():
             root = failed.user_attrs.get(RETRY_OF_ATTR, failed.number)
             with_db_retry(
                 lambda: self.study.enqueue_trial(
@@ -264,8 +296,12 @@ class StudyHandle:
         if state != OPEN:
             log.error("study=%s stopped: %s", self.name, "max_failed_trials reached")
 
-    def _is_open(self) -> bool:
-        return with_db_retry(lambda: self.registry.get(self.name), "reading").state == OPEN
+    def _goes_on(self) -> bool:
+        """Whether the study stays open after one more failure (no retry for a study that
+        this failure stops: its point would be left WAITING)."""
+        record = with_db_retry(lambda: self.registry.get(self.name), "reading")
+        limit = record.max_failures
+        return record.state == OPEN and (limit is None or record.failures + 1 < limit)
 
     # --- trials of dead workers ---------------------------------------------------------------
 

@@ -111,7 +111,7 @@ def cli_env(url: str | None = None, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
-    env["HPO_SESSION_MODULES"] = "experiments,tests.sessions"
+    env["HPO_SESSION_MODULES"] = "experiments,tests.sessions,tests.broken_session"
     if url is not None:
         env["HPO_STORAGE"] = url
     env.update(extra)
@@ -141,7 +141,7 @@ def start_worker(
 @pytest.fixture(autouse=True)
 def _session_modules(monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process runs may import the tests' own sessions, as the worker processes do."""
-    monkeypatch.setenv("HPO_SESSION_MODULES", "experiments,tests.sessions")
+    monkeypatch.setenv("HPO_SESSION_MODULES", "experiments,tests.sessions,tests.broken_session")
     monkeypatch.delenv("HPO_STORAGE", raising=False)
     monkeypatch.chdir(ROOT)
 

@@ -86,3 +86,30 @@ def sleepy(cfg: dict[str, Any]) -> float:
         open(os.path.join(cfg["dir"], f"started-{os.getpid()}-{time.time()}"), "w").close()
     time.sleep(cfg["sleep_s"])
     return float(cfg["x"])
+
+
+def jitter(cfg: dict[str, Any]) -> float:
+    """Sleeps 0.1-0.5 s (a function of x, so a retried point sleeps as long): the soak's load."""
+    time.sleep(0.1 + 0.4 * ((cfg["x"] * 1000) % 1.0))
+    return float((cfg["x"] - 2) ** 2)
+
+
+NOT_CALLABLE = 42
+
+
+def prints_megabytes(cfg: dict[str, Any]) -> float:
+    for _ in range(50):
+        print("x" * 100_000)
+    return float(cfg["x"])
+
+
+def hangs_first_time_ignoring_signals(cfg: dict[str, Any]) -> float:
+    """Like a C call stuck with signals blocked: only the trial_timeout watchdog ends it."""
+    import signal
+
+    marker = os.path.join(cfg["dir"], "hung-once")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGTERM})
+        time.sleep(3600)
+    return float(cfg["x"])

@@ -53,7 +53,8 @@ def test_create_refuses_a_session_outside_the_allowed_modules(
     assert result.returncode == 2
     assert result.stderr == (
         f"Error: {path}: session: session 'os.path:join': module 'os.path' is outside the allowed "
-        "prefixes (experiments, tests.sessions); set HPO_SESSION_MODULES to allow it\n"
+        "prefixes (experiments, tests.sessions, tests.broken_session); "
+        "set HPO_SESSION_MODULES to allow it\n"
     )
 
 
@@ -61,7 +62,14 @@ def test_create_refuses_a_session_outside_the_allowed_modules(
     ("ref", "reason"),
     [
         ("tests.sessions:nope", "module 'tests.sessions' has no 'nope'"),
-        ("tests.sessions:ROOT_NOT_CALLABLE", "module 'tests.sessions' has no 'ROOT_NOT_CALLABLE'"),
+        (
+            "tests.sessions:NOT_CALLABLE",
+            "session 'tests.sessions:NOT_CALLABLE': 'NOT_CALLABLE' is not callable",
+        ),
+        (
+            "tests.broken_session:f",
+            "cannot import 'tests.broken_session': RuntimeError: this module is broken on purpose",
+        ),
         (
             "tests.sessions.missing:f",
             "cannot import 'tests.sessions.missing': ModuleNotFoundError",

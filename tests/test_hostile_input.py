@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -121,3 +122,76 @@ def test_nan_bounds_are_named(tmp_path: Path) -> None:
         assert str(e) == f"{path}: search_space.x.low: must be a finite number, got nan"
     else:
         raise AssertionError("NaN bound accepted")
+
+
+def test_trial_timeout_fails_a_hanging_trial_and_the_study_goes_on(tmp_path: Path) -> None:
+    from hpo_framework import run_hpo
+    from tests import sessions
+
+    config = make_config(
+        session="tests.sessions:sleepy",
+        static={"sleep_s": 30},
+        study_={"n_trials": 3, "trial_timeout": 0.5, "max_failed_trials": 2},
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    started = time.monotonic()
+    study = run_hpo(sessions.sleepy, path, f"sqlite:///{tmp_path / 'db'}")
+    assert time.monotonic() - started < 10
+    assert [t.user_attrs["error"] for t in study.trials] == ["trial_timeout of 0.5s exceeded"] * 2
+
+
+def test_a_session_deaf_to_signals_is_ended_by_the_watchdog_and_retried(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    from tests.conftest import start_worker
+    from tests.pool_helpers import create, trials
+
+    name = create(
+        tmp_path, sqlite_url, session="tests.sessions:hangs_first_time_ignoring_signals",
+        static={"dir": str(tmp_path)},
+        study_={"n_trials": 2, "trial_timeout": 1, "heartbeat_interval": 1, "grace_period": 2},
+    )  # fmt: skip
+    stuck = start_worker(url=sqlite_url, log=tmp_path / "stuck.log")
+    assert stuck.wait(timeout=60) == 70  # the watchdog ended it after trial_timeout + grace
+    assert "ignored its trial_timeout" in (tmp_path / "stuck.log").read_text()
+    rescuer = start_worker("--idle-exit", "4", url=sqlite_url)
+    assert rescuer.wait(timeout=60) == 0
+    result = trials(sqlite_url, name)
+    assert sorted(t.state.name for t in result) == ["COMPLETE", "COMPLETE", "FAIL"]
+    [failed] = [t for t in result if t.state.name == "FAIL"]
+    assert "lost: no heartbeat" in failed.user_attrs["error"]
+    assert any(t.user_attrs.get("retry_of") == failed.number for t in result)
+
+
+def test_a_session_printing_megabytes_does_not_hurt_the_worker(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    from tests.conftest import start_worker
+    from tests.pool_helpers import counts, create
+
+    name = create(
+        tmp_path, sqlite_url, session="tests.sessions:prints_megabytes", study_={"n_trials": 2}
+    )
+    worker = start_worker("--idle-exit", "1", url=sqlite_url, log=tmp_path / "w.log")
+    assert worker.wait(timeout=60) == 0
+    assert counts(sqlite_url, name) == {"COMPLETE": 2}
+
+
+def test_study_names_with_quotes_sql_and_unicode_are_plain_data(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    from tests.conftest import run_cli, start_worker, write_config
+
+    path = write_config(tmp_path / "c.yaml", make_config(study_={"n_trials": 2}))
+    names = ["x'; DROP TABLE trials; --", '실험 "β" %s {0}']
+    for name in names:
+        result = run_cli("hpo-coordinator", "create", str(path), "--name", name, url=sqlite_url)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[-1] == name
+    assert start_worker("--idle-exit", "1", url=sqlite_url).wait(timeout=60) == 0
+    for name in names:
+        summary = run_cli("hpo-inspect", name, "--format", "json", url=sqlite_url)
+        assert json.loads(summary.stdout)["counts"]["COMPLETE"] == 2
+    listing = run_cli("hpo-inspect", "--format", "json", url=sqlite_url)
+    assert {row["study"] for row in json.loads(listing.stdout)} == set(names)

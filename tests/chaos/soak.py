@@ -1,0 +1,214 @@
+"""Chaos soak: a pool under kill -9, SIGSTOP past the grace period, SIGTERM, PostgreSQL
+restarts and dropped connections, all at random moments; then prove nothing was lost.
+
+    python -m tests.chaos.soak [--workers 16] [--trials 300] [--faults 20] [--seed 0]
+
+Runs against a PostgreSQL server of its own (its own data directory and port), so restarting
+it touches nothing else. Bounded: gives up after --deadline seconds. Exit 0 only if every check
+holds; the last line is the one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from tests.conftest import BIN, ROOT, cli_env, make_config, write_config
+from tests.pool_helpers import trials
+from tests.private_postgres import PrivatePostgres
+
+FAULTS = ("kill9", "sigstop", "sigterm", "pg_restart", "drop_connections")
+
+
+class Soak:
+    def __init__(self, args: argparse.Namespace, server: PrivatePostgres, tmp: Path) -> None:
+        self.args = args
+        self.server = server
+        self.url = server.url
+        self.tmp = tmp
+        self.rng = random.Random(args.seed)
+        self.workers: list[subprocess.Popen[str]] = []
+        self.expected_exit: dict[int, int | None] = {}  # pid -> expected code (None: killed)
+        self.faults: collections.Counter[str] = collections.Counter()
+        self.log = open(tmp / "workers.log", "w")  # noqa: SIM115 - closed in run()
+
+    def say(self, text: str) -> None:
+        print(f"[soak {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    def start_worker(self) -> None:
+        proc = subprocess.Popen(
+            [str(BIN / "hpo-worker")], cwd=ROOT, env=cli_env(self.url),
+            stdout=self.log, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        self.workers.append(proc)
+        self.expected_exit[proc.pid] = 0
+
+    def alive(self) -> list[subprocess.Popen[str]]:
+        return [w for w in self.workers if w.poll() is None and self.expected_exit[w.pid] == 0]
+
+    def finished(self) -> int:
+        engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                return int(conn.execute(sa.text(
+                    "select count(*) from trials where state in ('COMPLETE', 'PRUNED')"
+                )).scalar_one())  # fmt: skip
+        except sa.exc.OperationalError:
+            return -1  # the server is restarting
+        finally:
+            engine.dispose()
+
+    def inject(self, fault: str) -> None:
+        victims = self.alive()
+        if fault in ("kill9", "sigstop", "sigterm") and not victims:
+            return
+        self.faults[fault] += 1
+        if fault == "kill9":
+            victim = self.rng.choice(victims)
+            victim.send_signal(signal.SIGKILL)
+            self.expected_exit[victim.pid] = None
+            self.say(f"kill -9 worker pid {victim.pid}; starting a replacement")
+            self.start_worker()
+        elif fault == "sigstop":
+            victim = self.rng.choice(victims)
+            pause = self.args.grace + 2
+            self.say(f"SIGSTOP worker pid {victim.pid} for {pause}s (grace {self.args.grace}s)")
+            victim.send_signal(signal.SIGSTOP)
+            time.sleep(pause)
+            victim.send_signal(signal.SIGCONT)
+            self.say(f"SIGCONT worker pid {victim.pid}")
+        elif fault == "sigterm":
+            victim = self.rng.choice(victims)
+            self.say(f"SIGTERM worker pid {victim.pid} (must finish its trial and exit 0)")
+            victim.send_signal(signal.SIGTERM)
+            self.start_worker()
+        elif fault == "pg_restart":
+            self.say("restarting PostgreSQL")
+            self.server.restart()
+            self.say("PostgreSQL is back")
+        elif fault == "drop_connections":
+            engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool)
+            with engine.connect() as conn:
+                n = conn.execute(sa.text(
+                    "select count(pg_terminate_backend(pid)) from pg_stat_activity "
+                    "where application_name like 'hpo-worker:%'"
+                )).scalar_one()  # fmt: skip
+            engine.dispose()
+            self.say(f"terminated {n} worker connections")
+
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        config = make_config(
+            session="tests.sessions:jitter",
+            study_={"name": "soak", "n_trials": a.trials, "heartbeat_interval": 1,
+                    "grace_period": a.grace, "max_retries": 100, "max_failed_trials": None,
+                    "sampler": {"name": "random", "seed": a.seed}},
+        )  # fmt: skip
+        path = write_config(self.tmp / "soak.yaml", config)
+        for _ in range(a.workers):
+            self.start_worker()
+        created = subprocess.run(
+            [str(BIN / "hpo-coordinator"), "create", str(path)], cwd=ROOT, env=cli_env(self.url),
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if created.returncode != 0:
+            raise SystemExit(created.stderr)
+        started = time.monotonic()
+        plan = [FAULTS[i % len(FAULTS)] for i in range(a.faults)]
+        self.rng.shuffle(plan)
+        while self.finished() < a.trials:
+            if time.monotonic() - started > a.deadline:
+                raise SystemExit(f"soak: deadline of {a.deadline}s passed")
+            if plan and self.finished() >= 0:
+                time.sleep(self.rng.uniform(0.5, a.fault_every))
+                self.inject(plan.pop())
+            else:
+                time.sleep(0.5)
+        wall = time.monotonic() - started
+        for w in self.alive():
+            w.send_signal(signal.SIGTERM)
+        codes = {w.pid: w.wait(timeout=120) for w in self.workers}
+        self.log.close()
+        bad_exits = {
+            pid: code for pid, code in codes.items() if self.expected_exit[pid] == 0 and code != 0
+        }
+        return self.check(wall, bad_exits, plan)
+
+    def check(self, wall: float, bad_exits: dict[int, int], unused: list[str]) -> dict[str, Any]:
+        result = trials(self.url, "soak")
+        states = collections.Counter(t.state.name for t in result)
+        done = states["COMPLETE"] + states["PRUNED"]
+        by_root: dict[int, list[Any]] = collections.defaultdict(list)
+        for t in result:
+            by_root[int(t.user_attrs.get("retry_of", t.number))].append(t)
+        # A failed point is lost if no attempt of it completed.
+        lost = sum(
+            1 for attempts in by_root.values()
+            if not any(t.state.name in ("COMPLETE", "PRUNED") for t in attempts)
+        )  # fmt: skip
+        duplicates = sum(
+            max(0, sum(t.state.name in ("COMPLETE", "PRUNED") for t in attempts) - 1)
+            for attempts in by_root.values()
+        ) + max(0, done - self.args.trials)
+        text = (self.tmp / "workers.log").read_text()
+        summary = {
+            "faults": dict(self.faults), "complete": done, "lost": lost,
+            "duplicates": duplicates, "running": states["RUNNING"], "waiting": states["WAITING"],
+            "failed_trials": states["FAIL"], "bad_exits": bad_exits, "wall_s": round(wall, 1),
+            "tracebacks": text.count("Traceback"), "unused_faults": unused,
+            "dropped_late_results": text.count("result dropped"),
+        }  # fmt: skip
+        return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Chaos soak of the worker pool")
+    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--trials", type=int, default=300)
+    parser.add_argument("--faults", type=int, default=20)
+    parser.add_argument(
+        "--fault-every", type=float, default=4.0, help="max seconds between faults"
+    )
+    parser.add_argument("--grace", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deadline", type=float, default=900)
+    args = parser.parse_args(argv)
+    server = PrivatePostgres()
+    server.start()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            s = Soak(args, server, Path(tmp)).run()
+    finally:
+        server.cleanup()
+    ok = (
+        s["complete"] == args.trials and s["lost"] == 0 and s["duplicates"] == 0
+        and s["running"] == 0 and s["waiting"] == 0 and not s["bad_exits"]
+        and s["tracebacks"] == 0
+    )  # fmt: skip
+    faults = " ".join(f"{k}={v}" for k, v in sorted(s["faults"].items()))
+    parts = [
+        f"chaos soak {'PASSED' if ok else 'FAILED'}: faults {faults}",
+        f"{s['complete']}/{args.trials} trials COMPLETE",
+        f"lost {s['lost']}, duplicates {s['duplicates']}",
+        f"failed-and-retried {s['failed_trials']}",
+        f"late results dropped {s['dropped_late_results']}",
+        f"RUNNING {s['running']}, WAITING {s['waiting']}",
+        f"bad exits {s['bad_exits'] or 0}, tracebacks {s['tracebacks']}",
+        f"wall {s['wall_s']}s",
+    ]
+    print("; ".join(parts), flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
