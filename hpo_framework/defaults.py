@@ -22,6 +22,12 @@ MAX_FAILED_TRIALS = 10
 HEARTBEAT_INTERVAL = 5.0  # seconds between two heartbeats of a running trial
 GRACE_PERIOD = 20.0  # a running trial silent this long is failed and its params retried
 MAX_RETRIES = 2  # re-evaluations of one failed trial's parameters
+#: Allowance for worker clocks when judging trials by Optuna's start time (workers' clocks).
+CLOCK_SKEW_S = 60.0
+#: A claimed ticket not turned into a heartbeat-covered trial within this long is handed back
+#: (its worker died in between). Claim to cover takes milliseconds, but a host with many more
+#: workers than cores can stall a process for seconds, so this is far above grace_period.
+LEASE_TIMEOUT_S = float(os.environ.get("HPO_LEASE_TIMEOUT", "60"))
 
 # Per-process values of the worker.
 IDLE_POLL_MIN = 0.1  # first wait when no study has work (seconds)

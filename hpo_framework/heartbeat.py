@@ -15,7 +15,7 @@ from types import TracebackType
 
 import optuna
 
-from hpo_framework.storage import TRANSIENT_ERRORS, with_db_retry
+from hpo_framework.storage import TRANSIENT_ERRORS
 
 log = logging.getLogger("hpo.heartbeat")
 
@@ -48,17 +48,13 @@ class Heartbeat:
         self._thread.join(timeout=10)
 
     def track(self, trial_id: int, interval: float, kill_after: float | None = None) -> None:
-        """Beat for ``trial_id`` from now on; the first beat is recorded before this returns.
+        """Beat for ``trial_id`` every ``interval`` seconds from now on.
 
+        The first beat is already there: ``Registry.cover_trial`` wrote it with the ticket.
         ``kill_after`` (seconds) is the watchdog of ``trial_timeout``: a session stuck where no
         signal reaches it (a C call) ends the process, so its trial goes stale and runs again
         on another worker instead of blocking this one forever.
-
-        Beating first in the caller's thread, on the connection it just used, keeps the
-        heartbeat thread off the pool at the busiest moment of a trial, so a worker process
-        rarely needs its second connection.
         """
-        with_db_retry(lambda: self._storage.record_heartbeat(trial_id), "recording a heartbeat")
         with self._lock:
             self._trial_id, self._interval = trial_id, interval
             self._kill_at = None if kill_after is None else time.monotonic() + kill_after

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from hpo_framework.exceptions import StudyNotFoundError
+from hpo_framework.optuna_tables import heartbeats
 
 metadata = sa.MetaData()
 hpo_studies = sa.Table(
@@ -36,6 +37,18 @@ hpo_studies = sa.Table(
     sa.Column("version", sa.String(32), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("error", sa.Text, nullable=True),  # why a study was failed by the framework
+)
+
+#: A ticket between its claim and the moment its trial is covered by a heartbeat. A worker
+#: killed in that window leaves its lease behind; live workers reclaim it after the grace
+#: period and hand the ticket back (see ``reclaim_leases``).
+hpo_leases = sa.Table(
+    "hpo_leases",
+    metadata,
+    sa.Column("lease_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("study_id", sa.Integer, nullable=False, index=True),
+    sa.Column("worker", sa.String(300), nullable=False),
+    sa.Column("claimed_at", sa.Float, nullable=False),  # epoch seconds, database clock
 )
 
 OPEN, STOPPED, FAILED = "open", "stopped", "failed"
@@ -137,12 +150,13 @@ class Registry:
     def open(self) -> list[StudyRecord]:
         return self._select(hpo_studies.c.state == OPEN)
 
-    def claim_ticket(self, study_id: int) -> bool:
-        """Take one unit of budget; True if this process won it.
+    def claim_ticket(self, study_id: int, worker: str) -> int | None:
+        """Take one unit of budget; the lease id if this process won it, else None.
 
         One conditional UPDATE: the database serializes concurrent claimers on the row, and
         only those that still see ``claimed < budget`` get a row count of 1. This is what makes
-        the budget exact, where counting finished trials after the fact overshoots.
+        the budget exact, where counting finished trials after the fact overshoots. The lease
+        is written in the same transaction, so a claim never exists without one.
         """
         c = hpo_studies.c
         stmt = (
@@ -153,7 +167,53 @@ class Registry:
             .values(claimed=c.claimed + 1)
         )
         with self.engine.begin() as conn:
-            return conn.execute(stmt).rowcount == 1
+            if conn.execute(stmt).rowcount != 1:
+                return None
+            lease = hpo_leases.insert().values(
+                study_id=study_id, worker=worker, claimed_at=self._now
+            )
+            return int(conn.execute(lease.returning(hpo_leases.c.lease_id)).scalar_one())
+
+    def cover_trial(self, lease_id: int, trial_id: int) -> bool:
+        """Turn a lease into the trial's first heartbeat, atomically; False if it was reclaimed.
+
+        From here on the trial's heartbeat stands for the ticket: the stale sweep returns it
+        if the worker dies. Doing both in one transaction means a ticket is never covered twice
+        (lease reclaimed *and* stale trial failed) nor not at all. Safe to retry: a heartbeat
+        already there means an earlier try committed.
+        """
+        with self.engine.begin() as conn:
+            beat = sa.select(heartbeats.c.trial_id).where(heartbeats.c.trial_id == trial_id)
+            if conn.execute(beat).first() is not None:
+                return True
+            gone = conn.execute(hpo_leases.delete().where(hpo_leases.c.lease_id == lease_id))
+            if gone.rowcount != 1:
+                return False
+            conn.execute(
+                heartbeats.insert().values(
+                    trial_id=trial_id, heartbeat=sa.func.current_timestamp()
+                )
+            )
+        return True
+
+    def reclaim_leases(self, study_id: int, older_than: float) -> list[str]:
+        """Hand back the tickets of leases older than ``older_than`` seconds (their workers died
+        or froze between claim and trial); returns those workers. One winner per lease: the
+        DELETE locks the rows it removes."""
+        stale = sa.and_(
+            hpo_leases.c.study_id == study_id, hpo_leases.c.claimed_at < self._now - older_than
+        )
+        with self.engine.begin() as conn:
+            gone = conn.execute(hpo_leases.delete().where(stale).returning(hpo_leases.c.worker))
+            workers = [str(w) for (w,) in gone]
+            if workers:
+                c = hpo_studies.c
+                conn.execute(
+                    hpo_studies.update()
+                    .where(c.study_id == study_id)
+                    .values(claimed=c.claimed - len(workers))
+                )
+        return workers
 
     def return_ticket(self, study_id: int, *, failed: bool) -> str:
         """Give a ticket back (its trial failed, or never started); returns the study's state.

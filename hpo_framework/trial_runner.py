@@ -24,11 +24,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo_framework import reporting
+from hpo_framework import defaults, reporting
 from hpo_framework.config import Config
 from hpo_framework.exceptions import SessionError, TrialLost
 from hpo_framework.heartbeat import Heartbeat
-from hpo_framework.optuna_tables import has_waiting_trials, stale_trial_ids
+from hpo_framework.optuna_tables import has_waiting_trials, orphan_trial_ids, stale_trial_ids
 from hpo_framework.param_sampler import merge
 from hpo_framework.registry import OPEN, Registry, StudyRecord
 from hpo_framework.samplers import build_pruner, build_sampler, worker_seed
@@ -135,9 +135,21 @@ class StudyHandle:
 
     def run_one(self, heartbeat: Heartbeat) -> TrialOutcome | None:
         """Run one trial if the study has budget left; None when it has none."""
-        if not with_db_retry(lambda: self.registry.claim_ticket(self.record.study_id), "claiming"):
+        study_id = self.record.study_id
+        lease = with_db_retry(
+            lambda: self.registry.claim_ticket(study_id, self.worker_id), "claiming"
+        )
+        if lease is None:
             return None
         trial_id = with_db_retry(self._start_trial, "starting a trial")
+        if not with_db_retry(
+            lambda: self.registry.cover_trial(lease, trial_id), "covering a trial"
+        ):
+            # Frozen past the grace period between claim and trial: the ticket went back.
+            self._fail_uncovered(
+                trial_id, "its ticket was reclaimed: this worker was unresponsive"
+            )
+            return None
         spec = self.config.study
         kill_after = None if spec.trial_timeout is None else spec.trial_timeout + spec.grace_period
         heartbeat.track(trial_id, spec.heartbeat_interval, kill_after)
@@ -275,20 +287,24 @@ class StudyHandle:
                 return stored.user_attrs.get(ERROR_ATTR) == (error or "")[:2000]
             return values is None or stored.values == values
 
-    def _retry(self, failed: FrozenTrial) -> None:
+    def _retry(self, failed: FrozenTrial, *, ticket: bool = True) -> None:
         """A failed trial's parameters run again (up to max_retries), its ticket is returned.
 
         The point is enqueued before the ticket goes back, so the next ticket holder finds it.
+        ``ticket=False`` for a trial whose ticket was already handed back with its lease.
         """
         attempt = int(failed.user_attrs.get(ATTEMPT_ATTR, 0))
-        if failed.params and attempt < self.config.study.max_retries and self._goes_on():
+        params = failed.params or failed.system_attrs.get("fixed_params") or {}
+        if params and attempt < self.config.study.max_retries and self._goes_on():
             root = failed.user_attrs.get(RETRY_OF_ATTR, failed.number)
             with_db_retry(
                 lambda: self.study.enqueue_trial(
-                    failed.params, user_attrs={RETRY_OF_ATTR: root, ATTEMPT_ATTR: attempt + 1}
+                    params, user_attrs={RETRY_OF_ATTR: root, ATTEMPT_ATTR: attempt + 1}
                 ),
                 "re-queueing a failed trial",
             )
+        if not ticket:
+            return
         state = with_db_retry(
             lambda: self.registry.return_ticket(self.record.study_id, failed=True),
             "returning a ticket",
@@ -320,7 +336,33 @@ class StudyHandle:
         for trial_id in ids:
             if self._fail_stale(trial_id, grace):
                 failed += 1
+        # Workers that died between claiming a ticket and covering their trial.
+        study_id = self.record.study_id
+        lease_timeout = max(grace, defaults.LEASE_TIMEOUT_S)
+        for worker in with_db_retry(
+            lambda: self.registry.reclaim_leases(study_id, lease_timeout), "reclaiming tickets"
+        ):
+            log.warning(
+                "study=%s ticket of worker %s reclaimed: no trial after %gs",
+                self.name, worker, lease_timeout,
+            )  # fmt: skip
+        orphans = with_db_retry(
+            lambda: orphan_trial_ids(self.storage, study_id, grace + defaults.CLOCK_SKEW_S),
+            "sweeping",
+        )
+        for trial_id in orphans:
+            if self._fail_uncovered(trial_id, "its worker was lost before the first heartbeat"):
+                failed += 1
         return failed
+
+    def _fail_uncovered(self, trial_id: int, reason: str) -> bool:
+        """Fail a trial that never got a heartbeat; its ticket went back with its lease."""
+        won = with_db_retry(lambda: self._win_stale(trial_id, reason), "failing a trial")
+        if won:
+            trial = with_db_retry(lambda: self.storage.get_trial(trial_id), "reading a trial")
+            log.warning("study=%s trial=%d failed: %s", self.name, trial.number, reason)
+            self._retry(trial, ticket=False)
+        return won
 
     def _fail_stale(self, trial_id: int, grace: float) -> bool:
         trial = with_db_retry(lambda: self.storage.get_trial(trial_id), "reading a stale trial")

@@ -14,8 +14,8 @@ from tests.conftest import ROOT
 @pytest.mark.usefixtures("private_pg")  # proves a private server can start here (else fail/skip)
 def test_chaos_soak_small() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tests.chaos.soak", "--workers", "6", "--trials", "60",
-         "--faults", "5", "--fault-every", "2", "--deadline", "400"],
+        [sys.executable, "-m", "tests.chaos.soak", "--workers", "4", "--trials", "120",
+         "--faults", "5", "--fault-every", "1", "--deadline", "400"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     last = (
