@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import random
 import signal
 import subprocess
@@ -57,8 +58,28 @@ class Soak:
         self.expected_exit[proc.pid] = 0
         self.started_at[proc.pid] = time.monotonic()
 
+    def busy(self) -> list[subprocess.Popen[str]]:
+        """Workers running a trial right now (by the `worker` attribute of RUNNING trials)."""
+        engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                values = conn.execute(sa.text(
+                    "select a.value_json from trial_user_attributes a join trials t "
+                    "using (trial_id) where t.state = 'RUNNING' and a.key = 'worker'"
+                )).scalars().all()  # fmt: skip
+        except sa.exc.OperationalError:
+            return []
+        finally:
+            engine.dispose()
+        pids = {int(json.loads(v).rsplit(":", 1)[1]) for v in values}
+        return [w for w in self.alive() if w.pid in pids]
+
     def alive(self) -> list[subprocess.Popen[str]]:
-        return [w for w in self.workers if w.poll() is None and self.expected_exit[w.pid] == 0]
+        """Workers that are up: started over 3 s ago, so their signal handlers are installed
+        (a process still importing dies of SIGTERM like any other; no trial is at stake)."""
+        ready = time.monotonic() - 3
+        up = [w for w in self.workers if w.poll() is None and self.started_at[w.pid] < ready]
+        return [w for w in up if self.expected_exit[w.pid] == 0]
 
     def finished(self) -> int:
         engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool)
@@ -73,7 +94,8 @@ class Soak:
             engine.dispose()
 
     def inject(self, fault: str) -> None:
-        victims = self.alive()
+        # Kill, freeze or stop a worker in the middle of a trial: that is what must not lose it.
+        victims = self.busy() or self.alive()
         if fault in ("kill9", "sigstop", "sigterm") and not victims:
             return
         self.faults[fault] += 1
@@ -133,6 +155,8 @@ class Soak:
         if created.returncode != 0:
             raise SystemExit(created.stderr)
         started = time.monotonic()
+        while self.finished() < a.trials // 10:  # every worker up and busy before the first fault
+            time.sleep(0.2)
         plan = [FAULTS[i % len(FAULTS)] for i in range(a.faults)]
         self.rng.shuffle(plan)
         while self.finished() < a.trials:
@@ -146,9 +170,8 @@ class Soak:
         wall = time.monotonic() - started
         for timer in self.timers:  # a stopped worker must run again to hear SIGTERM
             timer.join()
+        time.sleep(max(0.0, max(self.started_at.values()) + 3 - time.monotonic()))
         for w in self.alive():
-            # A replacement still importing has no handler yet; tell it once it is up.
-            time.sleep(max(0.0, self.started_at[w.pid] + 3 - time.monotonic()))
             w.send_signal(signal.SIGTERM)
         codes = {w.pid: w.wait(timeout=120) for w in self.workers}
         self.log.close()
