@@ -90,9 +90,14 @@ def write_plots(study: optuna.Study, directory: Path, summary: dict[str, Any]) -
                 warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
                 figure = getattr(vis, function)(study, **kwargs)
                 figure.update_layout(title=title)
+                log_scale = name.startswith("history") and _spans_decades(complete)
+                if log_scale:  # losses: the best trials would sit flat on a linear axis
+                    figure.update_yaxes(type="log")
                 figure.write_html(directory / f"{name}.html", include_plotlyjs="directory")
                 axes = getattr(vis.matplotlib, function)(study, **kwargs)
                 fig = _figure_of(axes)
+                if log_scale:
+                    fig.axes[0].set_yscale("log")
                 # Optuna sizes and titles its own figures; resizing would push the colour bar
                 # of the slice plot over its last panel.
                 fig.savefig(directory / f"{name}.png", dpi=110, bbox_inches="tight")
@@ -106,6 +111,11 @@ def write_plots(study: optuna.Study, directory: Path, summary: dict[str, Any]) -
     index.write_text(_index_html(summary, shown))
     written.append(index)
     return written
+
+
+def _spans_decades(trials: list[optuna.trial.FrozenTrial]) -> bool:
+    values = [t.values[0] for t in trials if t.values]
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 100
 
 
 def _figure_of(axes: Any) -> Any:
