@@ -82,22 +82,3 @@ class Heartbeat:
                     log.warning("heartbeat of trial id %s not recorded: %s", trial_id, e)
             self._wake.wait(timeout=min(interval, 1.0) if kill_at else interval)
             self._wake.clear()
-
-
-class NullHeartbeat(Heartbeat):
-    """The no-op twin, for in-memory storages where no other process can take over a trial."""
-
-    def __init__(self) -> None:  # noqa: D107 - deliberately records nothing
-        pass
-
-    def __enter__(self) -> Heartbeat:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def track(self, trial_id: int, interval: float, kill_after: float | None = None) -> None:
-        pass
-
-    def untrack(self) -> None:
-        pass

@@ -70,13 +70,10 @@ def import_session(ref: str, allowed: Sequence[str] | None = None) -> SessionFn:
 def check_result(result: Any, n_objectives: int) -> list[float]:
     """The session's return value as a list of finite floats, or SessionError saying why."""
     values = list(result) if isinstance(result, (list, tuple)) else [result]
-    if isinstance(result, (list, tuple)) and len(values) != n_objectives:
-        raise ObjectiveCountError(
-            f"session returned {len(values)} values but the study has {n_objectives} directions"
-        )
     if len(values) != n_objectives:
+        count = f"{len(values)} value{'' if len(values) == 1 else 's'}"
         raise ObjectiveCountError(
-            f"session returned 1 value but the study has {n_objectives} directions"
+            f"session returned {count} but the study has {n_objectives} directions"
         )
     checked = []
     for v in values:

@@ -148,8 +148,12 @@ def test_kubernetes_manifests() -> None:
     }
 
 
-@pytest.mark.skipif(shutil.which("docker") is None, reason="the docker CLI renders stacks offline")
 def test_swarm_stack_renders_with_docker_stack_config() -> None:
+    if shutil.which("docker") is None:  # the CLI alone renders stacks; no engine is needed
+        message = "the docker CLI is not installed; it validates deploy/swarm/docker-stack.yml"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
     env = {**os.environ, "HPO_IMAGE": "registry.example.com/hpo:1", "POSTGRES_PASSWORD": "x"}
     result = subprocess.run(
         ["docker", "stack", "config", "-c", "deploy/swarm/docker-stack.yml"],
