@@ -13,7 +13,7 @@ import optuna
 from rich.console import Console
 from rich.table import Table
 
-from hpo_framework.cli_options import storage_option, translate_errors
+from hpo_framework.cli_options import storage_option, translate_errors, version_option
 from hpo_framework.config import load_config
 from hpo_framework.coordinator import create_study, delete_study, stop_study
 from hpo_framework.inspection import STATES, list_studies, summarize
@@ -42,6 +42,7 @@ def _console(stderr: bool = False) -> Console:
 
 
 @click.group(context_settings=CONTEXT)
+@version_option
 def coordinator() -> None:
     """Create, list, stop and delete studies in the shared storage."""
 
@@ -51,13 +52,20 @@ def coordinator() -> None:
 @click.option("--name", help="Study name (default: the config's study.name).")
 @click.option("--resume", is_flag=True, help="Continue an existing study of the same config.")
 @click.option("--wait", is_flag=True, help="Show live progress until the study finishes.")
+@click.option(
+    "--set", "assignments", multiple=True, metavar="KEY.PATH=VALUE",
+    help="Override a config value, e.g. --set study.n_trials=8 (read as YAML; repeatable).",
+)  # fmt: skip
 @storage_option
 @translate_errors
 def create(
-    config_path: str, name: str | None, resume: bool, wait: bool, storage: str | None
-) -> None:
+    config_path: str, name: str | None, resume: bool, wait: bool, assignments: tuple[str, ...],
+    storage: str | None,
+) -> None:  # fmt: skip
     """Check CONFIG, create its study and enqueue its points; print the study name last."""
     config = load_config(config_path)
+    if assignments:
+        config = config.with_overrides(list(assignments))
     if name:
         config = config.with_name(name)
     rdb = _open(storage, config.storage, create=True)
@@ -105,10 +113,24 @@ def delete(name: str, yes: bool, storage: str | None) -> None:
     click.echo(f"study {name!r} deleted")
 
 
+@coordinator.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@storage_option
+@translate_errors
+def dashboard(host: str, port: int, storage: str | None) -> None:
+    """Serve optuna-dashboard for every study in the storage, until SIGTERM or Ctrl-C."""
+    from hpo_framework.dashboard import serve
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    serve(resolve_storage_url(storage), host, port)
+
+
 # --- hpo-inspect -------------------------------------------------------------------------------
 
 
 @click.command(context_settings=CONTEXT)
+@version_option
 @click.argument("study", required=False)
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",

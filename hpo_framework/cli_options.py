@@ -22,6 +22,10 @@ storage_option = click.option(
 )
 
 
+#: ``--version`` on every command: the installed package's version.
+version_option = click.version_option(package_name="hpo", message="%(prog)s (hpo) %(version)s")
+
+
 class CommandError(click.ClickException):
     """An HPOError as click shows it: ``Error: <one line>`` and the error's exit status."""
 

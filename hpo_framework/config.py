@@ -6,6 +6,7 @@ The same checks run on a study's config stored in the database, so a worker trus
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -86,6 +87,28 @@ class Config:
         raw = dict(self.raw)
         raw["study"] = {**raw["study"], "name": name}
         return Config.from_mapping(raw, self.source)
+
+    def with_overrides(self, assignments: list[str]) -> Config:
+        """The config with ``key.path=value`` assignments applied (values read as YAML), rechecked.
+
+        ``study.n_trials=8`` or ``static.epochs=3``: a missing mapping on the path is created; a
+        value that is not a mapping on the path is refused, so a typo cannot replace a section.
+        """
+        raw = copy.deepcopy(dict(self.raw))
+        for assignment in assignments:
+            key, sep, text = assignment.partition("=")
+            path = key.strip().split(".")
+            if not sep or not all(path):
+                raise ConfigError("--set", None, f"expected KEY.PATH=VALUE, got {assignment!r}")
+            node = raw
+            for i, part in enumerate(path[:-1]):
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    where = ".".join(path[: i + 1])
+                    raise ConfigError("--set", key, f"{where} is {describe(child)}, not a mapping")
+                node = child
+            node[path[-1]] = parse_yaml(text, f"--set {key}")
+        return Config.from_mapping(raw, f"{self.source} (with --set)")
 
     @classmethod
     def from_mapping(cls, raw: Any, source: str) -> Config:

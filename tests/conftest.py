@@ -8,6 +8,7 @@ skip locally, but under ``CI=true`` they fail: a missing service must never pass
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -126,6 +127,13 @@ def run_cli(
         [str(BIN / args[0]), *args[1:]], cwd=ROOT, env=cli_env(url, **env),
         capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def start_worker(

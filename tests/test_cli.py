@@ -5,15 +5,27 @@ from __future__ import annotations
 import csv
 import io
 import json
+import signal
+import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
+import hpo_framework
 from hpo_framework.cli import coordinator, inspect_command
-from tests.conftest import make_config, run_cli, start_worker, write_config
-from tests.pool_helpers import create
+from tests.conftest import (
+    BIN,
+    cli_env,
+    free_port,
+    make_config,
+    run_cli,
+    start_worker,
+    write_config,
+)
+from tests.pool_helpers import create, wait_until
 
 
 def test_create_prints_the_study_name_last(storage_url: str, tmp_path: Path) -> None:
@@ -179,3 +191,79 @@ def test_worker_help_documents_signals() -> None:
 
     result = CliRunner().invoke(main, ["--help"], catch_exceptions=False)
     assert "first SIGTERM/SIGINT finishes the running trial" in " ".join(result.output.split())
+
+
+def test_create_set_overrides_config_values(sqlite_url: str, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", make_config(static={"epochs": 20}))
+    result = run_cli(
+        "hpo-coordinator", "create", str(path), "--set", "study.n_trials=3",
+        "--set", "static.epochs=2", "--set", "static.data.seed=7", url=sqlite_url,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "budget 3," in result.stdout
+    engine = sa.create_engine(sqlite_url)
+    with engine.connect() as conn:
+        stored = json.loads(conn.execute(sa.text("select config_json from hpo_studies")).scalar())
+    engine.dispose()
+    assert stored["study"]["n_trials"] == 3
+    assert stored["static"] == {"epochs": 2, "data": {"seed": 7}}
+    assert path.read_text() == write_config(tmp_path / "same.yaml", make_config(
+        static={"epochs": 20})).read_text()  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("study.n_trials=ten", "Error: {path} (with --set): study.n_trials: must be an integer "
+         ">= 1 or null, got 'ten'"),
+        ("static", "Error: --set: expected KEY.PATH=VALUE, got 'static'"),
+        ("study.name.x=1", "Error: --set: study.name.x: study.name is 'test-study', "
+         "not a mapping"),
+        ("static.a=[1", "Error: --set static.a: line 1: YAML syntax error: "),
+    ],
+)  # fmt: skip
+def test_create_set_errors_are_one_line_and_write_nothing(
+    assignment: str, message: str, tmp_path: Path
+) -> None:
+    path = write_config(tmp_path / "c.yaml", make_config())
+    db = tmp_path / "hpo.db"
+    result = run_cli(
+        "hpo-coordinator", "create", str(path), "--set", assignment, url=f"sqlite:///{db}"
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(message.format(path=path)), result.stderr
+    assert len(result.stderr.splitlines()) == 1 and not db.exists()
+
+
+@pytest.mark.parametrize("command", ["hpo-coordinator", "hpo-inspect", "hpo-worker"])
+def test_every_command_has_version(command: str) -> None:
+    result = run_cli(command, "--version")
+    assert result.returncode == 0
+    assert result.stdout == f"{command} (hpo) {hpo_framework.__version__}\n"
+
+
+def test_dashboard_serves_an_empty_database_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """optuna-dashboard over a database no study was created in yet (it crashed there)."""
+    port = free_port()
+    db = tmp_path / "empty.db"
+    proc = subprocess.Popen(
+        [str(BIN / "hpo-coordinator"), "dashboard", "--port", str(port)],
+        env=cli_env(f"sqlite:///{db}"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/api/studies"
+
+        def serving() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    return json.loads(response.read())["study_summaries"] == []
+            except OSError:
+                return False
+
+        wait_until("the dashboard", serving, timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from hpo_framework.cli_options import storage_option, translate_errors
+from hpo_framework.cli_options import storage_option, translate_errors, version_option
 from hpo_framework.logs import ensure_console_logging
 from hpo_framework.storage import check_url, resolve_storage_url
 from workers.pool import run_pool
@@ -23,6 +23,7 @@ def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@version_option
 @storage_option
 @click.option("--study", metavar="NAME", help="Serve only this study (default: every open one).")
 @click.option(
