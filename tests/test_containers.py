@@ -1,0 +1,263 @@
+"""The README's container path, run for real: a Docker engine, the image, `docker compose`.
+
+The engine, the base images and the project image come from the scripts the README's
+development section names (scripts/docker-engine, docker-base-images, docker-image), so this
+tier runs on a bare Debian host as root, and on any machine with a working engine. Each
+command below is the README's, run as written; only the environment differs: a project name
+of the test's own (COMPOSE_PROJECT_NAME, so a user's `hpo` project is never touched) and a
+free dashboard port. Without an engine this tier skips locally and fails under CI=true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, cli_env, free_port, run_cli
+from tests.pool_helpers import wait_until
+
+pytestmark = pytest.mark.slow
+
+N_TRIALS = 8
+SMALL = ["--set", f"study.n_trials={N_TRIALS}", "--set", "static.epochs=3"]
+
+
+def _fail_or_skip(message: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _engine_answers() -> bool:
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return False
+
+
+def _script(name: str, timeout: float) -> None:
+    result = subprocess.run(
+        [str(ROOT / "scripts" / name)], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    if result.returncode != 0:
+        _fail_or_skip(f"scripts/{name} failed: {result.stderr[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def docker_image() -> Iterator[str]:
+    """A running engine with compose, the base images, and hpo:latest built from this tree."""
+    started_engine = False
+    if not _engine_answers():
+        if os.geteuid() != 0:
+            _fail_or_skip("no Docker engine answers, and scripts/docker-engine needs root")
+        _script("docker-engine", timeout=900)
+        started_engine = True
+    _script("docker-base-images", timeout=1800)
+    _script("docker-image", timeout=1800)
+    yield "hpo:latest"
+    if started_engine:  # stop only what this run started
+        subprocess.run([str(ROOT / "scripts" / "docker-engine"), "stop"], timeout=120)
+
+
+class Compose:
+    """`docker compose` in the repository, under a project name of this test's own."""
+
+    def __init__(self) -> None:
+        self.project = f"hpo-test-{uuid.uuid4().hex[:8]}"
+        self.dashboard_port = free_port()
+        self.env = {
+            **os.environ,
+            "COMPOSE_PROJECT_NAME": self.project,
+            "DASHBOARD_PORT": str(self.dashboard_port),
+        }
+        self.env.pop("HPO_STORAGE", None)
+
+    def __call__(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            ["docker", "compose", *args], cwd=ROOT, env=self.env,
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        assert result.returncode == 0, f"docker compose {' '.join(args)}:\n{result.stderr}"
+        return result
+
+    def containers(self, *service: str) -> list[dict[str, Any]]:
+        out = self("ps", "-a", "--format", "json", *service).stdout
+        # compose prints one JSON object per line (2.21+) or one JSON list (older)
+        text = out.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            return list(json.loads(text))
+        return [json.loads(line) for line in text.splitlines()]
+
+    def summary(self, study: str) -> dict[str, Any]:
+        out = self("run", "--rm", "inspect", study, "--format", "json").stdout
+        return dict(json.loads(out))
+
+    def leftovers(self) -> list[str]:
+        label = f"label=com.docker.compose.project={self.project}"
+        found = []
+        for kind in ("ps -a", "network ls", "volume ls"):
+            result = subprocess.run(
+                ["docker", *kind.split(), "-q", "--filter", label],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            found += [f"{kind.split()[0]} {line}" for line in result.stdout.split()]
+        return found
+
+
+@pytest.fixture(scope="module")
+def compose(docker_image: str) -> Iterator[Compose]:
+    project = Compose()
+    try:
+        yield project
+    finally:  # whatever the test did, nothing of this project stays behind
+        subprocess.run(
+            ["docker", "compose", "down", "-v", "--remove-orphans", "--timeout", "5"],
+            cwd=ROOT, env=project.env, capture_output=True, timeout=300,
+        )  # fmt: skip
+
+
+def _done(summary: dict[str, Any]) -> bool:
+    c = summary["counts"]
+    return bool(c["COMPLETE"] + c["PRUNED"] >= N_TRIALS and c["RUNNING"] == 0)
+
+
+def test_the_readme_container_path_runs_the_exact_budget(compose: Compose) -> None:
+    compose("up", "-d", "--scale", "worker=4")
+    workers = compose.containers("worker")
+    assert len(workers) == 4 and {w["State"] for w in workers} == {"running"}
+
+    created = compose("run", "--rm", "coordinator", "create", "config.yaml", *SMALL)
+    assert created.stdout.splitlines()[-1] == "linear-regression"
+
+    summary: dict[str, Any] = {}
+
+    def finished() -> bool:
+        nonlocal summary
+        summary = compose.summary("linear-regression")
+        return _done(summary)
+
+    wait_until("the study's budget", finished, timeout=900, every=2)
+    counts = summary["counts"]
+    assert counts["COMPLETE"] + counts["PRUNED"] == N_TRIALS
+    assert counts["RUNNING"] == counts["WAITING"] == counts["FAIL"] == 0
+    assert summary["state"] == "done"
+    hosts = {worker.split(":")[0] for worker in summary["workers"]}
+    assert len(hosts) >= 3, summary["workers"]  # trials spread over the worker containers
+
+
+def test_stopping_the_workers_finishes_their_trials_and_exits_0(compose: Compose) -> None:
+    compose("up", "-d", "--scale", "worker=4")
+    compose(
+        "run", "--rm", "coordinator", "create", "config.yaml", "--name", "stop-check",
+        "--set", "study.n_trials=200", "--set", "static.epochs=3",
+    )  # fmt: skip
+    wait_until(
+        "trials running in every worker",
+        lambda: compose.summary("stop-check")["counts"]["RUNNING"] >= 2,
+        timeout=300,
+        every=1,
+    )
+    started = time.monotonic()
+    compose("stop", "worker", timeout=120)
+    took = time.monotonic() - started
+    workers = compose.containers("worker")
+    assert [w["ExitCode"] for w in workers] == [0, 0, 0, 0], workers
+    assert took < 10, f"docker compose stop worker took {took:.1f}s"
+    counts = compose.summary("stop-check")["counts"]
+    assert counts["RUNNING"] == counts["FAIL"] == 0, counts  # every started trial finished
+    assert counts["COMPLETE"] + counts["PRUNED"] >= 2
+    compose("run", "--rm", "coordinator", "stop", "stop-check")  # later tests start workers
+
+
+def test_dashboard_serves_the_studies_and_stops_on_sigterm(compose: Compose) -> None:
+    compose("up", "-d", "--scale", "dashboard=1", "dashboard")
+    studies = _dashboard_studies(compose)
+    assert {"linear-regression", "stop-check"} <= studies
+    compose("stop", "dashboard")
+    # stop_grace_period is 2s: exit 0 (not 137) means it ended on SIGTERM within that.
+    (dashboard,) = compose.containers("dashboard")
+    assert dashboard["ExitCode"] == 0, dashboard
+
+
+def _dashboard_studies(compose: Compose) -> set[str]:
+    url = f"http://127.0.0.1:{compose.dashboard_port}/api/studies"
+    body: dict[str, Any] = {}
+
+    def serving() -> bool:
+        nonlocal body
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                body = json.loads(response.read())
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    wait_until("the dashboard's study API", serving, timeout=120, every=0.5)
+    return {s["study_name"] for s in body["study_summaries"]}
+
+
+def test_host_side_commands_through_the_published_port(compose: Compose) -> None:
+    port = free_port()
+    compose.env["POSTGRES_HOST_PORT"] = str(port)
+    compose("-f", "docker-compose.yml", "-f", "docker-compose.db-port.yml", "up", "-d", "postgres")
+    (pg,) = compose.containers("postgres")
+    assert f"127.0.0.1:{port}->5432/tcp" in pg["Ports"]
+    url = f"postgresql+psycopg2://hpo:hpo-dev-only@127.0.0.1:{port}/hpo"
+
+    def listed() -> bool:
+        result = run_cli("hpo-inspect", "--format", "json", url=url)
+        return result.returncode == 0 and "linear-regression" in result.stdout
+
+    wait_until("hpo-inspect on the host", listed, timeout=120, every=1)  # data kept in pgdata
+
+
+def test_down_leaves_nothing_behind(compose: Compose) -> None:
+    compose("up", "-d", "--scale", "worker=2", "--scale", "dashboard=1")
+    compose("down", "-v", timeout=300)
+    assert compose.leftovers() == []
+    # On the fresh, empty database the dashboard serves at once (no crash loop before the
+    # first study), and a plain `down -v` removes it with the rest.
+    compose("up", "-d", "--scale", "dashboard=1", "dashboard")
+    assert _dashboard_studies(compose) == set()
+    (dashboard,) = compose.containers("dashboard")
+    assert dashboard["State"] == "running" and "Restarting" not in dashboard["Status"]
+    compose("down", "-v", timeout=300)
+    assert compose.leftovers() == []
+
+
+def test_the_image_runs_as_non_root(docker_image: str) -> None:
+    result = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "id", docker_image, "-u"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) != 0
+
+
+def test_the_image_has_the_package_and_its_commands(docker_image: str) -> None:
+    result = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "hpo-coordinator", docker_image, "--version"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    local = run_cli("hpo-coordinator", "--version")
+    assert result.stdout == local.stdout
+
+
+def test_override_files_validate(docker_image: str) -> None:
+    for override in ("docker-compose.gpu.yml", "docker-compose.db-port.yml"):
+        result = subprocess.run(
+            ["docker", "compose", "-f", "docker-compose.yml", "-f", override, "config", "-q"],
+            cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, f"{override}: {result.stderr}"
