@@ -223,9 +223,9 @@ def startup(plain: bool) -> float:
 
 def growth(plain: bool, history: int, m: int) -> float:
     """Per-trial seconds of one in-process worker on a study that already holds ``history``."""
-    from experiments.benchmarks import quadratic
     from hpo_framework.config import load_config
     from hpo_framework.coordinator import create_study
+    from hpo_framework.executor import ProcessExecutor
     from hpo_framework.heartbeat import Heartbeat
     from hpo_framework.storage import open_storage
     from hpo_framework.trial_runner import StudyHandle
@@ -254,13 +254,15 @@ def growth(plain: bool, history: int, m: int) -> float:
         rdb = open_storage(url, create_schema=True)
         record = create_study(rdb, config, check_session=False)
         add_history(url, "bench", history)
-        handle = StudyHandle(rdb, record, config, quadratic, worker_id="bench")
+        executor = ProcessExecutor()  # as in a worker: the session in its executor process
+        handle = StudyHandle(rdb, record, config, executor, worker_id="bench")
         with Heartbeat(rdb) as heartbeat:
             handle.run_one(heartbeat)  # warm the cache
             started = time.perf_counter()
             for _ in range(m - 1):
                 handle.run_one(heartbeat)
             elapsed = time.perf_counter() - started
+        executor.close()
         rdb.engine.dispose()
         return elapsed / (m - 1)
 

@@ -272,6 +272,14 @@ def _print_summary(s: dict[str, Any], stderr: bool = False) -> None:
     for worker, n in s["workers"].items():
         workers.add_row(worker, str(n))
     console.print(workers)
+    if s["cannot_serve"]:
+        skipped = Table(
+            "worker", "why it skips this study", title="workers that cannot serve it here",
+            title_justify="left",
+        )  # fmt: skip
+        for worker, why in s["cannot_serve"].items():
+            skipped.add_row(worker, why)
+        console.print(skipped)
     if s["errors"]:
         errors = Table("trial", "error", title="last errors", title_justify="left")
         for e in s["errors"]:

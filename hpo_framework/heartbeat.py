@@ -8,9 +8,7 @@ Staleness is judged by the database's clock (see ``optuna_tables.stale_trial_ids
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import time
 from types import TracebackType
 
 import optuna
@@ -28,7 +26,6 @@ class Heartbeat:
         self._lock = threading.Lock()
         self._trial_id: int | None = None
         self._interval = 5.0
-        self._kill_at: float | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hpo-heartbeat", daemon=True)
@@ -47,38 +44,30 @@ class Heartbeat:
         self._wake.set()
         self._thread.join(timeout=10)
 
-    def track(self, trial_id: int, interval: float, kill_after: float | None = None) -> None:
+    def track(self, trial_id: int, interval: float) -> None:
         """Beat for ``trial_id`` every ``interval`` seconds from now on.
 
         The first beat is already there: ``Registry.cover_trial`` wrote it with the ticket.
-        ``kill_after`` (seconds) is the watchdog of ``trial_timeout``: a session stuck where no
-        signal reaches it (a C call) ends the process, so its trial goes stale and runs again
-        on another worker instead of blocking this one forever.
+        The session runs in another process (``hpo_framework.executor``), so nothing it does
+        can stop this thread.
         """
         with self._lock:
             self._trial_id, self._interval = trial_id, interval
-            self._kill_at = None if kill_after is None else time.monotonic() + kill_after
+        self._wake.set()  # the thread may be sleeping out an older, longer interval
 
     def untrack(self) -> None:
         with self._lock:
             self._trial_id = None
-            self._kill_at = None
 
     def _run(self) -> None:
         while not self._stop.is_set():
             with self._lock:
-                trial_id, interval, kill_at = self._trial_id, self._interval, self._kill_at
-            if kill_at is not None and time.monotonic() > kill_at:
-                log.error(
-                    "trial id %s ignored its trial_timeout; ending this worker process so that "
-                    "the trial is failed and retried elsewhere", trial_id,
-                )  # fmt: skip
-                os._exit(70)
+                trial_id, interval = self._trial_id, self._interval
             if trial_id is not None:
                 try:
                     self._storage.record_heartbeat(trial_id)
                 except TRANSIENT_ERRORS as e:
                     # The next beat retries; the grace period is several beats long.
                     log.warning("heartbeat of trial id %s not recorded: %s", trial_id, e)
-            self._wake.wait(timeout=min(interval, 1.0) if kill_at else interval)
+            self._wake.wait(timeout=interval)
             self._wake.clear()

@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo_framework.registry import OPEN, Registry, StudyRecord
-from hpo_framework.trial_runner import trial_summary
+from hpo_framework.trial_attrs import cannot_serve, trial_summary
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 
@@ -81,6 +81,7 @@ def summarize(storage: optuna.storages.RDBStorage, name: str, top: int = 10) -> 
         "workers": dict(workers.most_common()),
         "duration_s": _duration_stats(durations),
         "errors": errors,
+        "cannot_serve": cannot_serve(study.user_attrs),
         "study_error": record.error,
         "session": record.session_ref,
         "config_hash": record.config_hash,

@@ -1,7 +1,10 @@
 """``report(value, step)``: pruning without coupling the session to Optuna.
 
-The trial that is running in this thread is kept in a context variable; outside a trial
-(a session called by hand, in a notebook or a unit test) ``report`` does nothing.
+The running trial is reached through a *link* kept in a context variable: in the worker's
+process a ``trial_runner.OptunaLink`` (the Optuna trial itself), in the executor process a
+link that asks the worker over a pipe (``hpo_framework.executor``). Outside a trial (a session
+called by hand, in a notebook or a unit test) ``report`` does nothing. Nothing here touches
+the database, so the executor process imports neither SQLAlchemy nor the storage layer.
 """
 
 from __future__ import annotations
@@ -10,13 +13,15 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Iterator
+from typing import Protocol
 
-import optuna
 
-from hpo_framework.exceptions import TrialLost, TrialPruned
-from hpo_framework.storage import with_db_retry
+class TrialLink(Protocol):
+    def report(self, value: float, step: int) -> None:
+        """Record one finite intermediate value; raise TrialPruned or TrialLost to stop."""
 
-_current: contextvars.ContextVar[optuna.Trial | None] = contextvars.ContextVar(
+
+_current: contextvars.ContextVar[TrialLink | None] = contextvars.ContextVar(
     "hpo_current_trial", default=None
 )
 
@@ -27,24 +32,19 @@ def report(value: float, step: int) -> None:
     Call it once per epoch (or any step) with the same kind of score the session returns.
     Multi-objective studies cannot be pruned by Optuna; there, as outside a trial, it is a no-op.
     """
-    trial = _current.get()
-    if trial is None or len(trial.study.directions) > 1:
+    link = _current.get()
+    if link is None:
         return
     value = float(value)
     if not math.isfinite(value):
         return  # a NaN step is the session's to handle; Optuna would reject it
-    try:
-        with_db_retry(lambda: trial.report(value, int(step)), "reporting a step")
-    except optuna.exceptions.UpdateFinishedTrialError:
-        raise TrialLost(f"trial {trial.number} was failed by another worker") from None
-    if with_db_retry(trial.should_prune, "asking the pruner"):
-        raise TrialPruned(f"trial {trial.number} pruned at step {step} (value {value:g})")
+    link.report(value, int(step))
 
 
 @contextlib.contextmanager
-def bound_to(trial: optuna.Trial) -> Iterator[None]:
-    """Make ``report`` talk to ``trial`` for the duration of one session call."""
-    token = _current.set(trial)
+def bound_to(link: TrialLink) -> Iterator[None]:
+    """Make ``report`` talk to ``link`` for the duration of one session call."""
+    token = _current.set(link)
     try:
         yield
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -11,9 +12,9 @@ import optuna
 from hpo_framework.config import load_config
 from hpo_framework.coordinator import create_study
 from hpo_framework.exceptions import ConfigError
+from hpo_framework.executor import InProcessExecutor, ProcessExecutor, SessionFn, importable_ref
 from hpo_framework.heartbeat import Heartbeat
 from hpo_framework.logs import ensure_console_logging
-from hpo_framework.session import SessionFn
 from hpo_framework.storage import open_storage, resolve_storage_url
 from hpo_framework.trial_runner import StudyHandle
 
@@ -27,14 +28,39 @@ def run_hpo(
     resumed if one of the same name and config exists there, so other processes
     (``hpo-worker``) can join in and an interrupted run carries on where it stopped.
     Raises ConfigError before any trial runs if the config is invalid.
+
+    Each trial runs in an executor process, as in a worker (so a crashing session fails only
+    its trial), when ``session_fn`` can be imported by name there; a closure, a lambda or a
+    function defined in ``__main__`` runs in this process instead.
     """
     ensure_console_logging()
+    ref = importable_ref(session_fn)
+    executor: InProcessExecutor | ProcessExecutor
+    if ref is None:
+        executor = InProcessExecutor(session_fn)
+    else:  # the caller chose this function: it may come from any module
+        executor = ProcessExecutor(allowed=[ref.partition(":")[0]])
+        executor.start()  # imports while this process opens the storage
+    try:
+        return _run(executor, ref, config_path, storage)
+    finally:
+        executor.close()
+
+
+def _run(
+    executor: InProcessExecutor | ProcessExecutor,
+    ref: str | None,
+    config_path: str | Path,
+    storage: str | None,
+) -> optuna.Study:
     config = load_config(config_path)
     url = resolve_storage_url(storage, config.storage)
     rdb = open_storage(url, create_schema=True, role="run_hpo")
     record = create_study(rdb, config, resume=True, check_session=False)
+    if ref is not None:
+        record = replace(record, session_ref=ref)
     handle = StudyHandle(
-        rdb, record, config, session_fn, worker_id=f"{socket.gethostname()}:{os.getpid()}"
+        rdb, record, config, executor, worker_id=f"{socket.gethostname()}:{os.getpid()}"
     )
     with Heartbeat(rdb) as heartbeat:
         while True:

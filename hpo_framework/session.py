@@ -1,30 +1,21 @@
-"""The user's session function: found by reference, called, and its score checked.
+"""The user's session function, found by reference (``package.module:function``).
 
 The contract is ``single_session(cfg: dict) -> float`` (or a tuple of floats for several
-directions). Everything the session does is its own business; what it returns is ours to check.
+directions). Where it runs and how its score is checked: ``hpo_framework.executor``.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from numbers import Real
 from typing import Any
 
 from hpo_framework import defaults
 from hpo_framework.exceptions import SessionError
 
 SessionFn = Callable[[dict[str, Any]], Any]
-
-
-class ObjectiveCountError(SessionError):
-    """Raised when a session returns a different number of values than there are directions.
-
-    Unlike a NaN or an exception, this is the same for every trial: a configuration mistake.
-    """
 
 
 def allowed_modules() -> tuple[str, ...]:
@@ -65,31 +56,3 @@ def import_session(ref: str, allowed: Sequence[str] | None = None) -> SessionFn:
     if not callable(fn):
         raise SessionError(f"session {ref!r}: {attr!r} is not callable")
     return fn  # type: ignore[no-any-return]
-
-
-def check_result(result: Any, n_objectives: int) -> list[float]:
-    """The session's return value as a list of finite floats, or SessionError saying why."""
-    values = list(result) if isinstance(result, (list, tuple)) else [result]
-    if len(values) != n_objectives:
-        count = f"{len(values)} value{'' if len(values) == 1 else 's'}"
-        raise ObjectiveCountError(
-            f"session returned {count} but the study has {n_objectives} directions"
-        )
-    checked = []
-    for v in values:
-        # numpy and torch scalars are fine: anything that is a real number or converts to one.
-        try:
-            if isinstance(v, (bool, str, bytes)) or not (
-                isinstance(v, Real) or hasattr(v, "__float__")
-            ):
-                raise TypeError
-            f = float(v)
-        except (TypeError, ValueError):
-            text = repr(v)[:80]
-            raise SessionError(
-                f"session returned {text} ({type(v).__name__}), not a number"
-            ) from None
-        if not math.isfinite(f):
-            raise SessionError(f"session returned {f}, not a finite number")
-        checked.append(f)
-    return checked

@@ -10,68 +10,53 @@ Both ``run_hpo`` (one process) and ``hpo-worker`` (many) run trials through ``St
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-import threading
 import time
-import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo_framework import defaults, reporting
+from hpo_framework import defaults
 from hpo_framework.config import Config
-from hpo_framework.exceptions import SessionError, TrialLost
+from hpo_framework.exceptions import TrialLost, TrialPruned
+from hpo_framework.executor import InProcessExecutor, ProcessExecutor, describe_error
 from hpo_framework.heartbeat import Heartbeat
 from hpo_framework.optuna_tables import has_waiting_trials, orphan_trial_ids, stale_trial_ids
 from hpo_framework.param_sampler import merge
 from hpo_framework.registry import OPEN, Registry, StudyRecord
 from hpo_framework.samplers import build_pruner, build_sampler, worker_seed
-from hpo_framework.session import ObjectiveCountError, SessionFn, check_result
 from hpo_framework.storage import with_db_retry
+from hpo_framework.trial_attrs import ATTEMPT_ATTR, ERROR_ATTR, RETRY_OF_ATTR, WORKER_ATTR
 
 log = logging.getLogger("hpo.trial")
-
-#: User attributes every trial carries (shown by hpo-inspect and optuna-dashboard).
-WORKER_ATTR, ERROR_ATTR = "worker", "error"
-RETRY_OF_ATTR, ATTEMPT_ATTR = "retry_of", "attempt"
 
 
 class ColdShutdown(BaseException):
     """Raised in the main thread by a worker's second SIGTERM/SIGINT to abandon the trial now.
 
-    A BaseException, like KeyboardInterrupt, so that a session's ``except Exception`` cannot
-    swallow it.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` can swallow it.
     """
 
 
-class TrialTimeout(BaseException):
-    """Raised in the session by the ``trial_timeout`` alarm (a BaseException, so that a
-    session's ``except Exception`` cannot swallow it)."""
+class OptunaLink:
+    """``report`` on an Optuna trial of this process, with the database retried."""
 
+    def __init__(self, trial: optuna.Trial, n_objectives: int) -> None:
+        self.trial = trial
+        self.n_objectives = n_objectives
 
-@contextlib.contextmanager
-def _time_limit(seconds: float | None) -> Iterator[None]:
-    """Interrupt the session after ``seconds`` with SIGALRM (main thread only)."""
-    if seconds is None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(signum: int, frame: object) -> None:
-        raise TrialTimeout(f"trial_timeout of {seconds:g}s exceeded")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    def report(self, value: float, step: int) -> None:
+        trial = self.trial
+        if self.n_objectives > 1:
+            return
+        try:
+            with_db_retry(lambda: trial.report(value, step), "reporting a step")
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise TrialLost(f"trial {trial.number} was failed by another worker") from None
+        if with_db_retry(trial.should_prune, "asking the pruner"):
+            raise TrialPruned(f"trial {trial.number} pruned at step {step} (value {value:g})")
 
 
 @dataclass(frozen=True)
@@ -94,7 +79,7 @@ class StudyHandle:
         storage: optuna.storages.RDBStorage,
         record: StudyRecord,
         config: Config,
-        session_fn: SessionFn,
+        executor: InProcessExecutor | ProcessExecutor,
         *,
         worker_id: str,
         worker_index: int = 0,
@@ -103,7 +88,7 @@ class StudyHandle:
         self.registry = Registry(storage.engine)
         self.record = record
         self.config = config
-        self.session_fn = session_fn
+        self.executor = executor
         self.worker_id = worker_id
         spec = config.study
         sampler = build_sampler(
@@ -150,9 +135,7 @@ class StudyHandle:
                 trial_id, "its ticket was reclaimed: this worker was unresponsive"
             )
             return None
-        spec = self.config.study
-        kill_after = None if spec.trial_timeout is None else spec.trial_timeout + spec.grace_period
-        heartbeat.track(trial_id, spec.heartbeat_interval, kill_after)
+        heartbeat.track(trial_id, self.config.study.heartbeat_interval)
         try:
             return self._run_trial(trial_id)
         finally:
@@ -192,38 +175,39 @@ class StudyHandle:
         started = time.monotonic()
         try:
             params = with_db_retry(lambda: self.config.search_space.sample(trial), "sampling")
-            cfg = merge(self.config.static, params)
-            with reporting.bound_to(trial), _time_limit(self.config.study.trial_timeout):
-                result = self.session_fn(cfg)
-            values = check_result(result, self.n_objectives)
-        except TrialLost:
-            return self._dropped(trial, started)
-        except TrialTimeout as e:
-            return self._finish(trial, TrialState.FAIL, None, started, str(e))
-        except optuna.TrialPruned:
-            return self._finish(trial, TrialState.PRUNED, None, started, None)
+        except Exception as e:  # a sampler that cannot sample this space: this trial fails
+            return self._finish(trial, TrialState.FAIL, None, started, describe_error(e))
+        cfg = merge(self.config.static, params)
+        try:
+            result = self.executor.run(
+                self.record.session_ref or "", cfg, OptunaLink(trial, self.n_objectives),
+                self.n_objectives, self.config.study.trial_timeout,
+            )  # fmt: skip
         except ColdShutdown:
             self._finish(
                 trial, TrialState.FAIL, None, started, "worker stopped by a second signal"
             )
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # run_hpo's Ctrl-C
             self._finish(trial, TrialState.FAIL, None, started, "interrupted (KeyboardInterrupt)")
             raise
-        except (Exception, SystemExit) as e:  # the session's failure is the trial's, not ours
-            fatal = isinstance(e, ObjectiveCountError)
-            error = _describe_error(e)
-            if not fatal:
-                log.warning(
-                    "study=%s trial=%d session failed: %s\n%s",
-                    self.name, trial.number, error, _short_traceback(e),
-                )  # fmt: skip
-            outcome = self._finish(trial, TrialState.FAIL, None, started, error)
-            if fatal:
-                with_db_retry(lambda: self.registry.set_state(self.name, "failed", error), "stop")
-                return TrialOutcome(**{**outcome.__dict__, "fatal": True})
-            return outcome
-        return self._finish(trial, TrialState.COMPLETE, values, started, None)
+        if result.kind == "done":
+            return self._finish(trial, TrialState.COMPLETE, result.values, started, None)
+        if result.kind == "pruned":
+            return self._finish(trial, TrialState.PRUNED, None, started, None)
+        if result.kind == "lost":
+            return self._dropped(trial, started)
+        error = result.error or "session failed"
+        if not result.fatal:
+            log.warning(
+                "study=%s trial=%d session failed: %s%s", self.name, trial.number, error,
+                f"\n{result.traceback}" if result.traceback else "",
+            )  # fmt: skip
+        outcome = self._finish(trial, TrialState.FAIL, None, started, error)
+        if result.fatal:
+            with_db_retry(lambda: self.registry.set_state(self.name, "failed", error), "stop")
+            return TrialOutcome(**{**outcome.__dict__, "fatal": True})
+        return outcome
 
     def _finish(
         self,
@@ -389,35 +373,6 @@ class StudyHandle:
             return False  # it finished after all, or another worker failed it first
 
 
-def _describe_error(e: BaseException) -> str:
-    if isinstance(e, SystemExit):
-        return f"session called sys.exit({e.code!r})"
-    if isinstance(e, SessionError):  # our own wording already says what went wrong
-        return str(e)
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}"[:2000] if text else type(e).__name__
-
-
-def _short_traceback(e: BaseException) -> str:
-    return "".join(traceback.format_exception(type(e), e, e.__traceback__, limit=-3)).rstrip()
-
-
 def load_config_of(record: StudyRecord) -> Config:
     """The stored config of a study, checked again: workers trust nothing from the database."""
     return Config.from_mapping(record.config, f"study {record.name!r} (stored config)")
-
-
-def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
-    """The fields every trial listing shows, in one place."""
-    duration = trial.duration.total_seconds() if trial.duration is not None else None
-    return {
-        "number": trial.number,
-        "state": trial.state.name,
-        "values": trial.values,
-        "params": trial.params,
-        "worker": trial.user_attrs.get(WORKER_ATTR),
-        "duration_s": duration,
-        "error": trial.user_attrs.get(ERROR_ATTR),
-        "retry_of": trial.user_attrs.get(RETRY_OF_ATTR),
-        "started": trial.datetime_start,
-    }

@@ -113,3 +113,79 @@ def hangs_first_time_ignoring_signals(cfg: dict[str, Any]) -> float:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGTERM})
         time.sleep(3600)
     return float(cfg["x"])
+
+
+# --- sessions that misbehave when x < 0 (the executor must contain them) ---------------------
+
+
+def _misbehave_if_negative(cfg: dict[str, Any], act: Any) -> float:
+    if cfg["x"] < 0:
+        act()
+    return float(cfg["x"])
+
+
+def raises_cancelled(cfg: dict[str, Any]) -> float:
+    import asyncio
+
+    def act() -> None:
+        raise asyncio.CancelledError("cancelled by the session")
+
+    return _misbehave_if_negative(cfg, act)
+
+
+def raises_keyboard_interrupt(cfg: dict[str, Any]) -> float:
+    def act() -> None:
+        raise KeyboardInterrupt
+
+    return _misbehave_if_negative(cfg, act)
+
+
+def segfaults(cfg: dict[str, Any]) -> float:
+    import ctypes
+
+    return _misbehave_if_negative(cfg, lambda: ctypes.string_at(0))
+
+
+def exits_hard(cfg: dict[str, Any]) -> float:
+    return _misbehave_if_negative(cfg, lambda: os._exit(3))
+
+
+def holds_the_gil(cfg: dict[str, Any]) -> float:
+    """One C call of cfg["hold_s"] seconds that never releases the GIL (PyDLL keeps it)."""
+    import ctypes
+
+    ctypes.PyDLL(None).sleep(int(cfg["hold_s"]))
+    return float(cfg["x"])
+
+
+def forks_and_hangs(cfg: dict[str, Any]) -> float:
+    """Leaves a child process behind (its pid in cfg["dir"]) and hangs with SIGTERM blocked."""
+    import signal
+    import subprocess
+
+    def act() -> None:
+        child = subprocess.Popen(["sleep", "3600"])
+        with open(os.path.join(cfg["dir"], "child.pid"), "w") as f:
+            f.write(str(child.pid))
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        time.sleep(3600)
+
+    return _misbehave_if_negative(cfg, act)
+
+
+def halves_a_nested_static(cfg: dict[str, Any]) -> float:
+    """Edits the cfg it got in place; no later trial may see the edit."""
+    cfg["model"]["width"] //= 2
+    return float(cfg["model"]["width"])
+
+
+def returns_numpy(cfg: dict[str, Any]) -> Any:
+    """numpy results by cfg["kind"]: a scalar, an array of two, or a numpy bool."""
+    import numpy as np
+
+    kind = cfg["kind"]
+    if kind == "scalar":
+        return np.float32(cfg["x"])
+    if kind == "pair":
+        return np.array([cfg["x"], -cfg["x"]])
+    return np.bool_(True)

@@ -138,7 +138,10 @@ def test_dropped_connections_delay_work_but_lose_nothing(
     assert "Traceback" not in log.read_text()
 
 
-def test_a_bad_session_in_the_database_is_recorded_not_fatal(pg_url: str, tmp_path: Path) -> None:
+def test_a_session_this_host_may_not_import_is_skipped_and_shown_per_worker(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Outside this worker's HPO_SESSION_MODULES: its host's business, not the study's."""
     name = create(tmp_path, pg_url)
     engine = sa.create_engine(pg_url)
     with engine.begin() as conn:
@@ -148,9 +151,33 @@ def test_a_bad_session_in_the_database_is_recorded_not_fatal(pg_url: str, tmp_pa
     with engine.connect() as conn:
         state, error = conn.execute(sa.text("select state, error from hpo_studies")).one()
     engine.dispose()
-    assert state == "failed"
-    assert "module 'os' is outside the allowed prefixes" in error
+    assert (state, error) == ("open", None)
     assert counts(pg_url, name) == {}
+    summary = json.loads(run_cli("hpo-inspect", name, "--format", "json", url=pg_url).stdout)
+    [(worker_id, why)] = summary["cannot_serve"].items()
+    assert worker_id.endswith(f":{worker.pid}")
+    assert "module 'os' is outside the allowed prefixes" in why
+    table = run_cli("hpo-inspect", name, url=pg_url).stdout
+    assert "workers that cannot serve it here" in table
+
+
+def test_workers_with_different_session_modules_share_a_study(pg_url: str, tmp_path: Path) -> None:
+    """A worker whose HPO_SESSION_MODULES lacks the study's module skips it; the others
+    serve it to the end, and the study never fails."""
+    name = create(tmp_path, pg_url, study_={"n_trials": 6})
+    narrow = start_worker("--idle-exit", "3", url=pg_url, HPO_SESSION_MODULES="experiments")
+    wide = start_worker("--idle-exit", "3", url=pg_url)
+    try:
+        assert wide.wait(timeout=120) == 0 and narrow.wait(timeout=120) == 0
+    finally:
+        for proc in (narrow, wide):
+            if proc.poll() is None:
+                proc.kill()
+    c = counts(pg_url, name)
+    assert c["COMPLETE"] == 6 and c["FAIL"] == 0
+    summary = json.loads(run_cli("hpo-inspect", name, "--format", "json", url=pg_url).stdout)
+    assert summary["state"] == "done"
+    assert [w.rsplit(":", 1)[1] for w in summary["cannot_serve"]] == [str(narrow.pid)]
 
 
 def test_stop_lets_running_trials_finish_and_takes_no_new_ones(

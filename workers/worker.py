@@ -21,9 +21,9 @@ import optuna
 
 from hpo_framework import defaults
 from hpo_framework.exceptions import HPOError, StorageError
+from hpo_framework.executor import ProcessExecutor
 from hpo_framework.heartbeat import Heartbeat
 from hpo_framework.registry import FAILED, Registry, StudyRecord
-from hpo_framework.session import import_session
 from hpo_framework.storage import (
     TRANSIENT_ERRORS,
     open_storage,
@@ -31,6 +31,7 @@ from hpo_framework.storage import (
     schema_exists,
     with_db_retry,
 )
+from hpo_framework.trial_attrs import CANNOT_SERVE_PREFIX
 from hpo_framework.trial_runner import ColdShutdown, StudyHandle, load_config_of
 
 log = logging.getLogger("hpo.worker")
@@ -57,6 +58,7 @@ class Worker:
         self._wake = threading.Event()
         self._handles: dict[int, StudyHandle] = {}
         self._broken: set[int] = set()
+        self._executor = ProcessExecutor()
 
     # --- signals: warm on the first, cold on the second -----------------------------------------
 
@@ -76,6 +78,7 @@ class Worker:
             s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)
         }
         try:
+            self._executor.start()  # imports in parallel with the wait for the database
             storage = self._wait_for_schema()
             if storage is None:
                 return 0
@@ -86,6 +89,7 @@ class Worker:
         except ColdShutdown:
             return COLD_EXIT
         finally:
+            self._executor.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -166,21 +170,34 @@ class Worker:
         if handle is not None:
             handle.record = record
             return handle
-        try:
+        try:  # a stored config that fails its checks is invalid on every host
             config = load_config_of(record)
             if not record.session_ref:
                 raise HPOError(f"study {record.name!r} has no session reference")
-            session_fn = import_session(record.session_ref)
-            handle = StudyHandle(
-                storage, record, config, session_fn,
-                worker_id=self.id, worker_index=zlib.crc32(self.id.encode()),
-            )  # fmt: skip
         except HPOError as e:
             self._broken.add(record.study_id)
             error = f"worker {self.id}: {e}"
             log.error("worker %s: cannot serve study %r: %s", self.id, record.name, e)
             with_db_retry(
                 lambda: registry.set_state(record.name, FAILED, error), "recording a study error"
+            )
+            return None
+        try:  # what fails here may be this host's (modules allowed, packages, a GPU)
+            self._executor.check(record.session_ref)
+            handle = StudyHandle(
+                storage, record, config, self._executor,
+                worker_id=self.id, worker_index=zlib.crc32(self.id.encode()),
+            )  # fmt: skip
+        except HPOError as e:
+            self._broken.add(record.study_id)
+            log.error(
+                "worker %s: cannot serve study %r on this host, skipping it: %s",
+                self.id, record.name, e,
+            )  # fmt: skip
+            key, why = f"{CANNOT_SERVE_PREFIX}{self.id}", str(e)[:1000]  # hpo-inspect shows it
+            with_db_retry(
+                lambda: storage.set_study_user_attr(record.study_id, key, why),
+                "recording why this worker skips a study",
             )
             return None
         log.info(

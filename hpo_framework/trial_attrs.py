@@ -1,0 +1,37 @@
+"""What hpo records on Optuna's trials and studies, shared by the trial path and the read side."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optuna.trial import FrozenTrial
+
+#: User attributes every trial carries (shown by hpo-inspect and optuna-dashboard).
+WORKER_ATTR, ERROR_ATTR = "worker", "error"
+RETRY_OF_ATTR, ATTEMPT_ATTR = "retry_of", "attempt"
+#: Study user attribute (+ worker id) a worker writes when it cannot serve the study on its host.
+CANNOT_SERVE_PREFIX = "hpo:cannot_serve:"
+
+
+def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
+    """The fields every trial listing shows, in one place."""
+    duration = trial.duration.total_seconds() if trial.duration is not None else None
+    return {
+        "number": trial.number,
+        "state": trial.state.name,
+        "values": trial.values,
+        "params": trial.params,
+        "worker": trial.user_attrs.get(WORKER_ATTR),
+        "duration_s": duration,
+        "error": trial.user_attrs.get(ERROR_ATTR),
+        "retry_of": trial.user_attrs.get(RETRY_OF_ATTR),
+        "started": trial.datetime_start,
+    }
+
+
+def cannot_serve(study_user_attrs: dict[str, Any]) -> dict[str, str]:
+    """``{worker: reason}`` for the workers that skip a study on their host."""
+    n = len(CANNOT_SERVE_PREFIX)
+    return {
+        k[n:]: str(v) for k, v in study_user_attrs.items() if k.startswith(CANNOT_SERVE_PREFIX)
+    }
