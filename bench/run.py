@@ -228,7 +228,7 @@ def growth(plain: bool, history: int, m: int) -> float:
     from hpo_framework.executor import ProcessExecutor
     from hpo_framework.heartbeat import Heartbeat
     from hpo_framework.storage import open_storage
-    from hpo_framework.trial_runner import StudyHandle
+    from hpo_framework.trials import StudyHandle
 
     with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
         if plain:
@@ -265,6 +265,34 @@ def growth(plain: bool, history: int, m: int) -> float:
         executor.close()
         rdb.engine.dispose()
         return elapsed / (m - 1)
+
+
+def executor_hop(calls: int) -> dict[str, float]:
+    """Milliseconds per session call through the executor process and in-process, and seconds
+    from starting an executor to the session imported there (beside the worker's own start)."""
+    from experiments.benchmarks import quadratic
+    from hpo_framework.executor import InProcessExecutor, ProcessExecutor
+
+    class NoLink:
+        def report(self, value: float, step: int) -> None:
+            pass
+
+    ref, cfg = "experiments.benchmarks:quadratic", {"x": 1.0}
+    started = time.perf_counter()
+    process = ProcessExecutor()
+    process.check(ref)
+    start_s = time.perf_counter() - started
+    per_call = {}
+    try:
+        for name, executor in (("process", process), ("inline", InProcessExecutor(quadratic))):
+            executor.run(ref, cfg, NoLink(), 1, None)  # warm
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                executor.run(ref, cfg, NoLink(), 1, None)
+            per_call[name] = (time.perf_counter() - t0) / calls * 1000
+    finally:
+        process.close()
+    return {"start_s": start_s, **per_call}
 
 
 def connections(plain: bool, n_workers: int, n_trials: int) -> dict[str, Any]:
@@ -388,6 +416,17 @@ def main() -> None:
     lines.append(
         f"| start-up | seconds from worker process start to its first trial | "
         f"{median(a, 's'):.2f} | {median(b, 's'):.2f} | {median(b, 's') / median(a, 's'):.2f}x |"
+    )
+
+    # The executor process (sessions run outside the worker): its cost per call and at start.
+    hops = [executor_hop(50 if q else 500) for _ in range(repeats)]
+    lines.append(
+        f"| executor hop | ms per session call through the executor process (hpo) vs a call in "
+        f"the same process | {median(hops, 'process'):.3f} | {median(hops, 'inline'):.3f} | |"
+    )
+    lines.append(
+        f"| executor start | seconds from starting the executor to the session imported there "
+        f"(runs beside the worker's own start) | {median(hops, 'start_s'):.2f} | - | |"
     )
 
     # Growth: per-trial time with 5,000 trials already in the study vs 100 (TPE).

@@ -20,9 +20,9 @@ import yaml
 
 from hpo_framework import defaults
 from hpo_framework._checks import Checker, describe, is_number
+from hpo_framework.algorithms import check_pruner, check_sampler
 from hpo_framework.exceptions import ConfigError
 from hpo_framework.param_sampler import SearchSpace, flatten
-from hpo_framework.samplers import check_pruner, check_sampler
 
 TOP_KEYS = ("study", "session", "storage", "static", "search_space", "enqueue")
 STUDY_KEYS = (
@@ -109,6 +109,11 @@ class Config:
                 node = child
             node[path[-1]] = parse_yaml(text, f"--set {key}")
         return Config.from_mapping(raw, f"{self.source} (with --set)")
+
+    @classmethod
+    def stored(cls, study_name: str, raw: Any) -> Config:
+        """A study's config as stored in the database, checked again like a file."""
+        return cls.from_mapping(raw, f"study {study_name!r} (stored config)")
 
     @classmethod
     def from_mapping(cls, raw: Any, source: str) -> Config:

@@ -1,7 +1,7 @@
 """``report(value, step)``: pruning without coupling the session to Optuna.
 
 The running trial is reached through a *link* kept in a context variable: in the worker's
-process a ``trial_runner.OptunaLink`` (the Optuna trial itself), in the executor process a
+process a ``trials.OptunaLink`` (the Optuna trial itself), in the executor process a
 link that asks the worker over a pipe (``hpo_framework.executor``). Outside a trial (a session
 called by hand, in a notebook or a unit test) ``report`` does nothing. Nothing here touches
 the database, so the executor process imports neither SQLAlchemy nor the storage layer.

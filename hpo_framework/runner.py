@@ -16,7 +16,7 @@ from hpo_framework.executor import InProcessExecutor, ProcessExecutor, SessionFn
 from hpo_framework.heartbeat import Heartbeat
 from hpo_framework.logs import ensure_console_logging
 from hpo_framework.storage import open_storage, resolve_storage_url
-from hpo_framework.trial_runner import StudyHandle
+from hpo_framework.trials import StudyHandle
 
 
 def run_hpo(
@@ -63,12 +63,8 @@ def _run(
         rdb, record, config, executor, worker_id=f"{socket.gethostname()}:{os.getpid()}"
     )
     with Heartbeat(rdb) as heartbeat:
-        while True:
-            handle.sweep_stale()
-            outcome = handle.run_one(heartbeat)
-            if outcome is None:
-                break
-            if outcome.fatal:
-                key = "study.directions" if len(config.study.directions) > 1 else "study.direction"
-                raise ConfigError(config.source, key, str(outcome.error))
+        _, broken = handle.run_trials(heartbeat, stopping=lambda: False)
+    if broken is not None:
+        key = "study.directions" if len(config.study.directions) > 1 else "study.direction"
+        raise ConfigError(config.source, key, str(broken.error))
     return handle.study

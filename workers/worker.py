@@ -13,31 +13,46 @@ import signal
 import socket
 import threading
 import time
-import zlib
 from types import FrameType
 from typing import Any
 
 import optuna
 
-from hpo_framework import defaults
-from hpo_framework.exceptions import HPOError, StorageError
-from hpo_framework.executor import ProcessExecutor
-from hpo_framework.heartbeat import Heartbeat
-from hpo_framework.registry import FAILED, Registry, StudyRecord
-from hpo_framework.storage import (
+from hpo_framework.serving import (
+    FAILED,
     TRANSIENT_ERRORS,
+    CannotServeHere,
+    Heartbeat,
+    InvalidStudy,
+    ProcessExecutor,
+    Registry,
+    StorageError,
+    StudyHandle,
+    StudyRecord,
+    defaults,
+    load_for_serving,
+    note_cannot_serve,
     open_storage,
     redact,
     schema_exists,
     with_db_retry,
 )
-from hpo_framework.trial_attrs import CANNOT_SERVE_PREFIX
-from hpo_framework.trial_runner import ColdShutdown, StudyHandle, load_config_of
 
 log = logging.getLogger("hpo.worker")
 
 #: Exit status after a second signal abandoned the running trial.
 COLD_EXIT = 1
+
+
+class ColdShutdown(BaseException):
+    """Raised in the main thread by a worker's second SIGTERM/SIGINT to abandon the trial now;
+    the trial path fails the trial with this message and re-queues its point.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` can swallow it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("worker stopped by a second signal")
 
 
 def worker_id() -> str:
@@ -134,20 +149,17 @@ class Worker:
                 handle = self._handle(storage, registry, record)
                 if handle is None:
                     continue
-                handle.sweep_stale()
-                if not record.claimable:
+                if not record.claimable:  # no budget to claim: only recover dead workers' trials
+                    handle.sweep_stale()
                     continue
                 # Serve this study while it has budget; re-list studies at least every second
                 # so that several open studies are all served.
-                until = time.monotonic() + 1.0
-                while not self._stopping and time.monotonic() < until:
-                    outcome = handle.run_one(heartbeat)
-                    if outcome is None:
-                        break
-                    worked = True
-                    if outcome.fatal:
-                        self._drop(record, str(outcome.error))
-                        break
+                ran, broken = handle.run_trials(
+                    heartbeat, stopping=lambda: self._stopping, until=time.monotonic() + 1.0
+                )
+                worked = worked or ran > 0
+                if broken is not None:
+                    self._drop(record, str(broken.error))
             if worked:
                 idle_since, wait, waiting_logged = time.monotonic(), defaults.IDLE_POLL_MIN, False
                 continue
@@ -170,11 +182,9 @@ class Worker:
         if handle is not None:
             handle.record = record
             return handle
-        try:  # a stored config that fails its checks is invalid on every host
-            config = load_config_of(record)
-            if not record.session_ref:
-                raise HPOError(f"study {record.name!r} has no session reference")
-        except HPOError as e:
+        try:
+            handle = load_for_serving(storage, record, self._executor, self.id)
+        except InvalidStudy as e:  # invalid on every host: the study fails
             self._broken.add(record.study_id)
             error = f"worker {self.id}: {e}"
             log.error("worker %s: cannot serve study %r: %s", self.id, record.name, e)
@@ -182,23 +192,13 @@ class Worker:
                 lambda: registry.set_state(record.name, FAILED, error), "recording a study error"
             )
             return None
-        try:  # what fails here may be this host's (modules allowed, packages, a GPU)
-            self._executor.check(record.session_ref)
-            handle = StudyHandle(
-                storage, record, config, self._executor,
-                worker_id=self.id, worker_index=zlib.crc32(self.id.encode()),
-            )  # fmt: skip
-        except HPOError as e:
+        except CannotServeHere as e:  # this host's problem: skip it, say why, serve the others
             self._broken.add(record.study_id)
             log.error(
                 "worker %s: cannot serve study %r on this host, skipping it: %s",
                 self.id, record.name, e,
             )  # fmt: skip
-            key, why = f"{CANNOT_SERVE_PREFIX}{self.id}", str(e)[:1000]  # hpo-inspect shows it
-            with_db_retry(
-                lambda: storage.set_study_user_attr(record.study_id, key, why),
-                "recording why this worker skips a study",
-            )
+            note_cannot_serve(storage, record, self.id, str(e))
             return None
         log.info(
             "worker %s: serving study %r (session %s)", self.id, record.name, record.session_ref

@@ -3,41 +3,38 @@
 This is the whole data path of a trial::
 
     ticket (registry) -> trial row (waiting point or new) -> heartbeat -> params (param_sampler)
-    -> cfg = static + params -> session(cfg) -> checked score -> tell -> on failure: retry
+    -> cfg = static + params -> session(cfg) in the executor -> checked score -> tell
+    -> on failure: settle (re-queue the point, return the ticket)
 
 Both ``run_hpo`` (one process) and ``hpo-worker`` (many) run trials through ``StudyHandle``.
+Failures are settled in ``settle``; the trials of dead workers are recovered in ``recovery``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from hpo_framework import defaults
+from hpo_framework import recovery
+from hpo_framework.algorithms import build_pruner, build_sampler, worker_seed
 from hpo_framework.config import Config
 from hpo_framework.exceptions import TrialLost, TrialPruned
 from hpo_framework.executor import InProcessExecutor, ProcessExecutor, describe_error
 from hpo_framework.heartbeat import Heartbeat
-from hpo_framework.optuna_tables import has_waiting_trials, orphan_trial_ids, stale_trial_ids
+from hpo_framework.optuna_tables import has_waiting_trials
 from hpo_framework.param_sampler import merge
-from hpo_framework.registry import OPEN, Registry, StudyRecord
-from hpo_framework.samplers import build_pruner, build_sampler, worker_seed
+from hpo_framework.registry import Registry, StudyRecord
+from hpo_framework.settle import settle_failure
 from hpo_framework.storage import with_db_retry
-from hpo_framework.trial_attrs import ATTEMPT_ATTR, ERROR_ATTR, RETRY_OF_ATTR, WORKER_ATTR
+from hpo_framework.trial_attrs import ERROR_ATTR, WORKER_ATTR
 
 log = logging.getLogger("hpo.trial")
-
-
-class ColdShutdown(BaseException):
-    """Raised in the main thread by a worker's second SIGTERM/SIGINT to abandon the trial now.
-
-    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` can swallow it.
-    """
 
 
 class OptunaLink:
@@ -110,11 +107,33 @@ class StudyHandle:
         # Study.ask does) or it rejects their parameters; there is no public handle on it.
         self._cached_storage = self.study._storage
         self.n_objectives = len(spec.directions)
-        self._next_sweep = 0.0
+        self.next_sweep = 0.0  # monotonic time of this process's next recovery sweep
 
     @property
     def name(self) -> str:
         return self.record.name
+
+    # --- the loop both run_hpo and hpo-worker run -------------------------------------------
+
+    def run_trials(
+        self, heartbeat: Heartbeat, *, stopping: Callable[[], bool], until: float | None = None
+    ) -> tuple[int, TrialOutcome | None]:
+        """Recover dead workers' trials, then run trials while the study has budget, nothing
+        asks to stop and the monotonic clock is before ``until``.
+
+        Returns how many trials ran, and the outcome that broke the study's contract (the
+        study is failed then), if one did.
+        """
+        self.sweep_stale()
+        ran = 0
+        while not stopping() and (until is None or time.monotonic() < until):
+            outcome = self.run_one(heartbeat)
+            if outcome is None:
+                break
+            ran += 1
+            if outcome.fatal:
+                return ran, outcome
+        return ran, None
 
     # --- one trial ----------------------------------------------------------------------------
 
@@ -131,8 +150,8 @@ class StudyHandle:
             lambda: self.registry.cover_trial(lease, trial_id), "covering a trial"
         ):
             # Frozen past the grace period between claim and trial: the ticket went back.
-            self._fail_uncovered(
-                trial_id, "its ticket was reclaimed: this worker was unresponsive"
+            recovery.fail_uncovered(
+                self, trial_id, "its ticket was reclaimed: this worker was unresponsive"
             )
             return None
         heartbeat.track(trial_id, self.config.study.heartbeat_interval)
@@ -183,13 +202,9 @@ class StudyHandle:
                 self.record.session_ref or "", cfg, OptunaLink(trial, self.n_objectives),
                 self.n_objectives, self.config.study.trial_timeout,
             )  # fmt: skip
-        except ColdShutdown:
-            self._finish(
-                trial, TrialState.FAIL, None, started, "worker stopped by a second signal"
-            )
-            raise
-        except KeyboardInterrupt:  # run_hpo's Ctrl-C
-            self._finish(trial, TrialState.FAIL, None, started, "interrupted (KeyboardInterrupt)")
+        except BaseException as e:  # the worker stops cold, or run_hpo's Ctrl-C: fail, re-queue
+            why = str(e) or f"interrupted ({type(e).__name__})"
+            self._finish(trial, TrialState.FAIL, None, started, why)
             raise
         if result.kind == "done":
             return self._finish(trial, TrialState.COMPLETE, result.values, started, None)
@@ -224,7 +239,7 @@ class StudyHandle:
             return self._dropped(trial, started)
         if state == TrialState.FAIL:
             failed = with_db_retry(lambda: self.storage.get_trial(trial._trial_id), "reading")
-            self._retry(failed)
+            settle_failure(self, failed)
         value = "-" if values is None else ",".join(f"{v:.6g}" for v in values)
         fields = {
             "study": self.name, "trial": trial.number, "state": state.name, "values": values,
@@ -271,108 +286,6 @@ class StudyHandle:
                 return stored.user_attrs.get(ERROR_ATTR) == (error or "")[:2000]
             return values is None or stored.values == values
 
-    def _retry(self, failed: FrozenTrial, *, ticket: bool = True) -> None:
-        """A failed trial's parameters run again (up to max_retries), its ticket is returned.
-
-        The point is enqueued before the ticket goes back, so the next ticket holder finds it.
-        ``ticket=False`` for a trial whose ticket was already handed back with its lease.
-        """
-        attempt = int(failed.user_attrs.get(ATTEMPT_ATTR, 0))
-        params = failed.params or failed.system_attrs.get("fixed_params") or {}
-        if params and attempt < self.config.study.max_retries and self._goes_on():
-            root = failed.user_attrs.get(RETRY_OF_ATTR, failed.number)
-            with_db_retry(
-                lambda: self.study.enqueue_trial(
-                    params, user_attrs={RETRY_OF_ATTR: root, ATTEMPT_ATTR: attempt + 1}
-                ),
-                "re-queueing a failed trial",
-            )
-        if not ticket:
-            return
-        state = with_db_retry(
-            lambda: self.registry.return_ticket(self.record.study_id, failed=True),
-            "returning a ticket",
-        )
-        if state != OPEN:
-            log.error("study=%s stopped: %s", self.name, "max_failed_trials reached")
-
-    def _goes_on(self) -> bool:
-        """Whether the study stays open after one more failure (no retry for a study that
-        this failure stops: its point would be left WAITING)."""
-        record = with_db_retry(lambda: self.registry.get(self.name), "reading")
-        limit = record.max_failures
-        return record.state == OPEN and (limit is None or record.failures + 1 < limit)
-
-    # --- trials of dead workers ---------------------------------------------------------------
-
     def sweep_stale(self) -> int:
-        """Fail trials whose heartbeat stopped and re-run their parameters; at most once per
-        heartbeat interval. Returns how many trials this process failed."""
-        now = time.monotonic()
-        if now < self._next_sweep:
-            return 0
-        self._next_sweep = now + self.config.study.heartbeat_interval
-        grace = self.config.study.grace_period
-        failed = 0
-        ids = with_db_retry(
-            lambda: stale_trial_ids(self.storage, self.record.study_id, grace), "sweeping"
-        )
-        for trial_id in ids:
-            if self._fail_stale(trial_id, grace):
-                failed += 1
-        # Workers that died between claiming a ticket and covering their trial.
-        study_id = self.record.study_id
-        lease_timeout = max(grace, defaults.LEASE_TIMEOUT_S)
-        for worker in with_db_retry(
-            lambda: self.registry.reclaim_leases(study_id, lease_timeout), "reclaiming tickets"
-        ):
-            log.warning(
-                "study=%s ticket of worker %s reclaimed: no trial after %gs",
-                self.name, worker, lease_timeout,
-            )  # fmt: skip
-        orphans = with_db_retry(
-            lambda: orphan_trial_ids(self.storage, study_id, grace + defaults.CLOCK_SKEW_S),
-            "sweeping",
-        )
-        for trial_id in orphans:
-            if self._fail_uncovered(trial_id, "its worker was lost before the first heartbeat"):
-                failed += 1
-        return failed
-
-    def _fail_uncovered(self, trial_id: int, reason: str) -> bool:
-        """Fail a trial that never got a heartbeat; its ticket went back with its lease."""
-        won = with_db_retry(lambda: self._win_stale(trial_id, reason), "failing a trial")
-        if won:
-            trial = with_db_retry(lambda: self.storage.get_trial(trial_id), "reading a trial")
-            log.warning("study=%s trial=%d failed: %s", self.name, trial.number, reason)
-            self._retry(trial, ticket=False)
-        return won
-
-    def _fail_stale(self, trial_id: int, grace: float) -> bool:
-        trial = with_db_retry(lambda: self.storage.get_trial(trial_id), "reading a stale trial")
-        lost = trial.user_attrs.get(WORKER_ATTR, "unknown")
-        error = f"worker {lost} lost: no heartbeat for over {grace:g}s"
-        if not with_db_retry(lambda: self._win_stale(trial_id, error), "failing a stale trial"):
-            return False
-        log.warning(
-            "study=%s trial=%d failed: worker %s lost (no heartbeat for %gs); params re-queued",
-            self.name, trial.number, lost, grace,
-        )  # fmt: skip
-        # Each step from here retries on its own: once this worker has won the trial, its
-        # ticket must go back even if the database drops in between.
-        failed = with_db_retry(lambda: self.storage.get_trial(trial_id), "reading a stale trial")
-        self._retry(failed)
-        return True
-
-    def _win_stale(self, trial_id: int, error: str) -> bool:
-        try:
-            self.storage.set_trial_user_attr(trial_id, ERROR_ATTR, error)
-            # Conditional RUNNING -> FAIL under a row lock: one live worker wins the trial.
-            return self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return False  # it finished after all, or another worker failed it first
-
-
-def load_config_of(record: StudyRecord) -> Config:
-    """The stored config of a study, checked again: workers trust nothing from the database."""
-    return Config.from_mapping(record.config, f"study {record.name!r} (stored config)")
+        """Recover the trials of dead workers (``hpo_framework.recovery``)."""
+        return recovery.sweep_stale(self)
