@@ -10,6 +10,7 @@ from typing import Any
 import optuna
 
 from hpo_framework._checks import Checker
+from hpo_framework.exceptions import MissingPackageError
 from hpo_framework.param_sampler import SearchSpace
 
 SAMPLERS: dict[str, Any] = {
@@ -45,10 +46,11 @@ def check_sampler(
         check.at("name").choice(name, SAMPLERS)
     for module in _SAMPLER_NEEDS.get(name, ()):
         if importlib.util.find_spec(module) is None:
-            check.at("name").fail(
+            raise MissingPackageError(
+                check.source, check.at("name").key,
                 f"the '{name}' sampler needs the Python package '{module}': "
-                "pip install 'hpo[samplers,examples]'"
-            )
+                "pip install 'hpo[samplers,examples]'",
+            )  # fmt: skip
     if name in _SINGLE_OBJECTIVE and n_objectives > 1:
         check.at("name").fail(f"the '{name}' sampler supports a single direction only")
     _check_options(SAMPLERS[name], options, check.at("options"))

@@ -28,6 +28,12 @@ class ConfigError(HPOError):
         super().__init__(where + reason)
 
 
+class MissingPackageError(ConfigError):
+    """Raised when the config needs a Python package this host does not have (e.g. torch for
+    the ``gp`` sampler). Unlike other config errors this is the host's: a worker skips the
+    study and other hosts may serve it."""
+
+
 class StorageError(HPOError):
     """Raised when the storage cannot be reached or used (bad URL, database gone too long)."""
 

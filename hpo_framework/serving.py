@@ -15,7 +15,7 @@ import optuna
 
 from hpo_framework import defaults
 from hpo_framework.config import Config
-from hpo_framework.exceptions import HPOError, StorageError
+from hpo_framework.exceptions import HPOError, MissingPackageError, StorageError
 from hpo_framework.executor import ProcessExecutor
 from hpo_framework.heartbeat import Heartbeat
 from hpo_framework.registry import FAILED, Registry, StudyRecord
@@ -69,16 +69,18 @@ def load_for_serving(
         config = Config.stored(record.name, record.config)
         if not record.session_ref:
             raise HPOError(f"study {record.name!r} has no session reference")
+    except MissingPackageError as e:  # e.g. no torch here for the gp sampler
+        raise CannotServeHere(str(e)) from e
     except HPOError as e:
         raise InvalidStudy(str(e)) from e
     try:  # what fails here may be this host's (modules allowed, packages, a GPU)
         executor.check(record.session_ref)
-    except HPOError as e:
+        return StudyHandle(
+            storage, record, config, executor,
+            worker_id=worker_id, worker_index=zlib.crc32(worker_id.encode()),
+        )  # fmt: skip
+    except (HPOError, ImportError) as e:
         raise CannotServeHere(str(e)) from e
-    return StudyHandle(
-        storage, record, config, executor,
-        worker_id=worker_id, worker_index=zlib.crc32(worker_id.encode()),
-    )  # fmt: skip
 
 
 def note_cannot_serve(

@@ -1,0 +1,161 @@
+"""The unit tier of the trial path, fast and without PostgreSQL: the executor protocol across a
+real process boundary, the settle function on a real SQLite file, and where a worker draws the
+line between a study invalid everywhere and one its host cannot serve."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+
+from hpo_framework.config import Config
+from hpo_framework.coordinator import create_study
+from hpo_framework.exceptions import SessionError, TrialLost, TrialPruned
+from hpo_framework.executor import InProcessExecutor, ProcessExecutor
+from hpo_framework.registry import Registry
+from hpo_framework.serving import CannotServeHere, InvalidStudy, load_for_serving
+from hpo_framework.settle import settle_failure
+from hpo_framework.storage import open_storage
+from hpo_framework.trials import StudyHandle
+from tests import sessions
+from tests.conftest import make_config
+
+
+class Link:
+    """Answers ``report`` like the supervisor would: prune or lose the trial at a step."""
+
+    def __init__(self, prune_at: int | None = None, lost_at: int | None = None) -> None:
+        self.steps: list[tuple[int, float]] = []
+        self.prune_at, self.lost_at = prune_at, lost_at
+
+    def report(self, value: float, step: int) -> None:
+        self.steps.append((step, value))
+        if step == self.prune_at:
+            raise TrialPruned(f"pruned at step {step}")
+        if step == self.lost_at:
+            raise TrialLost("failed by another worker")
+
+
+@pytest.fixture(scope="module")
+def executor() -> Iterator[ProcessExecutor]:
+    process = ProcessExecutor(allowed=["tests.sessions"])
+    yield process
+    process.close()
+
+
+def test_reports_cross_the_process_boundary(executor: ProcessExecutor) -> None:
+    link = Link()
+    result = executor.run("tests.sessions:reports_steps", {"x": 1.0}, link, 1, None)
+    assert (result.kind, result.values) == ("done", [1.0])
+    assert [step for step, _ in link.steps] == list(range(10))
+    assert link.steps[0] == (0, 2.0)
+
+
+def test_prune_and_lost_answers_stop_the_session(executor: ProcessExecutor) -> None:
+    pruned = Link(prune_at=3)
+    result = executor.run("tests.sessions:reports_steps", {"x": 1.0}, pruned, 1, None)
+    assert (result.kind, result.error) == ("pruned", "pruned at step 3")
+    assert len(pruned.steps) == 4
+    result = executor.run("tests.sessions:reports_steps", {"x": 1.0}, Link(lost_at=0), 1, None)
+    assert result.kind == "lost"
+
+
+def test_a_dead_executor_is_replaced_for_the_next_call(executor: ProcessExecutor) -> None:
+    died = executor.run("tests.sessions:exits_hard", {"x": -1.0}, Link(), 1, None)
+    assert (died.kind, died.error) == ("failed", "session process exited with status 3")
+    again = executor.run("tests.sessions:exits_hard", {"x": 2.0}, Link(), 1, None)
+    assert (again.kind, again.values) == ("done", [2.0])
+
+
+def test_errors_carry_the_reason_and_a_traceback(executor: ProcessExecutor) -> None:
+    result = executor.run("tests.sessions:raises", {}, Link(), 1, None)
+    assert result.kind == "failed" and result.error == "RuntimeError: boom: the model diverged"
+    assert result.traceback is not None and "raise RuntimeError" in result.traceback
+    wrong = executor.run("tests.sessions:returns_pair", {"x": 1.0}, Link(), 1, None)
+    assert (
+        wrong.fatal and wrong.error == "session returned 2 values but the study has 1 directions"
+    )
+
+
+def test_check_refuses_what_this_host_may_not_import(executor: ProcessExecutor) -> None:
+    executor.check("tests.sessions:quadratic")
+    with pytest.raises(SessionError, match="outside the allowed prefixes"):
+        executor.check("os:system")
+    with pytest.raises(SessionError, match="has no 'missing'"):
+        executor.check("tests.sessions:missing")
+
+
+# --- settle ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def handle(tmp_path: Path) -> Iterator[StudyHandle]:
+    config = Config.from_mapping(
+        make_config(study_={"n_trials": 4, "max_retries": 1, "max_failed_trials": 3}), "c.yaml"
+    )
+    storage = open_storage(f"sqlite:///{tmp_path / 'hpo.db'}", create_schema=True)
+    record = create_study(storage, config, check_session=False)
+    yield StudyHandle(
+        storage, record, config, InProcessExecutor(sessions.quadratic), worker_id="test:1"
+    )
+    storage.engine.dispose()
+
+
+def _failed_trial(handle: StudyHandle, **user_attrs: Any) -> optuna.trial.FrozenTrial:
+    assert Registry(handle.storage.engine).claim_ticket(handle.record.study_id, "test:1")
+    trial = handle.study.ask()
+    trial.suggest_float("x", -5.0, 5.0)
+    for key, value in user_attrs.items():
+        trial.set_user_attr(key, value)
+    handle.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    return handle.storage.get_trial(trial._trial_id)
+
+
+def test_settle_requeues_the_point_then_returns_the_ticket(handle: StudyHandle) -> None:
+    failed = _failed_trial(handle)
+    settle_failure(handle, failed)
+    [waiting] = handle.study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert waiting.system_attrs["fixed_params"] == failed.params
+    assert waiting.user_attrs == {"retry_of": failed.number, "attempt": 1}
+    record = Registry(handle.storage.engine).get(handle.name)
+    assert (record.failures, record.state) == (1, "open")
+    assert record.claimed == 0  # the ticket went back; the lease row is the claim's own
+
+
+def test_settle_stops_retrying_after_max_retries(handle: StudyHandle) -> None:
+    failed = _failed_trial(handle, attempt=1, retry_of=0)
+    settle_failure(handle, failed)
+    assert handle.study.get_trials(states=(optuna.trial.TrialState.WAITING,)) == []
+    assert Registry(handle.storage.engine).get(handle.name).failures == 1
+
+
+def test_settle_without_ticket_leaves_the_budget_alone(handle: StudyHandle) -> None:
+    failed = _failed_trial(handle)
+    settle_failure(handle, failed, ticket=False)
+    record = Registry(handle.storage.engine).get(handle.name)
+    assert (record.failures, record.claimed) == (0, 1)
+    assert len(handle.study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
+
+
+# --- what a worker may decide about a study ----------------------------------------------------
+
+
+def test_a_package_missing_on_this_host_is_the_hosts_problem(
+    handle: StudyHandle, executor: ProcessExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gp sampler needs torch: a host without it skips the study; it is not invalid."""
+    raw = {**handle.record.config, "study": {**handle.record.config["study"], "sampler": "gp"}}
+    record = type(handle.record)(**{**handle.record.__dict__, "config": raw})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
+    with pytest.raises(CannotServeHere, match="needs the Python package 'torch'"):
+        load_for_serving(handle.storage, record, executor, "test:1")
+    broken = type(handle.record)(**{**handle.record.__dict__, "config": {"study": {}}})
+    with pytest.raises(InvalidStudy, match=r"study\.name"):
+        load_for_serving(handle.storage, broken, executor, "test:1")
