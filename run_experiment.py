@@ -10,5 +10,7 @@ if __name__ == "__main__":
         study = run_hpo(single_session, sys.argv[1] if len(sys.argv) > 1 else "config.yaml")
     except HPOError as e:
         sys.exit(f"error: {e}")
+    if not any(t.state.name == "COMPLETE" for t in study.trials):
+        sys.exit(f"error: study {study.study_name!r} has no completed trial; see hpo-inspect")
     print(f"best validation MSE {study.best_value:.6f} (trial {study.best_trial.number})")
     print(f"best parameters {study.best_params}")

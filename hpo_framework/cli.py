@@ -12,6 +12,7 @@ import click
 import optuna
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from hpo_framework.cli_options import storage_option, translate_errors, version_option
 from hpo_framework.config import load_config
@@ -35,7 +36,9 @@ def _fmt(values: list[float] | None) -> str:
 
 
 def _console(stderr: bool = False) -> Console:
-    return Console(soft_wrap=False, width=120, highlight=False, stderr=stderr)
+    # markup off: study names, parameters and error texts are the user's, printed as written
+    # (a study named "exp[/v2]" must not be read as a closing style tag).
+    return Console(soft_wrap=False, width=120, highlight=False, markup=False, stderr=stderr)
 
 
 # --- hpo-coordinator ---------------------------------------------------------------------------
@@ -233,15 +236,18 @@ def _print_summary(s: dict[str, Any], stderr: bool = False) -> None:
     console = _console(stderr)
     budget = "∞" if s["budget"] is None else s["budget"]
     console.print(
-        f"[bold]{s['study']}[/bold]  state {s['state']}  directions {', '.join(s['directions'])}"
-        f"  progress {s['finished']}/{budget}"
+        Text.assemble(
+            (s["study"], "bold"),
+            f"  state {s['state']}  directions {', '.join(s['directions'])}"
+            f"  progress {s['finished']}/{budget}",
+        )
     )
     console.print("  ".join(f"{k} {s['counts'][k]}" for k in STATES))
     d = s["duration_s"]
     if d["mean"] is not None:
         console.print(f"duration mean {d['mean']:.2f}s  p50 {d['p50']:.2f}s  p95 {d['p95']:.2f}s")
     if s["study_error"]:
-        console.print(f"[red]study error: {s['study_error']}[/red]")
+        console.print(Text(f"study error: {s['study_error']}", style="red"))
 
     title = "Pareto front" if len(s["directions"]) > 1 else "best trial"
     best = Table("trial", "value", "params", title=title, title_justify="left")

@@ -139,10 +139,11 @@ def call_session(
     except BaseException as e:  # the session's failure is the trial's, whatever it raised
         if type(e).__name__ == "TrialPruned":  # optuna.TrialPruned raised by the session
             return SessionResult("pruned", error=str(e))
+        ours = isinstance(e, SessionError)  # a bad return value: its message says it all
         return SessionResult(
             "failed",
             error=describe_error(e),
-            traceback=_short_traceback(e),
+            traceback=None if ours else _short_traceback(e),
             fatal=isinstance(e, ObjectiveCountError),
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import replace
@@ -15,8 +16,11 @@ from hpo_framework.exceptions import ConfigError
 from hpo_framework.executor import InProcessExecutor, ProcessExecutor, SessionFn, importable_ref
 from hpo_framework.heartbeat import Heartbeat
 from hpo_framework.logs import ensure_console_logging
+from hpo_framework.registry import FAILED, Registry
 from hpo_framework.storage import open_storage, resolve_storage_url
 from hpo_framework.trials import StudyHandle
+
+log = logging.getLogger("hpo.runner")
 
 
 def run_hpo(
@@ -27,7 +31,9 @@ def run_hpo(
     The study is created in the storage (``storage`` > ``HPO_STORAGE`` > config > SQLite), or
     resumed if one of the same name and config exists there, so other processes
     (``hpo-worker``) can join in and an interrupted run carries on where it stopped.
-    Raises ConfigError before any trial runs if the config is invalid.
+    Raises ConfigError before any trial runs if the config is invalid. A study that ended
+    ``failed`` (``max_failed_trials`` reached) is returned too, with an ERROR log line saying so:
+    check ``study.trials`` before ``study.best_trial``.
 
     Each trial runs in an executor process, as in a worker (so a crashing session fails only
     its trial), when ``session_fn`` can be imported by name there; a closure, a lambda or a
@@ -67,4 +73,7 @@ def _run(
     if broken is not None:
         key = "study.directions" if len(config.study.directions) > 1 else "study.direction"
         raise ConfigError(config.source, key, str(broken.error))
+    final = Registry(rdb.engine).get(record.name)
+    if final.state == FAILED:  # returned all the same: the trials are the caller's to look at
+        log.error("study %r failed: %s", final.name, final.error or "see its failed trials")
     return handle.study

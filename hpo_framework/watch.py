@@ -63,7 +63,8 @@ def watch(
 ) -> dict[str, Any]:
     """Show the study live until it is done (or ``timeout`` seconds pass); return its summary."""
     progress = Progress(
-        TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn(name.replace("{", "{{").replace("}", "}}"), style="bold", markup=False),
+        BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
     )  # fmt: skip
     summary = with_db_retry(lambda: summarize(storage, name, top=0), "reading the study")

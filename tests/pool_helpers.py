@@ -16,7 +16,7 @@ from tests.conftest import make_config, run_cli, write_config
 def create(tmp_path: Path, url: str, name: str = "pool", **overrides: Any) -> str:
     config = make_config(**overrides)
     config["study"]["name"] = name
-    path = write_config(tmp_path / f"{name}.yaml", config)
+    path = write_config(tmp_path / f"{abs(hash(name))}.yaml", config)  # names may hold "/"
     result = run_cli("hpo-coordinator", "create", str(path), url=url)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()[-1]

@@ -189,3 +189,7 @@ def returns_numpy(cfg: dict[str, Any]) -> Any:
     if kind == "pair":
         return np.array([cfg["x"], -cfg["x"]])
     return np.bool_(True)
+
+
+def raises_markup(cfg: dict[str, Any]) -> float:
+    raise FileNotFoundError("no such file [/data/train] [bold]")

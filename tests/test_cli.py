@@ -267,3 +267,22 @@ def test_dashboard_serves_an_empty_database_and_stops_on_sigterm(tmp_path: Path)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_names_and_errors_that_look_like_markup_are_printed_as_written(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    name = "exp[/v2] {x}"
+    create(
+        tmp_path, sqlite_url, name=name, session="tests.sessions:raises_markup",
+        study_={"n_trials": 2, "max_failed_trials": 2, "max_retries": 0},
+    )  # fmt: skip
+    assert start_worker("--idle-exit", "1", url=sqlite_url).wait(timeout=60) == 0
+    for args in ([name], [name, "--watch"], ["--format", "table"]):
+        result = run_cli("hpo-inspect", *args, url=sqlite_url)
+        assert result.returncode == 0, result.stderr
+        assert name in result.stdout
+    detail = run_cli("hpo-inspect", name, url=sqlite_url).stdout
+    assert "FileNotFoundError: no such file [/data/train] [bold]" in detail
+    listed = run_cli("hpo-coordinator", "list", url=sqlite_url)
+    assert listed.returncode == 0 and name in listed.stdout

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 from hpo_framework import ConfigError, report, resolve_storage_url, run_hpo
 from tests import sessions
-from tests.conftest import ROOT, make_config, write_config
+from tests.conftest import ROOT, cli_env, make_config, write_config
 
 
 def run(tmp_path: Path, session, url: str | None = None, **overrides) -> optuna.Study:  # type: ignore[no-untyped-def]
@@ -199,3 +199,43 @@ def test_run_experiment_script_reports_a_bad_config_in_one_line(tmp_path: Path) 
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr == f"error: {tmp_path / 'missing.yaml'}: file not found\n"
+
+
+def test_a_study_failed_by_max_failed_trials_says_so(tmp_path: Path) -> None:
+    import logging
+
+    class Collect(logging.Handler):
+        lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+    handler = Collect()
+    logging.getLogger("hpo.runner").addHandler(handler)
+    try:
+        study = run(tmp_path, sessions.raises, study_={"n_trials": 5, "max_failed_trials": 2})
+    finally:
+        logging.getLogger("hpo.runner").removeHandler(handler)
+    assert states(study) == ["FAIL", "FAIL"]
+    assert handler.lines == ["ERROR study 'test-study' failed: max_failed_trials reached"]
+
+
+def test_run_experiment_with_no_completed_trial_ends_in_one_line(tmp_path: Path) -> None:
+    config = make_config(
+        session="experiments.linear_regression:single_session",
+        static={"epochs": 3, "data": {"n_samples": 50, "n_features": 2, "noise": 0.1,
+                                      "seed": 0}},
+        search_space={"lr": {"type": "float", "low": 1e30, "high": 1e31},
+                      "batch_size": {"type": "categorical", "choices": [4]},
+                      "optimizer": {"type": "categorical", "choices": ["sgd"]}},
+        study_={"n_trials": 3, "max_failed_trials": 2, "max_retries": 0},
+    )  # fmt: skip
+    path = write_config(tmp_path / "c.yaml", config)
+    result = subprocess.run(
+        [sys.executable, "run_experiment.py", str(path)], cwd=ROOT, capture_output=True,
+        text=True, timeout=300, env={**cli_env(f"sqlite:///{tmp_path / 'db'}")},
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "error: study 'test-study' has no completed trial; see hpo-inspect"
+    assert "Traceback" not in result.stderr
