@@ -23,6 +23,9 @@ demo: setup
 	@export HPO_STORAGE=sqlite:///demo.db; \
 	  hpo-worker --processes 2 --idle-exit 5 & \
 	  hpo-coordinator create config.yaml && wait && hpo-inspect linear-regression --top 5
+	@echo; echo "The study is in demo.db. To look further:"; \
+	  echo "  . .venv/bin/activate && export HPO_STORAGE=sqlite:///demo.db"; \
+	  echo "  hpo-inspect linear-regression --plot plots/"
 
 test: setup
 	@scripts/ensure-postgres

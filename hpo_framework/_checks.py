@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
 
@@ -20,6 +21,10 @@ def is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
+#: What YAML 1.1 (PyYAML) reads as a string though it looks like a number: 1e-3, 5E+2.
+_YAML11_EXPONENT = re.compile(r"^[-+]?\d+[eE][-+]?\d+$")
+
+
 def describe(value: Any) -> str:
     """How a value reads in an error: its repr, shortened, and its YAML type for containers."""
     if isinstance(value, Mapping):
@@ -27,7 +32,11 @@ def describe(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    text = text if len(text) <= 60 else text[:57] + "..."
+    if isinstance(value, str) and _YAML11_EXPONENT.match(value.strip()):
+        mantissa, _, exponent = value.strip().lower().partition("e")
+        text += f" (YAML reads {value.strip()} as text; write {mantissa}.0e{exponent})"
+    return text
 
 
 class Checker:

@@ -10,25 +10,61 @@ from typing import Any
 
 import click
 import optuna
+import sqlalchemy.exc
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from sqlalchemy.engine import make_url
 
-from hpo_framework.cli_options import storage_option, translate_errors, version_option
+from hpo_framework.cli_options import (
+    config_storage_option,
+    storage_option,
+    translate_errors,
+    version_option,
+)
 from hpo_framework.config import load_config
 from hpo_framework.coordinator import create_study, delete_study, stop_study
+from hpo_framework.exceptions import StorageError
 from hpo_framework.inspection import STATES, list_studies, summarize
-from hpo_framework.storage import open_storage, redact, resolve_storage_url
+from hpo_framework.storage import (
+    check_url,
+    open_storage,
+    redact,
+    resolve_storage_url,
+    schema_exists,
+)
 from hpo_framework.watch import watch as watch_study
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
 def _open(storage: str | None, config_storage: str | None = None, create: bool = False) -> Any:
+    """The storage; for the reading commands, one line (and no new SQLite file) when it holds
+    no hpo study yet."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return open_storage(
-        resolve_storage_url(storage, config_storage), create_schema=create, role="hpo-cli"
-    )
+    url = check_url(resolve_storage_url(storage, config_storage))
+    if not create:
+        _require_hpo_schema(url)
+    return open_storage(url, create_schema=create, role="hpo-cli")
+
+
+def _require_hpo_schema(url: str) -> None:
+    parsed = make_url(url)
+    hint = "create one with `hpo-coordinator create config.yaml`, or pass --storage"
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        if not Path(parsed.database).exists():
+            raise StorageError(f"no database at {redact(url)}: {hint}")
+    try:
+        found = schema_exists(url)
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        raise StorageError(f"cannot open storage {redact(url)}: {_first_line(e)}") from None
+    if not found:
+        raise StorageError(f"no hpo studies in {redact(url)} (no hpo tables): {hint}")
+
+
+def _first_line(e: BaseException) -> str:
+    inner = getattr(e, "orig", None) or e
+    return " ".join(str(inner).split())[:300]
 
 
 def _fmt(values: list[float] | None) -> str:
@@ -59,7 +95,7 @@ def coordinator() -> None:
     "--set", "assignments", multiple=True, metavar="KEY.PATH=VALUE",
     help="Override a config value, e.g. --set study.n_trials=8 (read as YAML; repeatable).",
 )  # fmt: skip
-@storage_option
+@config_storage_option
 @translate_errors
 def create(
     config_path: str, name: str | None, resume: bool, wait: bool, assignments: tuple[str, ...],
@@ -179,6 +215,11 @@ def inspect_command(
         _emit(json.dumps(summary, indent=2, default=str) + "\n", output)
     elif fmt == "csv":
         _emit(_trials_csv(summary["trials"], summary["directions"]), output)
+    elif output:
+        console = _console()
+        with console.capture() as captured:
+            _print_summary(summary, console=console)
+        _emit(captured.get(), output)
     else:
         _print_summary(summary)
 
@@ -232,8 +273,10 @@ def _print_study_list(rows: list[dict[str, Any]], console: Console) -> None:
     console.print(table)
 
 
-def _print_summary(s: dict[str, Any], stderr: bool = False) -> None:
-    console = _console(stderr)
+def _print_summary(
+    s: dict[str, Any], stderr: bool = False, console: Console | None = None
+) -> None:
+    console = console or _console(stderr)
     budget = "∞" if s["budget"] is None else s["budget"]
     console.print(
         Text.assemble(

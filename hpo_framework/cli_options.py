@@ -17,6 +17,14 @@ storage_option = click.option(
     "--storage",
     envvar=defaults.STORAGE_ENV,
     metavar="URL",
+    help=f"Database URL [env {defaults.STORAGE_ENV}; default {defaults.STORAGE_URL}].",
+)
+
+#: ``create`` also reads the config's ``storage:``.
+config_storage_option = click.option(
+    "--storage",
+    envvar=defaults.STORAGE_ENV,
+    metavar="URL",
     help=f"Database URL [env {defaults.STORAGE_ENV}; default: the config's storage:, "
     f"else {defaults.STORAGE_URL}].",
 )

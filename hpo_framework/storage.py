@@ -54,9 +54,14 @@ def redact(url: str) -> str:
 def check_url(url: str) -> str:
     """The URL if it parses as a database URL; StorageError (password hidden) if not."""
     try:
-        make_url(url)
+        parsed = make_url(url)
     except sqlalchemy.exc.ArgumentError:
         raise StorageError(f"storage URL {redact(url)!r} is not a database URL") from None
+    if parsed.drivername in ("postgres", "postgres+psycopg2"):
+        raise StorageError(
+            f"storage URL {redact(url)!r}: SQLAlchemy does not know 'postgres://'; "
+            "write postgresql+psycopg2://..."
+        )
     return url
 
 

@@ -10,6 +10,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import optuna
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
@@ -286,3 +287,57 @@ def test_names_and_errors_that_look_like_markup_are_printed_as_written(
     assert "FileNotFoundError: no such file [/data/train] [bold]" in detail
     listed = run_cli("hpo-coordinator", "list", url=sqlite_url)
     assert listed.returncode == 0 and name in listed.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["hpo-inspect"],
+        ["hpo-inspect", "s"],
+        ["hpo-coordinator", "list"],
+        ["hpo-coordinator", "stop", "s"],
+    ],
+)
+def test_reading_a_database_without_hpo_studies_is_one_line_and_creates_nothing(
+    args: list[str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.db"
+    result = run_cli(*args, url=f"sqlite:///{missing}")
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"Error: no database at sqlite:///{missing}: create one with "
+        "`hpo-coordinator create config.yaml`, or pass --storage\n"
+    )
+    assert not missing.exists()
+    plain = tmp_path / "plain.db"  # a database of plain Optuna, no hpo tables
+    optuna.create_study(study_name="p", storage=f"sqlite:///{plain}")
+    result = run_cli(*args, url=f"sqlite:///{plain}")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"Error: no hpo studies in sqlite:///{plain} (no hpo tables)")
+
+
+def test_a_postgres_scheme_gets_a_hint(tmp_path: Path) -> None:
+    result = run_cli("hpo-inspect", url="postgres://me@db-host/hpo")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "Error: storage URL 'postgres://me@db-host/hpo': SQLAlchemy does not know "
+        "'postgres://'; write postgresql+psycopg2://...\n"
+    )
+
+
+def test_inspect_writes_the_table_to_output_too(sqlite_url: str, tmp_path: Path) -> None:
+    name = create(tmp_path, sqlite_url, study_={"n_trials": 2})
+    assert start_worker("--idle-exit", "1", url=sqlite_url).wait(timeout=60) == 0
+    out = tmp_path / "summary.txt"
+    result = run_cli("hpo-inspect", name, "-o", str(out), url=sqlite_url)
+    assert result.returncode == 0 and result.stdout == ""
+    assert out.read_text().startswith(f"{name}  state done")
+
+
+def test_storage_help_mentions_the_config_only_where_it_is_read() -> None:
+    def help_text(*args: str) -> str:
+        return " ".join(run_cli(*args, "--help").stdout.split())
+
+    assert "default: the config's storage:" in help_text("hpo-coordinator", "create")
+    for args in (["hpo-inspect"], ["hpo-coordinator", "list"], ["hpo-worker"]):
+        assert "config's" not in help_text(*args)

@@ -281,3 +281,16 @@ def test_cli_reports_bad_config_in_one_line_with_exit_2(tmp_path: Path) -> None:
         == f"Error: {path}: search_space.lr.low: must be > 0 when log is true, got 0\n"
     )
     assert not (tmp_path / "x.db").exists()  # nothing was created for a bad config
+
+
+def test_a_yaml_11_exponent_read_as_text_gets_a_hint(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path / "c.yaml",
+        "study: {name: s}\nsearch_space:\n  lr: {type: float, low: 1e-5, high: 1.0e-1}\n",
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (
+        f"{path}: search_space.lr.low: must be a number, got '1e-5' "
+        "(YAML reads 1e-5 as text; write 1.0e-5)"
+    )
