@@ -7,6 +7,7 @@ import io
 import json
 import signal
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from tests.conftest import (
     start_worker,
     write_config,
 )
-from tests.pool_helpers import create, wait_until
+from tests.pool_helpers import counts, create, wait_until
 
 
 def test_create_prints_the_study_name_last(storage_url: str, tmp_path: Path) -> None:
@@ -341,3 +342,32 @@ def test_storage_help_mentions_the_config_only_where_it_is_read() -> None:
     assert "default: the config's storage:" in help_text("hpo-coordinator", "create")
     for args in (["hpo-inspect"], ["hpo-coordinator", "list"], ["hpo-worker"]):
         assert "config's" not in help_text(*args)
+
+
+def test_idle_exit_does_not_count_the_wait_for_the_coordinator(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """The `make demo` shape with a coordinator slower than --idle-exit: the study is served."""
+    worker = start_worker("--idle-exit", "1", url=sqlite_url, log=tmp_path / "w.log")
+    try:
+        wait_until(
+            "the worker waiting",
+            lambda: "no study created yet" in (tmp_path / "w.log").read_text(),
+            timeout=60,
+        )
+        time.sleep(1.5)  # longer than --idle-exit, on purpose: this wait must not count
+        assert worker.poll() is None
+        name = create(tmp_path, sqlite_url, study_={"n_trials": 3})
+        assert worker.wait(timeout=120) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert counts(sqlite_url, name)["COMPLETE"] == 3
+
+
+def test_idle_exit_on_an_unreachable_database_fails_in_one_line(tmp_path: Path) -> None:
+    url = f"postgresql+psycopg2://u@127.0.0.1:{free_port()}/x"
+    result = run_cli("hpo-worker", "--idle-exit", "1", url=url, timeout=120)
+    assert result.returncode == 1
+    [error] = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert "database unreachable" in error and "(for over --idle-exit 1.0s)" in error

@@ -103,6 +103,9 @@ class Worker:
             return 0
         except ColdShutdown:
             return COLD_EXIT
+        except StorageError as e:
+            log.error("worker %s: %s", self.id, e)
+            return 1
         finally:
             self._executor.close()
             for sig, handler in previous.items():
@@ -114,20 +117,26 @@ class Worker:
         """Workers never create tables: they wait until the coordinator has (Optuna #1092)."""
         where = redact(self.url)
         next_log = 0.0
-        started = time.monotonic()
+        unreachable_since: float | None = None
         while not self._stopping:
             try:
                 if schema_exists(self.url):
                     return open_storage(self.url, create_schema=False, role="hpo-worker")
-                reason = "no study created yet (run hpo-coordinator create)"
+                # Waiting for the coordinator is not idleness: --idle-exit does not count it
+                # (a coordinator slower than --idle-exit must not leave its study unserved).
+                reason, unreachable_since = (
+                    "no study created yet (run hpo-coordinator create)",
+                    None,
+                )
             except (*TRANSIENT_ERRORS, StorageError) as e:  # type: ignore[misc]
                 # Not up yet, restarting, refusing connections: all are waited out.
                 reason = f"database unreachable: {' '.join(str(e).split())[:200]}"
+                unreachable_since = unreachable_since or time.monotonic()
             if time.monotonic() >= next_log:
                 log.info("worker %s: waiting for %s: %s", self.id, where, reason)
                 next_log = time.monotonic() + defaults.SCHEMA_WAIT_LOG_EVERY
-            if self._idle_expired(started):
-                return None
+            if unreachable_since is not None and self._idle_expired(unreachable_since):
+                raise StorageError(f"{where}: {reason} (for over --idle-exit {self.idle_exit}s)")
             self._wake.wait(1.0)
         return None
 
@@ -135,6 +144,8 @@ class Worker:
 
     def _loop(self, storage: optuna.storages.RDBStorage, heartbeat: Heartbeat) -> None:
         registry = Registry(storage.engine)
+        if self.study_filter is not None:
+            self._check_study_filter(registry)
         idle_since = time.monotonic()
         wait = defaults.IDLE_POLL_MIN
         waiting_logged = False
@@ -210,6 +221,15 @@ class Worker:
         log.error("worker %s: study %r failed: %s", self.id, record.name, error)
         self._broken.add(record.study_id)
         self._handles.pop(record.study_id, None)
+
+    def _check_study_filter(self, registry: Registry) -> None:
+        """Say once, with the names there are, when --study names no study (yet)."""
+        if with_db_retry(lambda: registry.find(self.study_filter or ""), "reading") is None:
+            names = [r.name for r in with_db_retry(registry.all, "listing studies")]
+            log.warning(
+                "worker %s: no study named %r (yet); studies here: %s", self.id,
+                self.study_filter, ", ".join(repr(n) for n in names) or "none",
+            )  # fmt: skip
 
     def _idle_expired(self, since: float) -> bool:
         return self.idle_exit is not None and time.monotonic() - since >= self.idle_exit
