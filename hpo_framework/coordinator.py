@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import optuna
 
@@ -74,7 +76,9 @@ def create_study(
         if resume and (record := _wait_registered(registry, name)) is not None:
             return _resume(registry, record, config, resume, storage)
         raise StudyExistsError(f"study {name!r} was just created by someone else") from None
-    study.set_user_attr("hpo_config", dict(config.raw))
+    # Short attributes for Optuna's own tools; the whole config lives in hpo_studies.
+    study.set_user_attr("hpo_session", config.session)
+    study.set_user_attr("hpo_config_hash", config.hash[:12])
     study.set_user_attr("hpo_version", __version__)
     for point in config.enqueue:
         study.enqueue_trial(dict(point))
@@ -84,13 +88,21 @@ def create_study(
         budget=budget,
         max_failures=config.study.max_failed_trials,
         timeout=config.study.timeout,
-        config=config.raw,
+        config=_without_secrets(config.raw),
         config_hash=config.hash,
         session_ref=config.session,
         version=__version__,
     )
     log.info("created study %r in %s (budget %s)", name, redact(storage.url), budget)
     return registry.get(name)
+
+
+def _without_secrets(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as stored in the database: a ``storage:`` URL keeps no password there."""
+    stored = dict(raw)
+    if isinstance(stored.get("storage"), str):
+        stored["storage"] = redact(stored["storage"])
+    return stored
 
 
 def _wait_registered(registry: Registry, name: str, seconds: float = 10.0) -> StudyRecord | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import socket
 import sqlite3
 import time
@@ -43,10 +44,15 @@ def resolve_storage_url(explicit: str | None = None, config_storage: str | None 
     return defaults.STORAGE_URL
 
 
+#: Query parameters that carry a secret (``?password=...``), masked like the password.
+_SECRET_QUERY = re.compile(r"([?&][^=&]*(?:password|passwd|pwd|secret|token)[^=&]*=)[^&]*", re.I)
+
+
 def redact(url: str) -> str:
-    """The URL as it may be printed: the password replaced by ``***``."""
+    """The URL as it may be printed: the password (also one in the query) replaced by ``***``."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        text = make_url(url).render_as_string(hide_password=True)
+        return _SECRET_QUERY.sub(r"\1***", text)
     except Exception:  # unparsable: show no more than the scheme, which holds no secret
         return url.split("://", 1)[0] + "://..." if "@" in url else url
 

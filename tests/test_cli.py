@@ -371,3 +371,22 @@ def test_idle_exit_on_an_unreachable_database_fails_in_one_line(tmp_path: Path) 
     assert result.returncode == 1
     [error] = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert "database unreachable" in error and "(for over --idle-exit 1.0s)" in error
+
+
+def test_secrets_in_urls_are_never_printed_nor_stored(pg_url: str, tmp_path: Path) -> None:
+    secret_url = f"{pg_url}?password=s3cret-q"
+    config = make_config(storage="postgresql+psycopg2://u:s3cret-c@db-host/x")
+    path = write_config(tmp_path / "c.yaml", config)
+    first = run_cli("hpo-coordinator", "create", str(path), url=secret_url)
+    again = run_cli("hpo-coordinator", "create", str(path), url=secret_url)
+    assert first.returncode == 0 and again.returncode == 2
+    for result in (first, again):
+        assert "s3cret" not in result.stdout + result.stderr
+    assert "password=***" in first.stdout
+    engine = sa.create_engine(pg_url)
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text("select config_json from hpo_studies")).scalar_one()
+        attrs = conn.execute(sa.text("select key from study_user_attributes")).scalars().all()
+    engine.dispose()
+    assert "s3cret" not in stored and "u:***@db-host" in stored
+    assert set(attrs) == {"hpo_session", "hpo_config_hash", "hpo_version"}
