@@ -359,6 +359,8 @@ def _answer(link: TrialLink, value: float, step: int) -> tuple[Any, ...]:
         return ("prune", str(e))
     except TrialLost as e:
         return ("lost", str(e))
+    except Exception as e:  # e.g. the database gone for longer than the retry deadline
+        return ("error", f"report() failed: {describe_error(e)}")
     return ("continue",)
 
 
@@ -375,6 +377,8 @@ class _PipeLink:
             raise TrialPruned(answer[1])
         if answer[0] == "lost":
             raise TrialLost(answer[1])
+        if answer[0] == "error":
+            raise SessionError(answer[1])
 
 
 def _serve(conn: Connection) -> None:

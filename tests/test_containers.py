@@ -235,23 +235,23 @@ def test_down_leaves_nothing_behind(compose: Compose) -> None:
     assert compose.leftovers() == []
 
 
-def test_the_image_runs_as_non_root(docker_image: str) -> None:
+def _in_image(image: str, *command: str) -> str:
     result = subprocess.run(
-        ["docker", "run", "--rm", "--entrypoint", "id", docker_image, "-u"],
+        ["docker", "run", "--rm", "--entrypoint", command[0], image, *command[1:]],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert int(result.stdout) != 0
+    return result.stdout
+
+
+def test_the_image_runs_as_non_root(docker_image: str) -> None:
+    assert int(_in_image(docker_image, "id", "-u")) != 0
 
 
 def test_the_image_has_the_package_and_its_commands(docker_image: str) -> None:
-    result = subprocess.run(
-        ["docker", "run", "--rm", "--entrypoint", "hpo-coordinator", docker_image, "--version"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    local = run_cli("hpo-coordinator", "--version")
-    assert result.stdout == local.stdout
+    assert _in_image(docker_image, "hpo-coordinator", "--version") == (
+        run_cli("hpo-coordinator", "--version").stdout
+    )
 
 
 def test_override_files_validate(docker_image: str) -> None:

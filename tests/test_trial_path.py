@@ -64,6 +64,18 @@ def test_prune_and_lost_answers_stop_the_session(executor: ProcessExecutor) -> N
     assert result.kind == "lost"
 
 
+def test_a_report_the_supervisor_cannot_save_fails_the_trial(executor: ProcessExecutor) -> None:
+    class Broken:
+        def report(self, value: float, step: int) -> None:
+            raise RuntimeError("database unavailable while reporting a step")
+
+    result = executor.run("tests.sessions:reports_steps", {"x": 1.0}, Broken(), 1, None)
+    assert result.kind == "failed"
+    assert result.error == (
+        "report() failed: RuntimeError: database unavailable while reporting a step"
+    )
+
+
 def test_a_dead_executor_is_replaced_for_the_next_call(executor: ProcessExecutor) -> None:
     died = executor.run("tests.sessions:exits_hard", {"x": -1.0}, Link(), 1, None)
     assert (died.kind, died.error) == ("failed", "session process exited with status 3")
