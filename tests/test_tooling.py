@@ -15,9 +15,8 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_is_clean() -> None:
-    result = run(
-        str(BIN / "ruff"), "check", "hpo_framework", "workers", "experiments", "tests", "bench"
-    )
+    # Not experiments/: that is the user's code, and their lint is not this suite's business.
+    result = run(str(BIN / "ruff"), "check", "hpo_framework", "workers", "tests", "bench")
     assert result.returncode == 0, result.stdout
 
 
@@ -36,6 +35,7 @@ def test_benchmark_script_runs_at_a_tiny_size() -> None:
         if line.startswith("| ")
     }
     expected = {"overhead", "scaling", "budget", "start-up", "growth", "connections"}
+    expected |= {"executor hop", "executor start"}
     assert expected | {"branin", "hartmann6"} <= set(rows)
     assert rows["budget"][1] == "0"  # hpo's budget overshoot
     assert rows["connections"][1].endswith("/ 0")  # no worker failed
