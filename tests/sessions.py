@@ -193,3 +193,10 @@ def returns_numpy(cfg: dict[str, Any]) -> Any:
 
 def raises_markup(cfg: dict[str, Any]) -> float:
     raise FileNotFoundError("no such file [/data/train] [bold]")
+
+
+def killed_like_oom(cfg: dict[str, Any]) -> float:
+    """What the kernel's OOM killer does to a session: SIGKILL, no say in it."""
+    import signal
+
+    return _misbehave_if_negative(cfg, lambda: os.kill(os.getpid(), signal.SIGKILL))

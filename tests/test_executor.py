@@ -35,6 +35,7 @@ MISBEHAVIOURS = [
     ("raises_keyboard_interrupt", "KeyboardInterrupt"),
     ("segfaults", "session process killed by SIGSEGV"),
     ("exits_hard", "session process exited with status 3"),
+    ("killed_like_oom", "session process killed by SIGKILL (out of memory?)"),
 ]
 
 
