@@ -124,9 +124,9 @@ class StudyHandle:
         Returns how many trials ran, and the outcome that broke the study's contract (the
         study is failed then), if one did.
         """
-        self.sweep_stale()
         ran = 0
         while not stopping() and (until is None or time.monotonic() < until):
+            self.sweep_stale()  # at most once per heartbeat interval
             outcome = self.run_one(heartbeat)
             if outcome is None:
                 break
