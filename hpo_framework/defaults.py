@@ -15,6 +15,8 @@ STORAGE_ENV = "HPO_STORAGE"
 #: Module prefixes a worker may import a session from (``HPO_SESSION_MODULES``, comma separated).
 SESSION_MODULES = ("experiments",)
 SESSION_MODULES_ENV = "HPO_SESSION_MODULES"
+#: Set to 1 to allow samplers that unpickle state stored in the database (``cmaes``).
+ALLOW_PICKLE_ENV = "HPO_UNSAFE_ALLOW_PICKLE"
 
 # Per-study values, overridable in config.yaml under ``study:``.
 N_TRIALS = 50
@@ -22,12 +24,6 @@ MAX_FAILED_TRIALS = 10
 HEARTBEAT_INTERVAL = 5.0  # seconds between two heartbeats of a running trial
 GRACE_PERIOD = 20.0  # a running trial silent this long is failed and its params retried
 MAX_RETRIES = 2  # re-evaluations of one failed trial's parameters
-#: Allowance for worker clocks when judging trials by Optuna's start time (workers' clocks).
-CLOCK_SKEW_S = 60.0
-#: A claimed ticket not turned into a heartbeat-covered trial within this long is handed back
-#: (its worker died in between). Claim to cover takes milliseconds, but a host with many more
-#: workers than cores can stall a process for seconds, so this is far above grace_period.
-LEASE_TIMEOUT_S = float(os.environ.get("HPO_LEASE_TIMEOUT", "60"))
 
 # Per-process values of the worker.
 IDLE_POLL_MIN = 0.1  # first wait when no study has work (seconds)
@@ -38,6 +34,16 @@ SCHEMA_WAIT_LOG_EVERY = 30.0  # how often a waiting worker repeats its "waiting"
 DB_RETRY_MAX_WAIT = 5.0  # cap of the exponential backoff between two tries
 DB_RETRY_DEADLINE = float(os.environ.get("HPO_DB_RETRY_DEADLINE", "600"))  # give up after
 SQLITE_BUSY_TIMEOUT_S = 60.0
+#: How often a live process looks for lost workers' tickets (seconds).
+SWEEP_INTERVAL_S = 1.0
+
+# Settings of every hpo connection to PostgreSQL (seconds).
+PG_CONNECT_TIMEOUT_S = 10
+PG_KEEPALIVE_IDLE_S, PG_KEEPALIVE_INTERVAL_S, PG_KEEPALIVE_COUNT = 30, 10, 3
+PG_TCP_USER_TIMEOUT_S = 60.0  # unacknowledged data this long: the connection is dead
+PG_LOCK_TIMEOUT_S = float(os.environ.get("HPO_PG_LOCK_TIMEOUT", "10"))
+#: A transaction of a frozen process (SIGSTOP, a paused VM) holds its locks at most this long.
+PG_IDLE_IN_TRANSACTION_TIMEOUT_S = float(os.environ.get("HPO_PG_IDLE_IN_TRANSACTION_TIMEOUT", "5"))
 
 #: Connections a worker process may hold: one for the trial loop, one for the heartbeat.
 POOL_SIZE = 1

@@ -2,7 +2,7 @@
 
 ``hpo_studies`` holds what a worker needs to serve a study (the stored config, the session
 reference) and the budget as a counter of *tickets*. A worker runs a trial only after winning a
-ticket with one conditional UPDATE, so the number of trials never exceeds ``n_trials`` however
+ticket (``hpo_framework.tickets``), so the number of trials never exceeds ``n_trials`` however
 many workers race; a failed trial hands its ticket back so its parameters can run again.
 """
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from hpo_framework.exceptions import StudyNotFoundError
-from hpo_framework.optuna_tables import heartbeats
+from hpo_framework.optuna_tables import studies
 
 metadata = sa.MetaData()
 hpo_studies = sa.Table(
@@ -39,17 +39,19 @@ hpo_studies = sa.Table(
     sa.Column("error", sa.Text, nullable=True),  # why a study was failed by the framework
 )
 
-#: A ticket between its claim and the moment its trial is covered by a heartbeat. A worker
-#: killed in that window leaves its lease behind; live workers reclaim it after the grace
-#: period and hand the ticket back (see ``reclaim_leases``).
-hpo_leases = sa.Table(
-    "hpo_leases",
+#: One row per trial in flight: the budget's tickets and their heartbeats (``tickets``).
+hpo_tickets = sa.Table(
+    "hpo_tickets",
     metadata,
-    sa.Column("lease_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("ticket_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("ticket_key", sa.String(64), nullable=False, unique=True),
     sa.Column("study_id", sa.Integer, nullable=False, index=True),
-    sa.Column("worker", sa.String(300), nullable=False),
-    sa.Column("claimed_at", sa.Float, nullable=False),  # epoch seconds, database clock
+    sa.Column("worker", sa.String(300), nullable=False),  # the holder: claimer or recoverer
+    sa.Column("trial_id", sa.Integer, nullable=True),  # set once the trial exists
+    sa.Column("grace", sa.Float, nullable=False),  # seconds of silence before it is stale
+    sa.Column("beat_at", sa.Float, nullable=False),  # epoch seconds, database clock
 )
+
 
 OPEN, STOPPED, FAILED = "open", "stopped", "failed"
 
@@ -115,6 +117,8 @@ class Registry:
         version: str,
     ) -> None:
         with self.engine.begin() as conn:
+            # The row of a same-named study that Optuna's tools deleted under us.
+            conn.execute(hpo_studies.delete().where(hpo_studies.c.study_name == name))
             now = conn.execute(sa.select(self._now)).scalar_one()
             conn.execute(
                 hpo_studies.insert().values(
@@ -150,90 +154,9 @@ class Registry:
     def open(self) -> list[StudyRecord]:
         return self._select(hpo_studies.c.state == OPEN)
 
-    def claim_ticket(self, study_id: int, worker: str) -> int | None:
-        """Take one unit of budget; the lease id if this process won it, else None.
-
-        One conditional UPDATE: the database serializes concurrent claimers on the row, and
-        only those that still see ``claimed < budget`` get a row count of 1. This is what makes
-        the budget exact, where counting finished trials after the fact overshoots. The lease
-        is written in the same transaction, so a claim never exists without one.
-        """
-        c = hpo_studies.c
-        stmt = (
-            hpo_studies.update()
-            .where(c.study_id == study_id, c.state == OPEN)
-            .where(sa.or_(c.budget.is_(None), c.claimed < c.budget))
-            .where(sa.or_(c.deadline.is_(None), c.deadline > self._now))
-            .values(claimed=c.claimed + 1)
-        )
-        with self.engine.begin() as conn:
-            if conn.execute(stmt).rowcount != 1:
-                return None
-            lease = hpo_leases.insert().values(
-                study_id=study_id, worker=worker, claimed_at=self._now
-            )
-            return int(conn.execute(lease.returning(hpo_leases.c.lease_id)).scalar_one())
-
-    def cover_trial(self, lease_id: int, trial_id: int) -> bool:
-        """Turn a lease into the trial's first heartbeat, atomically; False if it was reclaimed.
-
-        From here on the trial's heartbeat stands for the ticket: the stale sweep returns it
-        if the worker dies. Doing both in one transaction means a ticket is never covered twice
-        (lease reclaimed *and* stale trial failed) nor not at all. Safe to retry: a heartbeat
-        already there means an earlier try committed.
-        """
-        with self.engine.begin() as conn:
-            beat = sa.select(heartbeats.c.trial_id).where(heartbeats.c.trial_id == trial_id)
-            if conn.execute(beat).first() is not None:
-                return True
-            gone = conn.execute(hpo_leases.delete().where(hpo_leases.c.lease_id == lease_id))
-            if gone.rowcount != 1:
-                return False
-            conn.execute(
-                heartbeats.insert().values(
-                    trial_id=trial_id, heartbeat=sa.func.current_timestamp()
-                )
-            )
-        return True
-
-    def reclaim_leases(self, study_id: int, older_than: float) -> list[str]:
-        """Hand back the tickets of leases older than ``older_than`` seconds (their workers died
-        or froze between claim and trial); returns those workers. One winner per lease: the
-        DELETE locks the rows it removes."""
-        stale = sa.and_(
-            hpo_leases.c.study_id == study_id, hpo_leases.c.claimed_at < self._now - older_than
-        )
-        with self.engine.begin() as conn:
-            gone = conn.execute(hpo_leases.delete().where(stale).returning(hpo_leases.c.worker))
-            workers = [str(w) for (w,) in gone]
-            if workers:
-                c = hpo_studies.c
-                conn.execute(
-                    hpo_studies.update()
-                    .where(c.study_id == study_id)
-                    .values(claimed=c.claimed - len(workers))
-                )
-        return workers
-
-    def return_ticket(self, study_id: int, *, failed: bool) -> str:
-        """Give a ticket back (its trial failed, or never started); returns the study's state.
-
-        A failure also counts towards ``max_failures``; the study that reaches it is failed in
-        the same statement, so no worker claims a ticket of it afterwards.
-        """
-        c = hpo_studies.c
-        failures = c.failures + (1 if failed else 0)
-        reached = sa.and_(c.state == OPEN, c.max_failures.is_not(None), failures >= c.max_failures)
-        values: dict[str, Any] = {"claimed": c.claimed - 1, "failures": failures}
-        if failed:
-            values["state"] = sa.case((reached, FAILED), else_=c.state)
-            values["error"] = sa.case(
-                (reached, sa.literal("max_failed_trials reached")), else_=c.error
-            )
-        with self.engine.begin() as conn:
-            conn.execute(hpo_studies.update().where(c.study_id == study_id).values(**values))
-            state = conn.execute(sa.select(c.state).where(c.study_id == study_id)).scalar_one()
-        return str(state)
+    def by_id(self, study_id: int) -> StudyRecord | None:
+        records = self._select(hpo_studies.c.study_id == study_id)
+        return records[0] if records else None
 
     def set_state(self, name: str, state: str, error: str | None = None) -> bool:
         """Move an open study to ``state``; False if it was not open."""
@@ -261,10 +184,13 @@ class Registry:
             conn.execute(hpo_studies.delete().where(hpo_studies.c.study_name == name))
 
     def _select(self, where: Any) -> list[StudyRecord]:
+        # A study deleted with Optuna's own tools (``optuna delete-study``) leaves its row
+        # here; it is no study any more, for the pool as for every listing.
+        alive = sa.exists().where(studies.c.study_id == hpo_studies.c.study_id)
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(hpo_studies, self._now.label("now"))
-                .where(where)
+                .where(where, alive)
                 .order_by(hpo_studies.c.study_id)
             ).all()
         return [

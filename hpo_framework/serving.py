@@ -15,9 +15,10 @@ import optuna
 
 from hpo_framework import defaults
 from hpo_framework.config import Config
-from hpo_framework.exceptions import HPOError, MissingPackageError, StorageError
+from hpo_framework.exceptions import HostConfigError, HPOError, StorageError
 from hpo_framework.executor import ProcessExecutor
 from hpo_framework.heartbeat import Heartbeat
+from hpo_framework.recovery import Sweeper
 from hpo_framework.registry import FAILED, Registry, StudyRecord
 from hpo_framework.storage import (
     TRANSIENT_ERRORS,
@@ -26,6 +27,7 @@ from hpo_framework.storage import (
     schema_exists,
     with_db_retry,
 )
+from hpo_framework.tickets import Tickets
 from hpo_framework.trial_attrs import CANNOT_SERVE_PREFIX
 from hpo_framework.trials import StudyHandle
 
@@ -40,6 +42,8 @@ __all__ = [
     "StorageError",
     "StudyHandle",
     "StudyRecord",
+    "Sweeper",
+    "Tickets",
     "defaults",
     "load_for_serving",
     "note_cannot_serve",
@@ -63,13 +67,14 @@ def load_for_serving(
     record: StudyRecord,
     executor: ProcessExecutor,
     worker_id: str,
+    sweeper: Sweeper | None = None,
 ) -> StudyHandle:
     """The study, ready to run trials in this worker; InvalidStudy or CannotServeHere if not."""
     try:
         config = Config.stored(record.name, record.config)
         if not record.session_ref:
             raise HPOError(f"study {record.name!r} has no session reference")
-    except MissingPackageError as e:  # e.g. no torch here for the gp sampler
+    except HostConfigError as e:  # e.g. no torch here for the gp sampler
         raise CannotServeHere(str(e)) from e
     except HPOError as e:
         raise InvalidStudy(str(e)) from e
@@ -77,7 +82,7 @@ def load_for_serving(
         executor.check(record.session_ref)
         return StudyHandle(
             storage, record, config, executor,
-            worker_id=worker_id, worker_index=zlib.crc32(worker_id.encode()),
+            worker_id=worker_id, worker_index=zlib.crc32(worker_id.encode()), sweeper=sweeper,
         )  # fmt: skip
     except (HPOError, ImportError) as e:
         raise CannotServeHere(str(e)) from e

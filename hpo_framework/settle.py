@@ -1,53 +1,81 @@
-"""Settling a failed trial: its point runs again (within ``max_retries``), *then* its ticket
-goes back to the budget. The order is what the exact budget relies on: the next ticket holder
-must find the re-queued point, so it lives here and nowhere else."""
+"""Settling a ticket whose trial failed: its point runs again (within ``max_retries``), *then*
+the ticket goes back to the budget. The order is what the exact budget relies on (the next
+ticket holder must find the re-queued point), so it lives here and nowhere else.
+
+Both steps are idempotent: the retry carries the failed trial's id, so re-queueing again after
+a lost answer (or a recoverer finishing what a lost settler began) finds it and adds nothing;
+the ticket is settled by one conditional statement (``Tickets.settle``).
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from optuna.trial import FrozenTrial
+import optuna
+from optuna.trial import FrozenTrial, TrialState
 
-from hpo_framework.registry import OPEN
+from hpo_framework.optuna_tables import create_trial_once, trial_with_system_attr
+from hpo_framework.registry import OPEN, Registry
 from hpo_framework.storage import with_db_retry
-from hpo_framework.trial_attrs import ATTEMPT_ATTR, RETRY_OF_ATTR
-
-if TYPE_CHECKING:
-    from hpo_framework.trials import StudyHandle
+from hpo_framework.tickets import Tickets
+from hpo_framework.trial_attrs import ATTEMPT_ATTR, REQUEUED_FROM_ATTR, RETRY_OF_ATTR
 
 log = logging.getLogger("hpo.trial")
 
 
-def settle_failure(handle: StudyHandle, failed: FrozenTrial, *, ticket: bool = True) -> None:
-    """A failed trial's parameters run again (up to max_retries), its ticket is returned.
+@dataclass(frozen=True)
+class Ledger:
+    """What settling needs to know of a study, whether this process serves it or not."""
 
-    The point is enqueued before the ticket goes back, so the next ticket holder finds it.
-    ``ticket=False`` for a trial whose ticket was already handed back with its lease.
-    """
-    attempt = int(failed.user_attrs.get(ATTEMPT_ATTR, 0))
-    params = failed.params or failed.system_attrs.get("fixed_params") or {}
-    if params and attempt < handle.config.study.max_retries and _goes_on(handle):
-        root = failed.user_attrs.get(RETRY_OF_ATTR, failed.number)
-        with_db_retry(
-            lambda: handle.study.enqueue_trial(
-                params, user_attrs={RETRY_OF_ATTR: root, ATTEMPT_ATTR: attempt + 1}
-            ),
-            "re-queueing a failed trial",
-        )
-    if not ticket:
-        return
+    storage: optuna.storages.RDBStorage
+    registry: Registry
+    tickets: Tickets
+    study_id: int
+    name: str
+    max_retries: int
+
+
+def settle_failure(
+    ledger: Ledger, failed: FrozenTrial, ticket_id: int, worker: str, *, failure: bool = True
+) -> None:
+    """Re-queue the failed trial's point (once), then give its ticket back."""
+    requeue_once(ledger, failed)
     state = with_db_retry(
-        lambda: handle.registry.return_ticket(handle.record.study_id, failed=True),
+        lambda: ledger.tickets.settle(ticket_id, worker, returned=True, failure=failure),
         "returning a ticket",
     )
-    if state != OPEN:
-        log.error("study=%s stopped: %s", handle.name, "max_failed_trials reached")
+    if state is not None and state != OPEN:
+        log.error("study=%s stopped: %s", ledger.name, "max_failed_trials reached")
 
 
-def _goes_on(handle: StudyHandle) -> bool:
+def requeue_once(ledger: Ledger, failed: FrozenTrial) -> None:
+    """Enqueue the failed trial's parameters again, unless retries are used up, the study
+    does not go on, or this failed trial was re-queued already."""
+    attempt = int(failed.user_attrs.get(ATTEMPT_ATTR, 0))
+    params = failed.params or failed.system_attrs.get("fixed_params") or {}
+    if not params or attempt >= ledger.max_retries or not _goes_on(ledger):
+        return
+    root = failed.user_attrs.get(RETRY_OF_ATTR, failed.number)
+    retry = optuna.trial.create_trial(
+        state=TrialState.WAITING,
+        system_attrs={"fixed_params": dict(params), REQUEUED_FROM_ATTR: failed._trial_id},
+        user_attrs={RETRY_OF_ATTR: root, ATTEMPT_ATTR: attempt + 1},
+    )
+
+    def requeue() -> None:
+        if trial_with_system_attr(ledger.storage, REQUEUED_FROM_ATTR, failed._trial_id):
+            return  # an earlier try committed (its answer was lost), or a settler before us
+        create_trial_once(ledger.storage, ledger.study_id, retry)
+
+    with_db_retry(requeue, "re-queueing a failed trial")
+
+
+def _goes_on(ledger: Ledger) -> bool:
     """Whether the study stays open after one more failure (no retry for a study that
     this failure stops: its point would be left WAITING)."""
-    record = with_db_retry(lambda: handle.registry.get(handle.name), "reading")
+    record = with_db_retry(lambda: ledger.registry.by_id(ledger.study_id), "reading")
+    if record is None:
+        return False
     limit = record.max_failures
     return record.state == OPEN and (limit is None or record.failures + 1 < limit)

@@ -27,13 +27,79 @@ from hpo_framework.exceptions import StorageError
 log = logging.getLogger("hpo.storage")
 T = TypeVar("T")
 
-#: Errors that mean "the database is not reachable right now", worth waiting out.
+#: Exception types that may mean "the database is not reachable right now"; which of them
+#: really do is decided by :func:`is_transient`.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.OperationalError,
     sqlalchemy.exc.InterfaceError,
     sqlalchemy.exc.TimeoutError,
     optuna.exceptions.StorageInternalError,
 )
+
+#: SQLSTATE classes and codes worth waiting out: connection exceptions (08), insufficient
+#: resources (53, e.g. too many connections), operator intervention (57: shutdown, restart,
+#: cancel), transaction rollback (40: serialization failure, deadlock), lock not available
+#: (55P03, our lock_timeout), and sessions the server ended (25P03 idle in transaction).
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40")
+_TRANSIENT_SQLSTATES = ("55P03", "25P03", "58030")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` is a connection-level failure (retry) rather than a refusal of what
+    was asked (fail at once: retrying a "value too long" only wastes the retry deadline).
+
+    Optuna wraps every SQLAlchemy error as StorageInternalError, so the cause chain is
+    walked down to the driver's error and classified by its SQLSTATE or disconnect flag.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sqlalchemy.exc.TimeoutError):  # no pooled connection free
+            return True
+        if isinstance(current, sqlalchemy.exc.DBAPIError):
+            if current.connection_invalidated:
+                return True
+            current = current.orig
+            continue
+        code = getattr(current, "pgcode", None) or getattr(current, "sqlstate", None)
+        if code:
+            return code[:2] in _TRANSIENT_SQLSTATE_CLASSES or code in _TRANSIENT_SQLSTATES
+        if isinstance(current, sqlite3.OperationalError):
+            text = str(current).lower()
+            return "locked" in text or "busy" in text or "unable to open" in text
+        if type(current).__module__.startswith("psycopg") and type(current).__name__ in (
+            "OperationalError", "InterfaceError",
+        ):  # fmt: skip
+            return True  # no SQLSTATE: the connection failed or closed (server gone, reset)
+        current = current.__cause__ or current.__context__
+    return False
+
+
+class DatabaseHealth:
+    """How long this process has reached the database without a failure.
+
+    A sweeper judges other workers' silence only once it has itself been connected for their
+    whole grace period: a silence that may have been the database's outage (or this
+    process's cut link) is no evidence that a worker is lost.
+    """
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+
+    def ok(self) -> None:
+        if self._since is None:
+            self._since = time.monotonic()
+
+    def failed(self) -> None:
+        self._since = None
+
+    def connected_for(self) -> float:
+        since = self._since
+        return 0.0 if since is None else time.monotonic() - since
+
+
+DB_HEALTH = DatabaseHealth()
 
 
 def resolve_storage_url(explicit: str | None = None, config_storage: str | None = None) -> str:
@@ -111,7 +177,7 @@ def schema_exists(url: str) -> bool:
         tables = set(sqlalchemy.inspect(engine).get_table_names())
     finally:
         engine.dispose()
-    return {"studies", "trials", "version_info", "hpo_studies"} <= tables
+    return {"studies", "trials", "version_info", "hpo_studies", "hpo_tickets"} <= tables
 
 
 def engine_kwargs(backend: str, role: str, database: str | None = None) -> dict[str, Any]:
@@ -128,11 +194,20 @@ def engine_kwargs(backend: str, role: str, database: str | None = None) -> dict[
     elif backend == "postgresql":
         kwargs["connect_args"] = {
             "application_name": f"{role}:{socket.gethostname()}:{os.getpid()}"[:63],
-            "connect_timeout": 10,
+            "connect_timeout": defaults.PG_CONNECT_TIMEOUT_S,
+            # A host lost mid-request is noticed in about a minute, not hours.
             "keepalives": 1,
-            "keepalives_idle": 30,
-            "keepalives_interval": 10,
-            "keepalives_count": 3,
+            "keepalives_idle": defaults.PG_KEEPALIVE_IDLE_S,
+            "keepalives_interval": defaults.PG_KEEPALIVE_INTERVAL_S,
+            "keepalives_count": defaults.PG_KEEPALIVE_COUNT,
+            "tcp_user_timeout": int(defaults.PG_TCP_USER_TIMEOUT_S * 1000),
+            # No hpo session waits on a lock for long, and none holds one while frozen: the
+            # server ends a transaction left idle (a paused VM, a stopped process).
+            "options": (
+                f"-c lock_timeout={int(defaults.PG_LOCK_TIMEOUT_S * 1000)} "
+                "-c idle_in_transaction_session_timeout="
+                f"{int(defaults.PG_IDLE_IN_TRANSACTION_TIMEOUT_S * 1000)} -c TimeZone=UTC"
+            ),
         }
     return kwargs
 
@@ -142,6 +217,9 @@ def with_db_retry(op: Callable[[], T], what: str, deadline: float | None = None)
 
     Used around every database step of a worker, so a dropped connection or a server restart
     delays work instead of ending it. Gives up (StorageError) after ``DB_RETRY_DEADLINE``.
+    Only connection-level failures are retried (:func:`is_transient`); any other database
+    error is a StorageError at once, with the database's reason. Steps run here must be
+    idempotent: a step whose answer was lost is run again.
     """
     give_up = time.monotonic() + (defaults.DB_RETRY_DEADLINE if deadline is None else deadline)
     wait = 0.1
@@ -149,7 +227,10 @@ def with_db_retry(op: Callable[[], T], what: str, deadline: float | None = None)
     while True:
         try:
             result = op()
-        except TRANSIENT_ERRORS as e:
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+            if not is_transient(e):
+                raise StorageError(f"database refused {what}: {_reason(e)}") from e
+            DB_HEALTH.failed()
             failures += 1
             if time.monotonic() + wait > give_up:
                 raise StorageError(f"database unavailable while {what}: {_reason(e)}") from e
@@ -158,6 +239,7 @@ def with_db_retry(op: Callable[[], T], what: str, deadline: float | None = None)
             time.sleep(wait * (0.5 + random.random()))
             wait = min(wait * 2, defaults.DB_RETRY_MAX_WAIT)
             continue
+        DB_HEALTH.ok()
         if failures:
             log.warning("database is back; %s succeeded after %d retries", what, failures)
         return result

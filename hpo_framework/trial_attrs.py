@@ -9,6 +9,9 @@ from optuna.trial import FrozenTrial
 #: User attributes every trial carries (shown by hpo-inspect and optuna-dashboard).
 WORKER_ATTR, ERROR_ATTR = "worker", "error"
 RETRY_OF_ATTR, ATTEMPT_ATTR = "retry_of", "attempt"
+#: System attributes (hidden from users): the ticket a trial was created on, and the failed
+#: trial a retry re-queues (what makes re-queueing idempotent).
+TICKET_ATTR, REQUEUED_FROM_ATTR = "hpo:ticket", "hpo:requeued_from"
 #: Study user attribute (+ worker id) a worker writes when it cannot serve the study on its host.
 CANNOT_SERVE_PREFIX = "hpo:cannot_serve:"
 

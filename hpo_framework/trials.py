@@ -2,18 +2,22 @@
 
 This is the whole data path of a trial::
 
-    ticket (registry) -> trial row (waiting point or new) -> heartbeat -> params (param_sampler)
-    -> cfg = static + params -> session(cfg) in the executor -> checked score -> tell
-    -> on failure: settle (re-queue the point, return the ticket)
+    ticket (tickets; heartbeat from here) -> trial row (waiting point or new, bound to the
+    ticket) -> params (param_sampler) -> cfg = static + params -> session(cfg) in the executor
+    -> checked score -> tell -> settle the ticket (on failure: re-queue the point, then
+    return the ticket)
 
 Both ``run_hpo`` (one process) and ``hpo-worker`` (many) run trials through ``StudyHandle``.
-Failures are settled in ``settle``; the trials of dead workers are recovered in ``recovery``.
+Failures are settled in ``settle``; the tickets of lost workers are recovered in ``recovery``.
+Every database step here is idempotent, so ``with_db_retry`` may replay one whose answer was
+lost.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,18 +25,19 @@ from datetime import datetime
 import optuna
 from optuna.trial import TrialState
 
-from hpo_framework import recovery
 from hpo_framework.algorithms import build_pruner, build_sampler, worker_seed
 from hpo_framework.config import Config
 from hpo_framework.exceptions import TrialLost, TrialPruned
 from hpo_framework.executor import InProcessExecutor, ProcessExecutor, describe_error
 from hpo_framework.heartbeat import Heartbeat
-from hpo_framework.optuna_tables import has_waiting_trials
+from hpo_framework.optuna_tables import create_trial_once, has_waiting_trials, remember
 from hpo_framework.param_sampler import merge
-from hpo_framework.registry import Registry, StudyRecord
-from hpo_framework.settle import settle_failure
+from hpo_framework.recovery import Sweeper
+from hpo_framework.registry import OPEN, Registry, StudyRecord
+from hpo_framework.settle import Ledger, settle_failure
 from hpo_framework.storage import with_db_retry
-from hpo_framework.trial_attrs import ERROR_ATTR, WORKER_ATTR
+from hpo_framework.tickets import Tickets
+from hpo_framework.trial_attrs import ERROR_ATTR, TICKET_ATTR, WORKER_ATTR
 
 log = logging.getLogger("hpo.trial")
 
@@ -80,9 +85,11 @@ class StudyHandle:
         *,
         worker_id: str,
         worker_index: int = 0,
+        sweeper: Sweeper | None = None,
     ) -> None:
         self.storage = storage
         self.registry = Registry(storage.engine)
+        self.tickets = Tickets(storage.engine)
         self.record = record
         self.config = config
         self.executor = executor
@@ -107,7 +114,11 @@ class StudyHandle:
         # Study.ask does) or it rejects their parameters; there is no public handle on it.
         self._cached_storage = self.study._storage
         self.n_objectives = len(spec.directions)
-        self.next_sweep = 0.0  # monotonic time of this process's next recovery sweep
+        self.ledger = Ledger(
+            storage, self.registry, self.tickets, record.study_id, record.name, spec.max_retries
+        )
+        self.sweeper = sweeper or Sweeper(storage, worker_id, spec.heartbeat_interval)
+        self.sweeper.ledgers[record.study_id] = self.ledger
 
     @property
     def name(self) -> str:
@@ -118,50 +129,72 @@ class StudyHandle:
     def run_trials(
         self, heartbeat: Heartbeat, *, stopping: Callable[[], bool], until: float | None = None
     ) -> tuple[int, TrialOutcome | None]:
-        """Recover dead workers' trials, then run trials while the study has budget, nothing
+        """Recover lost workers' tickets, then run trials while the study has budget, nothing
         asks to stop and the monotonic clock is before ``until``.
+
+        With no budget left to claim but tickets still held elsewhere, it waits (without
+        ``until``): one of them may fail and hand its ticket back, or belong to a lost worker
+        whose trial this process must recover.
 
         Returns how many trials ran, and the outcome that broke the study's contract (the
         study is failed then), if one did.
         """
         ran = 0
         while not stopping() and (until is None or time.monotonic() < until):
-            self.sweep_stale()  # at most once per heartbeat interval
+            self.sweeper.sweep()  # at most once per interval
             outcome = self.run_one(heartbeat)
             if outcome is None:
-                break
+                if until is not None or not self._others_in_flight():
+                    break
+                time.sleep(min(self.config.study.heartbeat_interval, 0.5))
+                continue
             ran += 1
             if outcome.fatal:
                 return ran, outcome
         return ran, None
 
+    def _others_in_flight(self) -> bool:
+        record = with_db_retry(lambda: self.registry.by_id(self.record.study_id), "reading")
+        if record is None or record.state != OPEN or record.timed_out:
+            return False
+        return with_db_retry(lambda: self.tickets.held(record.study_id), "reading") > 0
+
     # --- one trial ----------------------------------------------------------------------------
 
     def run_one(self, heartbeat: Heartbeat) -> TrialOutcome | None:
         """Run one trial if the study has budget left; None when it has none."""
-        study_id = self.record.study_id
-        lease = with_db_retry(
-            lambda: self.registry.claim_ticket(study_id, self.worker_id), "claiming"
+        study_id, me, spec = self.record.study_id, self.worker_id, self.config.study
+        key = uuid.uuid4().hex  # makes the claim idempotent: a retry finds its own ticket
+        ticket = with_db_retry(
+            lambda: self.tickets.claim(study_id, me, spec.grace_period, key), "claiming"
         )
-        if lease is None:
+        if ticket is None:
             return None
-        trial_id = with_db_retry(self._start_trial, "starting a trial")
-        if not with_db_retry(
-            lambda: self.registry.cover_trial(lease, trial_id), "covering a trial"
-        ):
-            # Frozen past the grace period between claim and trial: the ticket went back.
-            recovery.fail_uncovered(
-                self, trial_id, "its ticket was reclaimed: this worker was unresponsive"
-            )
-            return None
-        heartbeat.track(trial_id, self.config.study.heartbeat_interval)
+        heartbeat.track(ticket, me, spec.heartbeat_interval)
         try:
-            return self._run_trial(trial_id)
+            retrying = [False]
+
+            def start() -> int | None:
+                if retrying[0]:  # an earlier try may have committed before its answer was lost
+                    found = self.tickets.trial_of(ticket)
+                    if found is not None:
+                        trial = self.storage.get_trial(found)
+                        remember(self._cached_storage, study_id, trial)
+                        return found
+                retrying[0] = True
+                return self._start_trial(ticket)
+
+            trial_id = with_db_retry(start, "starting a trial")
+            if trial_id is None:  # silent past the grace period: the ticket was recovered
+                log.warning("study=%s ticket %d lost before its trial began", self.name, ticket)
+                return None
+            return self._run_trial(ticket, trial_id)
         finally:
             heartbeat.untrack()
 
-    def _start_trial(self) -> int:
-        """Take a waiting trial (an enqueued point or a retry) if any, else create a new one."""
+    def _start_trial(self, ticket: int) -> int | None:
+        """Take a waiting trial (an enqueued point or a retry) if any, else create a new one;
+        either way bound to ``ticket``. None if the ticket is no longer this worker's."""
         storage = self._cached_storage
         # One indexed probe first: reading the trials through Optuna's cache costs several
         # queries, and most trials find nothing waiting.
@@ -173,21 +206,21 @@ class StudyHandle:
             else []
         )
         for waiting in waiting_trials:
-            try:
-                # Conditional WAITING -> RUNNING: False when another worker popped it first.
-                if not storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
-                    continue
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue
-            storage.set_trial_user_attr(waiting._trial_id, WORKER_ATTR, self.worker_id)
-            return waiting._trial_id
+            if self.tickets.pop_waiting(ticket, self.worker_id, waiting._trial_id):
+                return waiting._trial_id
         template = optuna.trial.create_trial(state=TrialState.WAITING)
         template.state = TrialState.RUNNING
         template.datetime_start = datetime.now()
         template.user_attrs = {WORKER_ATTR: self.worker_id}
-        return storage.create_new_trial(self.record.study_id, template_trial=template)
+        template.system_attrs = {TICKET_ATTR: ticket}
+        trial_id = create_trial_once(storage, self.record.study_id, template)
+        if not self.tickets.bind(ticket, self.worker_id, trial_id):
+            # Recovered while this worker was frozen; the new trial is an orphan the sweep
+            # of any worker fails (it has no parameters yet: nothing to re-queue).
+            return None
+        return trial_id
 
-    def _run_trial(self, trial_id: int) -> TrialOutcome:
+    def _run_trial(self, ticket: int, trial_id: int) -> TrialOutcome:
         # Like Study.ask: the sampler must see the trials finished since the last one.
         self.study._thread_local.cached_all_trials = None
         trial = with_db_retry(lambda: optuna.Trial(self.study, trial_id), "loading a trial")
@@ -195,7 +228,7 @@ class StudyHandle:
         try:
             params = with_db_retry(lambda: self.config.search_space.sample(trial), "sampling")
         except Exception as e:  # a sampler that cannot sample this space: this trial fails
-            return self._finish(trial, TrialState.FAIL, None, started, describe_error(e))
+            return self._finish(ticket, trial, TrialState.FAIL, None, started, describe_error(e))
         cfg = merge(self.config.static, params)
         try:
             result = self.executor.run(
@@ -204,12 +237,12 @@ class StudyHandle:
             )  # fmt: skip
         except BaseException as e:  # the worker stops cold, or run_hpo's Ctrl-C: fail, re-queue
             why = str(e) or f"interrupted ({type(e).__name__})"
-            self._finish(trial, TrialState.FAIL, None, started, why)
+            self._finish(ticket, trial, TrialState.FAIL, None, started, why)
             raise
         if result.kind == "done":
-            return self._finish(trial, TrialState.COMPLETE, result.values, started, None)
+            return self._finish(ticket, trial, TrialState.COMPLETE, result.values, started, None)
         if result.kind == "pruned":
-            return self._finish(trial, TrialState.PRUNED, None, started, None)
+            return self._finish(ticket, trial, TrialState.PRUNED, None, started, None)
         if result.kind == "lost":
             return self._dropped(trial, started)
         error = result.error or "session failed"
@@ -218,7 +251,7 @@ class StudyHandle:
                 "study=%s trial=%d session failed: %s%s", self.name, trial.number, error,
                 f"\n{result.traceback}" if result.traceback else "",
             )  # fmt: skip
-        outcome = self._finish(trial, TrialState.FAIL, None, started, error)
+        outcome = self._finish(ticket, trial, TrialState.FAIL, None, started, error)
         if result.fatal:
             with_db_retry(lambda: self.registry.set_state(self.name, "failed", error), "stop")
             return TrialOutcome(**{**outcome.__dict__, "fatal": True})
@@ -226,6 +259,7 @@ class StudyHandle:
 
     def _finish(
         self,
+        ticket: int,
         trial: optuna.Trial,
         state: TrialState,
         values: list[float] | None,
@@ -239,7 +273,12 @@ class StudyHandle:
             return self._dropped(trial, started)
         if state == TrialState.FAIL:
             failed = with_db_retry(lambda: self.storage.get_trial(trial._trial_id), "reading")
-            settle_failure(self, failed)
+            settle_failure(self.ledger, failed, ticket, self.worker_id)
+        else:  # the ticket is spent
+            with_db_retry(
+                lambda: self.tickets.settle(ticket, self.worker_id, returned=False, failure=False),
+                "settling a ticket",
+            )
         value = "-" if values is None else ",".join(f"{v:.6g}" for v in values)
         fields = {
             "study": self.name, "trial": trial.number, "state": state.name, "values": values,
@@ -285,7 +324,3 @@ class StudyHandle:
             if state == TrialState.FAIL:  # the stale sweep writes its own error
                 return stored.user_attrs.get(ERROR_ATTR) == (error or "")[:2000]
             return values is None or stored.values == values
-
-    def sweep_stale(self) -> int:
-        """Recover the trials of dead workers (``hpo_framework.recovery``)."""
-        return recovery.sweep_stale(self)

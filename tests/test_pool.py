@@ -245,10 +245,8 @@ def test_a_postgresql_restart_mid_run_loses_nothing(private_pg, tmp_path: Path) 
 def test_a_worker_killed_between_claim_and_trial_leaks_no_ticket(
     pg_url: str, tmp_path: Path
 ) -> None:
-    """What a worker killed in the milliseconds between claiming a ticket and covering its trial
-    leaves behind: a lease and maybe a trial row with no heartbeat. Both are recovered."""
-    import datetime as dt
-
+    """What a worker killed in the milliseconds between claiming a ticket and binding its
+    trial leaves behind: a silent ticket, and a trial row made on it. Both are recovered."""
     import optuna
 
     name = create(tmp_path, pg_url, study_={"n_trials": 3})
@@ -256,28 +254,27 @@ def test_a_worker_killed_between_claim_and_trial_leaks_no_ticket(
     with engine.begin() as conn:
         study_id = conn.execute(sa.text("select study_id from hpo_studies")).scalar_one()
         conn.execute(sa.text("update hpo_studies set claimed = claimed + 1"))
-        conn.execute(
+        ticket = conn.execute(
             sa.text(
-                "insert into hpo_leases (study_id, worker, claimed_at) "
-                "values (:s, 'dead:1', extract(epoch from now()) - 600)"
+                "insert into hpo_tickets (ticket_key, study_id, worker, grace, beat_at) "
+                "values ('k', :s, 'dead:1', 3, extract(epoch from now()) - 600) "
+                "returning ticket_id"
             ),
             {"s": study_id},
-        )
+        ).scalar_one()
     storage = optuna.storages.RDBStorage(pg_url, skip_table_creation=True)
     orphan = optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING)
     orphan.state = optuna.trial.TrialState.RUNNING
-    orphan.datetime_start = dt.datetime.now() - dt.timedelta(hours=2)
+    orphan.system_attrs = {"hpo:ticket": ticket}
     storage.create_new_trial(study_id, template_trial=orphan)
     storage.engine.dispose()
     log = tmp_path / "w.log"
-    worker = start_worker("--idle-exit", "3", url=pg_url, log=log, HPO_LEASE_TIMEOUT="1")
+    worker = start_worker("--idle-exit", "3", url=pg_url, log=log)
     assert worker.wait(timeout=120) == 0
     c = counts(pg_url, name)
     assert c["COMPLETE"] == 3 and c["FAIL"] == 1 and c["RUNNING"] == 0, c
     with engine.connect() as conn:
         assert conn.execute(sa.text("select claimed from hpo_studies")).scalar_one() == 3
-        assert conn.execute(sa.text("select count(*) from hpo_leases")).scalar_one() == 0
+        assert conn.execute(sa.text("select count(*) from hpo_tickets")).scalar_one() == 0
     engine.dispose()
-    text = log.read_text()
-    assert "ticket of worker dead:1 reclaimed" in text
-    assert "failed: its worker was lost before the first heartbeat" in text
+    assert "failed: worker dead:1 lost (no heartbeat for 60" in log.read_text()

@@ -11,6 +11,7 @@ from typing import Any
 
 import optuna
 import pytest
+from optuna.trial import FrozenTrial
 
 from hpo_framework.config import Config
 from hpo_framework.coordinator import create_study
@@ -117,40 +118,60 @@ def handle(tmp_path: Path) -> Iterator[StudyHandle]:
     storage.engine.dispose()
 
 
-def _failed_trial(handle: StudyHandle, **user_attrs: Any) -> optuna.trial.FrozenTrial:
-    assert Registry(handle.storage.engine).claim_ticket(handle.record.study_id, "test:1")
+def _failed_trial(handle: StudyHandle, **user_attrs: Any) -> tuple[int, FrozenTrial]:
+    ticket = handle.tickets.claim(handle.record.study_id, "test:1", 20.0, f"key-{user_attrs}")
+    assert ticket is not None
     trial = handle.study.ask()
     trial.suggest_float("x", -5.0, 5.0)
     for key, value in user_attrs.items():
         trial.set_user_attr(key, value)
     handle.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-    return handle.storage.get_trial(trial._trial_id)
+    return ticket, handle.storage.get_trial(trial._trial_id)
+
+
+def _waiting(handle: StudyHandle) -> list[FrozenTrial]:
+    return handle.study.get_trials(states=(optuna.trial.TrialState.WAITING,))
 
 
 def test_settle_requeues_the_point_then_returns_the_ticket(handle: StudyHandle) -> None:
-    failed = _failed_trial(handle)
-    settle_failure(handle, failed)
-    [waiting] = handle.study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    ticket, failed = _failed_trial(handle)
+    settle_failure(handle.ledger, failed, ticket, "test:1")
+    [waiting] = _waiting(handle)
     assert waiting.system_attrs["fixed_params"] == failed.params
     assert waiting.user_attrs == {"retry_of": failed.number, "attempt": 1}
     record = Registry(handle.storage.engine).get(handle.name)
-    assert (record.failures, record.state) == (1, "open")
-    assert record.claimed == 0  # the ticket went back; the lease row is the claim's own
+    assert (record.failures, record.state, record.claimed) == (1, "open", 0)
+
+
+def test_settling_twice_changes_nothing(handle: StudyHandle) -> None:
+    """What a retry after a lost answer does: the second settlement finds the first."""
+    ticket, failed = _failed_trial(handle)
+    settle_failure(handle.ledger, failed, ticket, "test:1")
+    settle_failure(handle.ledger, failed, ticket, "test:1")
+    assert len(_waiting(handle)) == 1
+    record = Registry(handle.storage.engine).get(handle.name)
+    assert (record.failures, record.claimed) == (1, 0)
+
+
+def test_a_claim_replayed_with_its_key_takes_no_second_ticket(handle: StudyHandle) -> None:
+    study_id = handle.record.study_id
+    first = handle.tickets.claim(study_id, "test:1", 20.0, "same-key")
+    assert handle.tickets.claim(study_id, "test:1", 20.0, "same-key") == first
+    assert Registry(handle.storage.engine).get(handle.name).claimed == 1
 
 
 def test_settle_stops_retrying_after_max_retries(handle: StudyHandle) -> None:
-    failed = _failed_trial(handle, attempt=1, retry_of=0)
-    settle_failure(handle, failed)
-    assert handle.study.get_trials(states=(optuna.trial.TrialState.WAITING,)) == []
+    ticket, failed = _failed_trial(handle, attempt=1, retry_of=0)
+    settle_failure(handle.ledger, failed, ticket, "test:1")
+    assert _waiting(handle) == []
     assert Registry(handle.storage.engine).get(handle.name).failures == 1
 
 
-def test_settle_without_ticket_leaves_the_budget_alone(handle: StudyHandle) -> None:
-    failed = _failed_trial(handle)
-    settle_failure(handle, failed, ticket=False)
+def test_only_the_holder_settles_a_ticket(handle: StudyHandle) -> None:
+    ticket, failed = _failed_trial(handle)
+    assert handle.tickets.settle(ticket, "someone:else", returned=True, failure=True) is None
     record = Registry(handle.storage.engine).get(handle.name)
     assert (record.failures, record.claimed) == (0, 1)
-    assert len(handle.study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
 
 
 # --- what a worker may decide about a study ----------------------------------------------------

@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -29,6 +30,8 @@ from hpo_framework.serving import (
     StorageError,
     StudyHandle,
     StudyRecord,
+    Sweeper,
+    Tickets,
     defaults,
     load_for_serving,
     note_cannot_serve,
@@ -73,6 +76,7 @@ class Worker:
         self._wake = threading.Event()
         self._handles: dict[int, StudyHandle] = {}
         self._broken: set[int] = set()
+        self._sweeper: Sweeper | None = None
         self._executor = ProcessExecutor()
 
     # --- signals: warm on the first, cold on the second -----------------------------------------
@@ -144,15 +148,19 @@ class Worker:
 
     def _loop(self, storage: optuna.storages.RDBStorage, heartbeat: Heartbeat) -> None:
         registry = Registry(storage.engine)
+        self._sweeper = Sweeper(storage, self.id, defaults.SWEEP_INTERVAL_S)
+        tickets = Tickets(storage.engine)
         if self.study_filter is not None:
             self._check_study_filter(registry)
         idle_since = time.monotonic()
         wait = defaults.IDLE_POLL_MIN
         waiting_logged = False
         while not self._stopping:
+            self._sweeper.sweep()  # every study, whatever its state
             records = with_db_retry(registry.open, "listing open studies")
             if self.study_filter is not None:
                 records = [r for r in records if r.name == self.study_filter]
+            self._forget_closed(registry, {r.study_id for r in records})
             worked = False
             for record in records:
                 if self._stopping:
@@ -160,14 +168,17 @@ class Worker:
                 handle = self._handle(storage, registry, record)
                 if handle is None:
                     continue
-                if not record.claimable:  # no budget to claim: only recover dead workers' trials
-                    handle.sweep_stale()
+                if not record.claimable:
                     continue
                 # Serve this study while it has budget; re-list studies at least every second
                 # so that several open studies are all served.
-                ran, broken = handle.run_trials(
-                    heartbeat, stopping=lambda: self._stopping, until=time.monotonic() + 1.0
-                )
+                try:
+                    ran, broken = handle.run_trials(
+                        heartbeat, stopping=lambda: self._stopping, until=time.monotonic() + 1.0
+                    )
+                except KeyError:  # deleted under us (optuna delete-study): its ticket is swept
+                    self._deleted(record)
+                    continue
                 worked = worked or ran > 0
                 if broken is not None:
                     self._drop(record, str(broken.error))
@@ -178,8 +189,13 @@ class Worker:
                 log.info("worker %s: waiting for work (no open study with budget left)", self.id)
                 waiting_logged = True
             if self._idle_expired(idle_since):
-                log.info("worker %s: idle for %ss, exiting", self.id, self.idle_exit)
-                return
+                # Trials still in flight may fail and hand their tickets back, or belong to a
+                # lost worker this one must recover: idle means none is left anywhere.
+                if with_db_retry(tickets.held, "counting tickets in flight") > 0:
+                    idle_since = time.monotonic() - self.idle_exit / 2  # type: ignore[operator]
+                else:
+                    log.info("worker %s: idle for %ss, exiting", self.id, self.idle_exit)
+                    return
             self._wake.wait(wait)
             wait = min(wait * 2, defaults.IDLE_POLL_MAX)
 
@@ -194,7 +210,10 @@ class Worker:
             handle.record = record
             return handle
         try:
-            handle = load_for_serving(storage, record, self._executor, self.id)
+            handle = load_for_serving(storage, record, self._executor, self.id, self._sweeper)
+        except KeyError:  # deleted a moment ago
+            self._deleted(record)
+            return None
         except InvalidStudy as e:  # invalid on every host: the study fails
             self._broken.add(record.study_id)
             error = f"worker {self.id}: {e}"
@@ -216,6 +235,21 @@ class Worker:
         )
         self._handles[record.study_id] = handle
         return handle
+
+    def _forget_closed(self, registry: Registry, open_ids: set[int]) -> None:
+        """Drop the loaded studies that are no longer open (stopped, failed or deleted)."""
+        for study_id in set(self._handles) - open_ids:
+            handle = self._handles.pop(study_id)
+            if with_db_retry(partial(registry.by_id, study_id), "reading") is None:
+                self._deleted(handle.record)
+
+    def _deleted(self, record: StudyRecord) -> None:
+        log.warning(
+            "worker %s: study %r was deleted (by Optuna's own tools?); no longer serving it",
+            self.id, record.name,
+        )  # fmt: skip
+        self._broken.add(record.study_id)
+        self._handles.pop(record.study_id, None)
 
     def _drop(self, record: StudyRecord, error: str) -> None:
         log.error("worker %s: study %r failed: %s", self.id, record.name, error)
