@@ -8,6 +8,7 @@ skip locally, but under ``CI=true`` they fail: a missing service must never pass
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -136,14 +137,36 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_STARTED: list[subprocess.Popen[str]] = []
+
+
 def start_worker(
     *args: str, url: str, log: Path | None = None, **env: str
 ) -> subprocess.Popen[str]:
+    """An ``hpo-worker`` process; the ``_end_workers`` fixture ends it if the test does not."""
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [str(BIN / "hpo-worker"), *args], cwd=ROOT, env=cli_env(url, **env),
-        stdout=out, stderr=subprocess.STDOUT, text=True,
+        stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
+    _STARTED.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _end_workers() -> Iterator[None]:
+    """Every worker a test started is gone when it ends, passed or failed (with its pool
+    children and sessions: each worker leads its own process group)."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+            proc.wait(timeout=60)
 
 
 @pytest.fixture(autouse=True)

@@ -195,6 +195,7 @@ def test_check_result_accepts_numbers(result: Any, n: int, expected: list[float]
 def test_check_result_numpy_and_torch_alike() -> None:
     import numpy as np  # installed with optuna
     import torch  # the examples extra, installed by `make`
+
     assert check_result(np.float32(0.5), 1) == [0.5]
     assert check_result(np.array([1.0, 2.0]), 2) == [1.0, 2.0]
     assert check_result(torch.tensor(0.25), 1) == [0.25]

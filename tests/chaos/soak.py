@@ -1,10 +1,13 @@
-"""Chaos soak: a pool under kill -9, SIGSTOP past the grace period, SIGTERM, PostgreSQL
-restarts and dropped connections, all at random moments; then prove nothing was lost.
+"""Chaos soak: a pool under kill -9, SIGSTOP past the grace period and short SIGSTOPs at any
+point (inside claims too), SIGTERM, PostgreSQL restarts, dropped connections, answers lost
+after the server committed, and outages longer than the grace period, all at random moments,
+with one worker's clock ten minutes off; then prove nothing was lost.
 
     python -m tests.chaos.soak [--workers 16] [--trials 300] [--faults 20] [--seed 0]
 
 Runs against a PostgreSQL server of its own (its own data directory and port), so restarting
-it touches nothing else. Bounded: gives up after --deadline seconds. Exit 0 only if every check
+it touches nothing else; workers reach it through a fault proxy (``tests.fault_proxy``).
+Bounded: gives up after --deadline seconds. Exit 0 only if every check
 holds; the last line is the one-line summary.
 """
 
@@ -26,10 +29,26 @@ from typing import Any
 import sqlalchemy as sa
 
 from tests.conftest import BIN, ROOT, cli_env, make_config, write_config
+from tests.fault_proxy import FaultProxy
 from tests.pool_helpers import trials
 from tests.private_postgres import PrivatePostgres
 
-FAULTS = ("kill9", "sigstop", "sigterm", "pg_restart", "drop_connections")
+FAULTS = (
+    "kill9", "sigstop", "sigterm", "pg_restart", "drop_connections",
+    "lost_answers", "outage", "sigstop_short",
+)  # fmt: skip
+#: Statements whose answers the proxy loses (the server has committed them).
+LOSABLE = (
+    ("INSERT INTO hpo_tickets",),  # claim
+    ("DELETE FROM hpo_tickets",),  # settle
+    ("UPDATE hpo_tickets SET worker",),  # take over
+)
+LOSABLE_COMMITS = (
+    ("INSERT INTO trial_values",),  # a result
+    ("UPDATE trials SET state", "WAITING"),  # a pop
+    ("INSERT INTO trial_system_attributes", "hpo:ticket"),  # a new trial
+    ("INSERT INTO trial_system_attributes", "hpo:requeued_from"),  # a re-queue
+)
 
 
 class Soak:
@@ -37,6 +56,8 @@ class Soak:
         self.args = args
         self.server = server
         self.url = server.url
+        self.proxy = FaultProxy(server.port)
+        self.worker_url = self.proxy.url()
         self.tmp = tmp
         self.rng = random.Random(args.seed)
         self.workers: list[subprocess.Popen[str]] = []
@@ -49,9 +70,9 @@ class Soak:
     def say(self, text: str) -> None:
         print(f"[soak {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
-    def start_worker(self) -> None:
+    def start_worker(self, **env: str) -> None:
         proc = subprocess.Popen(
-            [str(BIN / "hpo-worker")], cwd=ROOT, env=cli_env(self.url),
+            [str(BIN / "hpo-worker")], cwd=ROOT, env=cli_env(self.worker_url, **env),
             stdout=self.log, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         self.workers.append(proc)
@@ -123,6 +144,29 @@ class Soak:
             self.say(f"SIGTERM worker pid {victim.pid} (must finish its trial and exit 0)")
             victim.send_signal(signal.SIGTERM)
             self.start_worker()
+        elif fault == "sigstop_short":
+            # A blink at any point (a GC pause, a busy host): inside a claim, a settlement or
+            # a transaction as likely as anywhere. Shorter than the grace period.
+            for _ in range(5):
+                if not self.alive():
+                    break
+                victim = self.rng.choice(self.alive())
+                pause = self.rng.uniform(0.05, 1.5)
+                victim.send_signal(signal.SIGSTOP)
+                time.sleep(pause)
+                victim.send_signal(signal.SIGCONT)
+            self.say("5 short SIGSTOPs (0.05-1.5s) of random workers")
+        elif fault == "lost_answers":
+            for parts in self.rng.sample(LOSABLE, 2):
+                self.proxy.lose_answer(*parts)
+            for parts in self.rng.sample(LOSABLE_COMMITS, 2):
+                self.proxy.lose_commit_after(*parts)
+            self.say("armed 4 lost answers (committed by the server, never heard)")
+        elif fault == "outage":
+            seconds = self.args.grace + 2
+            self.say(f"network outage of {seconds}s (longer than the grace period)")
+            self.proxy.outage(seconds)
+            time.sleep(seconds)
         elif fault == "pg_restart":
             self.say("restarting PostgreSQL")
             self.server.restart()
@@ -146,7 +190,9 @@ class Soak:
                     "sampler": {"name": "random", "seed": a.seed}},
         )  # fmt: skip
         path = write_config(self.tmp / "soak.yaml", config)
-        for _ in range(a.workers):
+        # One host's clock runs ten minutes fast: only the database's clock may count.
+        self.start_worker(PYTHONPATH=str(ROOT / "tests" / "skewed_clock"), HPO_TEST_SKEW_S="600")
+        for _ in range(a.workers - 1):
             self.start_worker()
         created = subprocess.run(
             [str(BIN / "hpo-coordinator"), "create", str(path)], cwd=ROOT, env=cli_env(self.url),
@@ -187,15 +233,22 @@ class Soak:
         by_root: dict[int, list[Any]] = collections.defaultdict(list)
         for t in result:
             by_root[int(t.user_attrs.get("retry_of", t.number))].append(t)
-        # A failed point is lost if no attempt of it completed.
+        # A point is lost if no attempt of it completed. A trial lost before it had
+        # parameters (its worker died between creating and sampling it) was never a point.
         lost = sum(
             1 for attempts in by_root.values()
-            if not any(t.state.name in ("COMPLETE", "PRUNED") for t in attempts)
+            if any(t.params or t.system_attrs.get("fixed_params") for t in attempts)
+            and not any(t.state.name in ("COMPLETE", "PRUNED") for t in attempts)
         )  # fmt: skip
         duplicates = sum(
             max(0, sum(t.state.name in ("COMPLETE", "PRUNED") for t in attempts) - 1)
             for attempts in by_root.values()
         ) + max(0, done - self.args.trials)
+        engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool)
+        with engine.connect() as conn:
+            tickets = conn.execute(sa.text("select count(*) from hpo_tickets")).scalar_one()
+            claimed = conn.execute(sa.text("select claimed from hpo_studies")).scalar_one()
+        engine.dispose()
         text = (self.tmp / "workers.log").read_text()
         summary = {
             "faults": dict(self.faults), "complete": done, "lost": lost,
@@ -203,7 +256,10 @@ class Soak:
             "failed_trials": states["FAIL"], "bad_exits": bad_exits, "wall_s": round(wall, 1),
             "tracebacks": text.count("Traceback"), "unused_faults": unused,
             "dropped_late_results": text.count("result dropped"),
+            "tickets_left": tickets, "claimed": claimed,
+            "lost_answers": self.proxy.lost_answers,
         }  # fmt: skip
+        self.proxy.close()
         return summary
 
 
@@ -228,13 +284,15 @@ def main(argv: list[str] | None = None) -> int:
         not s["unused_faults"]
         and s["complete"] == args.trials and s["lost"] == 0 and s["duplicates"] == 0
         and s["running"] == 0 and s["waiting"] == 0 and not s["bad_exits"]
-        and s["tracebacks"] == 0
+        and s["tracebacks"] == 0 and s["tickets_left"] == 0 and s["claimed"] == args.trials
     )  # fmt: skip
     faults = " ".join(f"{k}={v}" for k, v in sorted(s["faults"].items()))
     parts = [
         f"chaos soak {'PASSED' if ok else 'FAILED'}: faults {faults}",
         f"{s['complete']}/{args.trials} trials COMPLETE",
         f"lost {s['lost']}, duplicates {s['duplicates']}",
+        f"budget claimed {s['claimed']}, tickets left {s['tickets_left']}",
+        f"answers lost {s['lost_answers']}",
         f"failed-and-retried {s['failed_trials']}",
         f"late results dropped {s['dropped_late_results']}",
         f"RUNNING {s['running']}, WAITING {s['waiting']}",
