@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import optuna
 
+from hpo_framework import defaults
 from hpo_framework._checks import Checker
-from hpo_framework.exceptions import MissingPackageError
+from hpo_framework.exceptions import MissingPackageError, UnsafeSamplerError
 from hpo_framework.param_sampler import SearchSpace
 
 SAMPLERS: dict[str, Any] = {
@@ -34,6 +36,10 @@ PRUNERS: dict[str, Any] = {
 #: Python packages a sampler needs beyond Optuna itself, and the extra that installs them.
 _SAMPLER_NEEDS = {"gp": ("torch", "scipy"), "cmaes": ("cmaes",), "qmc": ("scipy",)}
 _SINGLE_OBJECTIVE = {"cmaes", "gp"}
+#: Samplers that store their state in the database as a pickle, which every worker unpickles:
+#: whoever can write the database could run code in the workers. Refused unless the operator
+#: opts in (see the README's Security section).
+UNPICKLING_SAMPLERS = {"cmaes"}
 # Options the framework sets itself; config.yaml may not pass them.
 _RESERVED = {"seed", "search_space"}
 
@@ -51,6 +57,14 @@ def check_sampler(
                 f"the '{name}' sampler needs the Python package '{module}': "
                 "pip install 'hpo[samplers,examples]'",
             )  # fmt: skip
+    if name in UNPICKLING_SAMPLERS and os.environ.get(defaults.ALLOW_PICKLE_ENV) != "1":
+        raise UnsafeSamplerError(
+            check.source, check.at("name").key,
+            f"the '{name}' sampler keeps its state in the database as a pickle that every "
+            "worker unpickles, so anyone who can write the database could run code in the "
+            f"workers; set {defaults.ALLOW_PICKLE_ENV}=1 (coordinator and workers) only if "
+            "nobody untrusted can write it",
+        )  # fmt: skip
     if name in _SINGLE_OBJECTIVE and n_objectives > 1:
         check.at("name").fail(f"the '{name}' sampler supports a single direction only")
     _check_options(SAMPLERS[name], options, check.at("options"))

@@ -28,10 +28,19 @@ class ConfigError(HPOError):
         super().__init__(where + reason)
 
 
-class MissingPackageError(ConfigError):
+class HostConfigError(ConfigError):
+    """A config error that is the host's, not the study's: a worker skips the study and other
+    hosts may serve it."""
+
+
+class MissingPackageError(HostConfigError):
     """Raised when the config needs a Python package this host does not have (e.g. torch for
-    the ``gp`` sampler). Unlike other config errors this is the host's: a worker skips the
-    study and other hosts may serve it."""
+    the ``gp`` sampler)."""
+
+
+class UnsafeSamplerError(HostConfigError):
+    """Raised for a sampler that unpickles state read from the database (``cmaes``) on a host
+    whose operator has not said that only trusted parties can write the database."""
 
 
 class StorageError(HPOError):

@@ -106,7 +106,10 @@ def test_grid_sampler_covers_the_grid_exactly_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "gp", "nsga2", "qmc"])
-def test_each_sampler_runs_a_study(tmp_path: Path, sampler: str) -> None:
+def test_each_sampler_runs_a_study(
+    tmp_path: Path, sampler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HPO_UNSAFE_ALLOW_PICKLE", "1")  # cmaes: see the README's Security
     config = make_config(study_={"n_trials": 6, "sampler": {"name": sampler, "seed": 0}})
     config["search_space"]["y"] = {"type": "int", "low": 0, "high": 3}
     study = run_hpo(
