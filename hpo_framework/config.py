@@ -30,7 +30,8 @@ STUDY_KEYS = (
     "sampler", "pruner", "heartbeat_interval", "grace_period", "max_retries", "trial_timeout",
 )  # fmt: skip
 DIRECTIONS = ("minimize", "maximize")
-_SESSION_REF = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+#: ``package.module:function``; the function's name is public (no leading underscore).
+_SESSION_REF = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z][\w]*$")
 _MAX_DEPTH = 32
 _MAX_BYTES = 1_000_000
 _MAX_VALUES = 100_000  # guards against YAML alias bombs, which expand when walked
@@ -167,6 +168,8 @@ def _parse(raw: Any, root: Checker) -> Config:
     study = _parse_study(raw["study"], root.at("study"), space)
 
     session = raw.get("session")
+    if isinstance(session, str) and session.partition(":")[2].startswith("_"):
+        root.at("session").fail(f"{session!r} names a private function; sessions are public")
     if session is not None and (not isinstance(session, str) or not _SESSION_REF.match(session)):
         root.at("session").fail(
             f"must look like 'package.module:function', got {describe(session)}"

@@ -7,6 +7,7 @@ directions). Where it runs and how its score is checked: ``hpo_framework.executo
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -53,6 +54,14 @@ def import_session(ref: str, allowed: Sequence[str] | None = None) -> SessionFn:
     fn = getattr(module, attr, None)
     if fn is None:
         raise SessionError(f"session {ref!r}: module {module_name!r} has no {attr!r}")
-    if not callable(fn):
-        raise SessionError(f"session {ref!r}: {attr!r} is not callable")
-    return fn  # type: ignore[no-any-return]
+    # A public function of an allowed module: not a class, not a builtin, not a function
+    # imported there from elsewhere (the reference comes from the database, see Security).
+    if attr.startswith("_") or not inspect.isfunction(fn):
+        raise SessionError(f"session {ref!r}: {attr!r} is not a public function")
+    defined_in = getattr(fn, "__module__", "") or ""
+    if not any(defined_in == p or defined_in.startswith(p + ".") for p in allowed):
+        raise SessionError(
+            f"session {ref!r}: {attr!r} is defined in {defined_in!r}, outside the allowed "
+            f"prefixes ({', '.join(allowed)})"
+        )
+    return fn

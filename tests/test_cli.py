@@ -78,7 +78,13 @@ def test_create_refuses_a_session_outside_the_allowed_modules(
         ("tests.sessions:nope", "module 'tests.sessions' has no 'nope'"),
         (
             "tests.sessions:NOT_CALLABLE",
-            "session 'tests.sessions:NOT_CALLABLE': 'NOT_CALLABLE' is not callable",
+            "session 'tests.sessions:NOT_CALLABLE': 'NOT_CALLABLE' is not a public function",
+        ),
+        ("tests.sessions:_misbehave_if_negative", "names a private function"),
+        ("tests.sessions:__class__", "names a private function"),
+        (
+            "tests.sessions:report",  # imported there, defined in hpo_framework
+            "'report' is defined in 'hpo_framework.reporting', outside the allowed prefixes",
         ),
         (
             "tests.broken_session:f",
