@@ -412,18 +412,18 @@ def _serve(conn: Connection) -> None:
         conn.send(call_session(fn, cfg, _PipeLink(conn), n_objectives))
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when its supervisor dies (kill -9 of the worker)."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Linux: send ``sig`` to this process when its parent dies (kill -9 of the worker)."""
     with contextlib.suppress(Exception):
         import ctypes
 
         pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, sig)
 
 
 def serve_forever(fd: int) -> None:
     """The executor process's whole life (``python -m hpo_framework._executor_main FD``)."""
-    _die_with_parent()
+    die_with_parent()
     try:
         _serve(Connection(fd))
     finally:  # no interpreter teardown: nothing of the session's outlives its process

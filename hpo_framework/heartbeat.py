@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from types import TracebackType
 
 import optuna
@@ -25,9 +26,12 @@ class Heartbeat:
 
     def __init__(self, storage: optuna.storages.RDBStorage) -> None:
         self._tickets = Tickets(storage.engine)
+        self._pool = storage.engine.pool
         self._lock = threading.Lock()
         self._ticket: tuple[int, str] | None = None
-        self._interval = 5.0
+        self._fresh = False
+        self._interval, self._grace = 5.0, 20.0
+        self._last_beat = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hpo-heartbeat", daemon=True)
@@ -46,14 +50,16 @@ class Heartbeat:
         self._wake.set()
         self._thread.join(timeout=10)
 
-    def track(self, ticket_id: int, worker: str, interval: float) -> None:
+    def track(self, ticket_id: int, worker: str, interval: float, grace: float) -> None:
         """Beat for ``ticket_id`` (held by ``worker``) every ``interval`` seconds from now on.
 
         The claim itself was the first beat. The session runs in another process
         (``hpo_framework.executor``), so nothing it does can stop this thread.
         """
         with self._lock:
-            self._ticket, self._interval = (ticket_id, worker), interval
+            self._ticket, self._interval, self._grace = (ticket_id, worker), interval, grace
+            # The claim was its first beat: the next is one interval away.
+            self._fresh, self._last_beat = True, time.monotonic()
         self._wake.set()  # the thread may be sleeping out an older, longer interval
 
     def untrack(self) -> None:
@@ -64,9 +70,13 @@ class Heartbeat:
         lost: int | None = None
         while not self._stop.is_set():
             with self._lock:
-                ticket, interval = self._ticket, self._interval
+                ticket, interval, fresh, self._fresh = (
+                    self._ticket, self._interval, self._fresh, False
+                )
             wait = interval
-            if ticket is not None:
+            if ticket is not None and not fresh and self._defer():
+                wait = min(interval, 0.2)  # soon again: the main thread may be done by then
+            elif ticket is not None and not fresh:
                 try:
                     if not self._tickets.beat(*ticket) and lost != ticket[0]:
                         lost = ticket[0]
@@ -75,6 +85,7 @@ class Heartbeat:
                             "silent for longer than the grace period", ticket[0],
                         )  # fmt: skip
                     DB_HEALTH.ok()
+                    self._last_beat = time.monotonic()
                 except Exception as e:
                     # Retried soon: the grace period is several beats long, and an outage
                     # must not outlast it here by a whole interval.
@@ -87,3 +98,13 @@ class Heartbeat:
                     )  # fmt: skip
             self._wake.wait(timeout=wait)
             self._wake.clear()
+
+    def _defer(self) -> bool:
+        """Whether to put this beat off: the main thread holds the process's one pooled
+        connection (say, waiting for Optuna's study lock to number a new trial) and the last
+        beat is recent. A beat now would open a second connection to the server for one
+        statement; 64 workers beating like that would not fit a stock PostgreSQL. Past half
+        the grace period the beat goes out all the same."""
+        checked_out = getattr(self._pool, "checkedout", None)
+        busy = checked_out is not None and checked_out() > 0
+        return busy and time.monotonic() - self._last_beat < self._grace / 2

@@ -16,7 +16,7 @@ import optuna
 from hpo_framework import defaults
 from hpo_framework.config import Config
 from hpo_framework.exceptions import HostConfigError, HPOError, StorageError
-from hpo_framework.executor import ProcessExecutor
+from hpo_framework.executor import ProcessExecutor, die_with_parent
 from hpo_framework.heartbeat import Heartbeat
 from hpo_framework.recovery import Sweeper
 from hpo_framework.registry import FAILED, Registry, StudyRecord
@@ -45,6 +45,7 @@ __all__ = [
     "Sweeper",
     "Tickets",
     "defaults",
+    "die_with_parent",
     "load_for_serving",
     "note_cannot_serve",
     "open_storage",

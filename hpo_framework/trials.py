@@ -170,7 +170,7 @@ class StudyHandle:
         )
         if ticket is None:
             return None
-        heartbeat.track(ticket, me, spec.heartbeat_interval)
+        heartbeat.track(ticket, me, spec.heartbeat_interval, spec.grace_period)
         try:
             retrying = [False]
 

@@ -97,7 +97,10 @@ def test_64_workers_fit_in_a_stock_postgresql(
     with pg_admin.connect() as conn:
         max_connections = int(conn.execute(sa.text("show max_connections")).scalar_one())
     assert max_connections <= 100
-    name = create(tmp_path, pg_url, static={"sleep_s": 0.2}, study_={"n_trials": 192})
+    name = create(
+        tmp_path, pg_url, static={"sleep_s": 0.2},
+        study_={"n_trials": 192, "heartbeat_interval": 5, "grace_period": 20},  # the defaults
+    )  # fmt: skip
     log = tmp_path / "workers.log"
     pool = start_worker("--processes", "64", "--idle-exit", "4", url=pg_url, log=log)
     peak = 0

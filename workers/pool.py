@@ -25,6 +25,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
 
+from hpo_framework.serving import die_with_parent
 from workers.worker import run_worker
 
 log = logging.getLogger("hpo.pool")
@@ -34,10 +35,14 @@ HEALTHY_AFTER_S = 30.0
 BACKOFF_MAX_S = 30.0
 
 
-def _child(url: str, gpu: str | None, kwargs: dict[str, Any]) -> None:
+def _child(url: str, gpu: str | None, kwargs: dict[str, Any], parent: int) -> None:
     os.setpgid(0, 0)  # a group of its own: only the parent forwards signals to it
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
+    # A pool killed with -9 leaves no unsupervised workers: each finishes its trial and exits.
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the line above
+        sys.exit(0)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     sys.exit(run_worker(url, **kwargs))
@@ -68,7 +73,9 @@ def run_pool(url: str, processes: int, gpus: Sequence[str] | None, **kwargs: Any
 
     def start(slot: _Slot) -> None:
         slot.process = ctx.Process(
-            target=_child, args=(url, slot.gpu, kwargs), name=f"hpo-worker-{slot.index}"
+            target=_child,
+            args=(url, slot.gpu, kwargs, os.getpid()),
+            name=f"hpo-worker-{slot.index}",
         )
         slot.process.start()
         with contextlib.suppress(OSError):  # also here: no window before the child's own call
