@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from typing import Any
 
 import optuna
 
-from tests.conftest import make_config, run_cli, write_config
+from tests.conftest import make_config, run_cli, start_worker, write_config
 
 
 def create(tmp_path: Path, url: str, name: str = "pool", **overrides: Any) -> str:
@@ -43,3 +44,18 @@ def wait_until(
             return
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def kill_a_worker_mid_trial(tmp_path: Path, url: str, sleep_s: float, n_trials: int) -> str:
+    """Create a study of ``sleepy`` trials (heartbeat 1 s, grace 3 s), start a worker and
+    ``kill -9`` it once its first trial runs; returns the study's name."""
+    name = create(
+        tmp_path, url, session="tests.sessions:sleepy",
+        static={"sleep_s": sleep_s, "dir": str(tmp_path)},
+        study_={"n_trials": n_trials, "heartbeat_interval": 1, "grace_period": 3},
+    )  # fmt: skip
+    victim = start_worker(url=url)
+    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    return name

@@ -24,7 +24,7 @@ from hpo_framework.exceptions import StorageError
 from hpo_framework.storage import open_storage, with_db_retry
 from tests.conftest import ROOT, run_cli, start_worker
 from tests.fault_proxy import FaultProxy
-from tests.pool_helpers import counts, create, trials, wait_until
+from tests.pool_helpers import counts, create, kill_a_worker_mid_trial, trials, wait_until
 
 
 @pytest.fixture
@@ -206,15 +206,7 @@ def test_only_connection_failures_are_retried(pg_url: str) -> None:
 
 
 def test_a_stopped_studys_lost_trial_is_recovered(pg_url: str, tmp_path: Path) -> None:
-    name = create(
-        tmp_path, pg_url, session="tests.sessions:sleepy",
-        static={"sleep_s": 60.0, "dir": str(tmp_path)},
-        study_={"n_trials": 2, "heartbeat_interval": 1, "grace_period": 3},
-    )  # fmt: skip
-    victim = start_worker(url=pg_url)
-    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    name = kill_a_worker_mid_trial(tmp_path, pg_url, sleep_s=60.0, n_trials=2)
     assert run_cli("hpo-coordinator", "stop", name, url=pg_url).returncode == 0
     rescuer = start_worker("--idle-exit", "2", url=pg_url, log=tmp_path / "r.log")
     assert rescuer.wait(timeout=120) == 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from tests.conftest import run_cli, start_worker
-from tests.pool_helpers import counts, create, trials, wait_until
+from tests.pool_helpers import counts, create, kill_a_worker_mid_trial, trials, wait_until
 
 
 def test_workers_wait_for_the_schema_then_run_the_exact_budget(
@@ -30,15 +30,7 @@ def test_workers_wait_for_the_schema_then_run_the_exact_budget(
 
 
 def test_a_killed_worker_loses_no_trial(pg_url: str, tmp_path: Path) -> None:
-    name = create(
-        tmp_path, pg_url, session="tests.sessions:sleepy",
-        static={"sleep_s": 2.0, "dir": str(tmp_path)},
-        study_={"n_trials": 3, "heartbeat_interval": 1, "grace_period": 3},
-    )  # fmt: skip
-    victim = start_worker(url=pg_url)
-    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    name = kill_a_worker_mid_trial(tmp_path, pg_url, sleep_s=2.0, n_trials=3)
     rescuer = start_worker("--idle-exit", "5", url=pg_url, log=tmp_path / "rescuer.log")
     assert rescuer.wait(timeout=120) == 0
     result = trials(pg_url, name)

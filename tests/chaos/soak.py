@@ -250,6 +250,9 @@ class Soak:
             claimed = conn.execute(sa.text("select claimed from hpo_studies")).scalar_one()
         engine.dispose()
         text = (self.tmp / "workers.log").read_text()
+        if "Traceback" in text:  # show the first one: the log goes with the temporary folder
+            start = text.index("Traceback")
+            print(text[max(0, start - 1500) : start + 4000], flush=True)
         summary = {
             "faults": dict(self.faults), "complete": done, "lost": lost,
             "duplicates": duplicates, "running": states["RUNNING"], "waiting": states["WAITING"],
