@@ -71,7 +71,10 @@ class Heartbeat:
         while not self._stop.is_set():
             with self._lock:
                 ticket, interval, fresh, self._fresh = (
-                    self._ticket, self._interval, self._fresh, False
+                    self._ticket,
+                    self._interval,
+                    self._fresh,
+                    False,
                 )
             wait = interval
             if ticket is not None and not fresh and self._defer():

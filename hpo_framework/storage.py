@@ -227,7 +227,9 @@ def with_db_retry(op: Callable[[], T], what: str, deadline: float | None = None)
     while True:
         try:
             result = op()
-        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+        except Exception as e:
+            if not _is_database_error(e):
+                raise  # not the database's (a finished trial, a deleted study): the caller's
             if not is_transient(e):
                 raise StorageError(f"database refused {what}: {_reason(e)}") from e
             DB_HEALTH.failed()
@@ -243,6 +245,14 @@ def with_db_retry(op: Callable[[], T], what: str, deadline: float | None = None)
         if failures:
             log.warning("database is back; %s succeeded after %d retries", what, failures)
         return result
+
+
+def _is_database_error(e: BaseException) -> bool:
+    """SQLAlchemy's and Optuna's wrappers, and a driver's own errors (which SQLAlchemy lets
+    through where it resets a connection it returns to the pool)."""
+    if isinstance(e, (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)):
+        return True
+    return isinstance(e, sqlite3.Error) or type(e).__module__.startswith("psycopg")
 
 
 def _prepare_sqlite(database: str | None) -> None:

@@ -15,8 +15,9 @@ The ticket is also the trial's heartbeat: ``beat_at`` is written by the database
 (epoch seconds, whatever the time zones of server, session or host), and so is every
 comparison with it. A ticket silent for longer than its ``grace`` belongs to a lost worker;
 a live worker takes it over (one conditional update, one winner) and settles it in
-``recovery``. On PostgreSQL, claim and settle are single statements run in autocommit: no
-transaction holds the study's row lock while its client could stall.
+``recovery``. On PostgreSQL, claim and settle are single statements, each followed by its
+COMMIT: a client frozen between the two holds the study's row for at most the server's
+``idle_in_transaction_session_timeout``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -53,9 +53,6 @@ class Tickets:
         self.engine = engine
         self._pg = engine.dialect.name == "postgresql"
         self._now = db_now(engine)
-
-    def _autocommit(self) -> Any:
-        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
     # --- claim -------------------------------------------------------------------------------
 
@@ -91,7 +88,7 @@ class Tickets:
             return int(conn.execute(new.returning(hpo_tickets.c.ticket_id)).scalar_one())
 
     def _claim_pg(self, study_id: int, worker: str, grace: float, key: str) -> int | None:
-        with self._autocommit() as conn:
+        with self.engine.begin() as conn:
             row = conn.execute(
                 _CLAIM_PG, {"s": study_id, "w": worker, "g": grace, "k": key, "open": OPEN}
             ).first()
@@ -168,7 +165,7 @@ class Tickets:
         to settle (already settled by an earlier try, or taken over)."""
         params = {"t": ticket_id, "w": worker, "r": int(returned), "f": int(failure)}
         if self._pg:
-            with self._autocommit() as conn:
+            with self.engine.begin() as conn:
                 row = conn.execute(_SETTLE_PG, {**params, "open": OPEN, "failed": FAILED}).first()
             return None if row is None else str(row[0])
         c, t = hpo_studies.c, hpo_tickets.c

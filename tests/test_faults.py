@@ -69,8 +69,8 @@ def test_lost_answers_change_neither_the_budget_nor_the_queue(
     """Every step that moves the budget or the queue, with its answer lost after the server
     committed it: the worker's retry must find its own work done, not do it again."""
     fault, url = proxy
-    fault.lose_answer("INSERT INTO hpo_tickets", times=3)  # claims
-    fault.lose_answer("DELETE FROM hpo_tickets", times=3)  # settlements (spent or returned)
+    fault.lose_commit_after("INSERT INTO hpo_tickets", times=3)  # claims
+    fault.lose_commit_after("DELETE FROM hpo_tickets", times=3)  # settlements
     fault.lose_commit_after("INSERT INTO trial_system_attributes", "hpo:requeued_from", times=2)
     fault.lose_commit_after("UPDATE trials SET state", "WAITING", times=2)  # pops of retries
     fault.lose_commit_after("INSERT INTO trial_values", times=2)  # results

@@ -38,12 +38,10 @@ FAULTS = (
     "lost_answers", "outage", "sigstop_short",
 )  # fmt: skip
 #: Statements whose answers the proxy loses (the server has committed them).
-LOSABLE = (
+LOSABLE_COMMITS = (
     ("INSERT INTO hpo_tickets",),  # claim
     ("DELETE FROM hpo_tickets",),  # settle
     ("UPDATE hpo_tickets SET worker",),  # take over
-)
-LOSABLE_COMMITS = (
     ("INSERT INTO trial_values",),  # a result
     ("UPDATE trials SET state", "WAITING"),  # a pop
     ("INSERT INTO trial_system_attributes", "hpo:ticket"),  # a new trial
@@ -157,9 +155,7 @@ class Soak:
                 victim.send_signal(signal.SIGCONT)
             self.say("5 short SIGSTOPs (0.05-1.5s) of random workers")
         elif fault == "lost_answers":
-            for parts in self.rng.sample(LOSABLE, 2):
-                self.proxy.lose_answer(*parts)
-            for parts in self.rng.sample(LOSABLE_COMMITS, 2):
+            for parts in self.rng.sample(LOSABLE_COMMITS, 4):
                 self.proxy.lose_commit_after(*parts)
             self.say("armed 4 lost answers (committed by the server, never heard)")
         elif fault == "outage":
