@@ -64,7 +64,7 @@ def requeue_once(ledger: Ledger, failed: FrozenTrial) -> None:
     )
 
     def requeue() -> None:
-        if trial_with_system_attr(ledger.storage, REQUEUED_FROM_ATTR, failed._trial_id):
+        if trial_with_system_attr(ledger.storage.engine, REQUEUED_FROM_ATTR, failed._trial_id):
             return  # an earlier try committed (its answer was lost), or a settler before us
         create_trial_once(ledger.storage, ledger.study_id, retry)
 

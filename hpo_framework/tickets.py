@@ -29,7 +29,11 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from hpo_framework.optuna_tables import trial_system_attrs, trial_user_attrs
+from hpo_framework.optuna_tables import (
+    trial_system_attrs,
+    trial_user_attrs,
+    trial_with_system_attr,
+)
 from hpo_framework.optuna_tables import trials as optuna_trials
 from hpo_framework.registry import FAILED, OPEN, db_now, hpo_studies, hpo_tickets
 from hpo_framework.trial_attrs import TICKET_ATTR, WORKER_ATTR
@@ -135,13 +139,8 @@ class Tickets:
             ).scalar()
             if bound is not None:
                 return int(bound)
-            made = conn.execute(
-                sa.select(trial_system_attrs.c.trial_id).where(
-                    trial_system_attrs.c.key == TICKET_ATTR,
-                    trial_system_attrs.c.value_json == json.dumps(ticket_id),
-                )
-            ).scalar()
-        return None if made is None else int(made)
+        # Not bound yet: its holder was lost between creating the trial and binding it.
+        return trial_with_system_attr(self.engine, TICKET_ATTR, ticket_id)
 
     # --- heartbeat ---------------------------------------------------------------------------
 
