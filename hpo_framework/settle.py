@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo_framework.optuna_tables import create_trial_once, trial_with_system_attr
+from hpo_framework.optuna_tables import trial_with_system_attr
 from hpo_framework.registry import OPEN, Registry
 from hpo_framework.storage import with_db_retry
 from hpo_framework.tickets import Tickets
 from hpo_framework.trial_attrs import ATTEMPT_ATTR, REQUEUED_FROM_ATTR, RETRY_OF_ATTR
+from hpo_framework.trial_store import create_trial_once
 
 log = logging.getLogger("hpo.trial")
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
+from optuna.trial import TrialState
 from sqlalchemy.engine import Connection, Engine
 
 from hpo_framework.optuna_tables import (
@@ -117,8 +118,8 @@ class Tickets:
         with self.engine.begin() as conn:
             popped = conn.execute(
                 optuna_trials.update()
-                .where(t.trial_id == trial_id, t.state == "WAITING")
-                .values(state="RUNNING", datetime_start=datetime.now())
+                .where(t.trial_id == trial_id, t.state == TrialState.WAITING)
+                .values(state=TrialState.RUNNING, datetime_start=datetime.now())
             )
             if popped.rowcount != 1 or not _bind(conn, ticket_id, worker, trial_id):
                 conn.rollback()
@@ -235,7 +236,11 @@ class Tickets:
         query = (
             sa.select(tr.trial_id)
             .join(trial_system_attrs, a.trial_id == tr.trial_id)
-            .where(tr.state == "RUNNING", a.key == TICKET_ATTR, a.value_json.not_in(ticket_ids))
+            .where(
+                tr.state == TrialState.RUNNING,
+                a.key == TICKET_ATTR,
+                a.value_json.not_in(ticket_ids),
+            )
         )
         with self.engine.connect() as conn:
             return [int(i) for i in conn.execute(query).scalars()]

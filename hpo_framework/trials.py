@@ -15,6 +15,7 @@ lost.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import uuid
@@ -30,7 +31,7 @@ from hpo_framework.config import Config
 from hpo_framework.exceptions import TrialLost, TrialPruned
 from hpo_framework.executor import InProcessExecutor, ProcessExecutor, describe_error
 from hpo_framework.heartbeat import Heartbeat
-from hpo_framework.optuna_tables import create_trial_once, has_waiting_trials, remember
+from hpo_framework.optuna_tables import has_waiting_trials
 from hpo_framework.param_sampler import merge
 from hpo_framework.recovery import Sweeper
 from hpo_framework.registry import OPEN, Registry, StudyRecord
@@ -38,8 +39,12 @@ from hpo_framework.settle import Ledger, settle_failure
 from hpo_framework.storage import with_db_retry
 from hpo_framework.tickets import Tickets
 from hpo_framework.trial_attrs import ERROR_ATTR, TICKET_ATTR, WORKER_ATTR
+from hpo_framework.trial_store import TrialStore
 
 log = logging.getLogger("hpo.trial")
+
+#: How often a worker looks for a waiting trial that others keep popping first.
+_POP_ROUNDS = 5
 
 
 class OptunaLink:
@@ -103,16 +108,15 @@ class StudyHandle:
             config.source,
         )
         pruner = build_pruner(spec.pruner.name, spec.pruner.options)
-        # One Study object per study per process: its trial cache makes sampling incremental.
+        # One Study object per study per process: its trial cache makes sampling incremental,
+        # and the trials this process runs are served from memory (trial_store).
+        self.store = TrialStore(storage)
         self.study = with_db_retry(
             lambda: optuna.load_study(
-                study_name=record.name, storage=storage, sampler=sampler, pruner=pruner
+                study_name=record.name, storage=self.store, sampler=sampler, pruner=pruner
             ),
             f"loading study {record.name!r}",
         )
-        # Optuna's per-study trial cache. Trials must be created and popped through it (as
-        # Study.ask does) or it rejects their parameters; there is no public handle on it.
-        self._cached_storage = self.study._storage
         self.n_objectives = len(spec.directions)
         self.ledger = Ledger(
             storage, self.registry, self.tickets, record.study_id, record.name, spec.max_retries
@@ -178,8 +182,7 @@ class StudyHandle:
                 if retrying[0]:  # an earlier try may have committed before its answer was lost
                     found = self.tickets.trial_of(ticket)
                     if found is not None:
-                        trial = self.storage.get_trial(found)
-                        remember(self._cached_storage, study_id, trial)
+                        self.store.adopt(study_id, self.storage.get_trial(found))
                         return found
                 retrying[0] = True
                 return self._start_trial(ticket)
@@ -195,30 +198,46 @@ class StudyHandle:
     def _start_trial(self, ticket: int) -> int | None:
         """Take a waiting trial (an enqueued point or a retry) if any, else create a new one;
         either way bound to ``ticket``. None if the ticket is no longer this worker's."""
-        storage = self._cached_storage
-        # One indexed probe first: reading the trials through Optuna's cache costs several
-        # queries, and most trials find nothing waiting.
-        waiting_trials = (
-            storage.get_all_trials(
-                self.record.study_id, deepcopy=False, states=(TrialState.WAITING,)
-            )
-            if has_waiting_trials(self.storage, self.record.study_id)
-            else []
-        )
-        for waiting in waiting_trials:
-            if self.tickets.pop_waiting(ticket, self.worker_id, waiting._trial_id):
-                return waiting._trial_id
+        store, study_id = self.store, self.record.study_id
+        for _ in range(_POP_ROUNDS):
+            if store.pg:  # one transaction: create and bind, unless a trial is waiting
+                started = store.start_new(study_id, ticket, self.worker_id)
+                if started is not True:
+                    return started
+            elif not has_waiting_trials(self.storage, study_id):
+                return self._create_and_bind(ticket)
+            popped = self._pop_waiting(ticket)
+            if popped is not None:
+                return popped
+            # Each waiting trial seen was popped by another worker first: look again.
+        return None  # or this ticket was taken over, which makes every pop fail
+
+    def _pop_waiting(self, ticket: int) -> int | None:
+        study_id, me = self.record.study_id, self.worker_id
+        waiting = self.store.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
+        for trial in waiting:
+            if self.tickets.pop_waiting(ticket, me, trial._trial_id):
+                running = copy.deepcopy(trial)
+                running.state, running.datetime_start = TrialState.RUNNING, datetime.now()
+                running.user_attrs[WORKER_ATTR] = me
+                self.store.adopt(study_id, running)
+                return trial._trial_id
+        return None
+
+    def _create_and_bind(self, ticket: int) -> int | None:
+        """SQLite's way to a new trial: Optuna's steps, then the ticket's binding."""
         template = optuna.trial.create_trial(state=TrialState.WAITING)
         template.state = TrialState.RUNNING
         template.datetime_start = datetime.now()
         template.user_attrs = {WORKER_ATTR: self.worker_id}
         template.system_attrs = {TICKET_ATTR: ticket}
-        trial_id = create_trial_once(storage, self.record.study_id, template)
-        if not self.tickets.bind(ticket, self.worker_id, trial_id):
+        trial = self.store.create_once(self.record.study_id, template)
+        if not self.tickets.bind(ticket, self.worker_id, trial._trial_id):
             # Recovered while this worker was frozen; the new trial is an orphan the sweep
             # of any worker fails (it has no parameters yet: nothing to re-queue).
             return None
-        return trial_id
+        self.store.adopt(self.record.study_id, trial)
+        return int(trial._trial_id)
 
     def _run_trial(self, ticket: int, trial_id: int) -> TrialOutcome:
         # Like Study.ask: the sampler must see the trials finished since the last one.
@@ -226,7 +245,8 @@ class StudyHandle:
         trial = with_db_retry(lambda: optuna.Trial(self.study, trial_id), "loading a trial")
         started = time.monotonic()
         try:
-            params = with_db_retry(lambda: self.config.search_space.sample(trial), "sampling")
+            with self.store.one_sync():
+                params = with_db_retry(lambda: self.config.search_space.sample(trial), "sampling")
         except Exception as e:  # a sampler that cannot sample this space: this trial fails
             return self._finish(ticket, trial, TrialState.FAIL, None, started, describe_error(e))
         cfg = merge(self.config.static, params)
@@ -305,7 +325,7 @@ class StudyHandle:
         """Record the result; False if the trial had been finished by someone else (stale)."""
         try:
             if error is not None:
-                self.storage.set_trial_user_attr(trial._trial_id, ERROR_ATTR, error[:2000])
+                self.store.set_trial_user_attr(trial._trial_id, ERROR_ATTR, error[:2000])
             try:
                 self.study.tell(trial, values, state=state)
             except RuntimeError as e:

@@ -68,6 +68,13 @@ def pg_url(pg_admin: sa.Engine) -> Iterator[str]:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.fixture(params=["psycopg2", "psycopg"])
+def pg_driver_url(request: pytest.FixtureRequest, pg_url: str) -> str:
+    """A fresh PostgreSQL database through each driver: psycopg2 (the default) and psycopg 3."""
+    url = sa.engine.make_url(pg_url).set(drivername=f"postgresql+{request.param}")
+    return url.render_as_string(hide_password=False)
+
+
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'hpo.db'}"

@@ -14,26 +14,26 @@ from tests.pool_helpers import counts, create, kill_a_worker_mid_trial, trials, 
 
 
 def test_workers_wait_for_the_schema_then_run_the_exact_budget(
-    pg_url: str, tmp_path: Path
+    pg_driver_url: str, tmp_path: Path
 ) -> None:
     # Workers start on an empty database: none may create tables (Optuna #1092); they wait.
     log = tmp_path / "workers.log"
-    pool = start_worker("--processes", "8", "--idle-exit", "3", url=pg_url, log=log)
+    pool = start_worker("--processes", "8", "--idle-exit", "3", url=pg_driver_url, log=log)
     wait_until("workers to announce waiting", lambda: log.read_text().count("waiting for") >= 8)
-    name = create(tmp_path, pg_url, static={"sleep_s": 0.05}, study_={"n_trials": 40})
+    name = create(tmp_path, pg_driver_url, static={"sleep_s": 0.05}, study_={"n_trials": 40})
     assert pool.wait(timeout=120) == 0
-    c = counts(pg_url, name)
+    c = counts(pg_driver_url, name)
     assert c["COMPLETE"] == 40 and c["RUNNING"] == 0 and c["WAITING"] == 0 and c["FAIL"] == 0
     text = log.read_text()
     assert "alembic" not in text.lower() and "Traceback" not in text
-    assert len({t.user_attrs["worker"] for t in trials(pg_url, name)}) > 1
+    assert len({t.user_attrs["worker"] for t in trials(pg_driver_url, name)}) > 1
 
 
-def test_a_killed_worker_loses_no_trial(pg_url: str, tmp_path: Path) -> None:
-    name = kill_a_worker_mid_trial(tmp_path, pg_url, sleep_s=2.0, n_trials=3)
-    rescuer = start_worker("--idle-exit", "5", url=pg_url, log=tmp_path / "rescuer.log")
+def test_a_killed_worker_loses_no_trial(pg_driver_url: str, tmp_path: Path) -> None:
+    name = kill_a_worker_mid_trial(tmp_path, pg_driver_url, sleep_s=2.0, n_trials=3)
+    rescuer = start_worker("--idle-exit", "5", url=pg_driver_url, log=tmp_path / "rescuer.log")
     assert rescuer.wait(timeout=120) == 0
-    result = trials(pg_url, name)
+    result = trials(pg_driver_url, name)
     failed = [t for t in result if t.state.name == "FAIL"]
     assert len(failed) == 1
     assert (
@@ -43,7 +43,7 @@ def test_a_killed_worker_loses_no_trial(pg_url: str, tmp_path: Path) -> None:
     retries = [t for t in result if t.user_attrs.get("retry_of") == failed[0].number]
     assert [t.params for t in retries] == [failed[0].params]
     assert retries[0].state.name == "COMPLETE"
-    c = counts(pg_url, name)
+    c = counts(pg_driver_url, name)
     assert c["COMPLETE"] == 3 and c["RUNNING"] == 0 and c["WAITING"] == 0
     assert "params re-queued" in (tmp_path / "rescuer.log").read_text()
 

@@ -54,9 +54,11 @@ def test_a_bad_session_fails_its_trial_with_the_error_recorded(
     assert {t.user_attrs["error"] for t in study.trials} == {error}
 
 
-def test_failed_parameters_are_retried_and_the_study_goes_on(tmp_path: Path) -> None:
+def test_failed_parameters_are_retried_and_the_study_goes_on(
+    storage_url: str, tmp_path: Path
+) -> None:
     study = run(
-        tmp_path, sessions.fail_first_attempt, static={"dir": str(tmp_path)},
+        tmp_path, sessions.fail_first_attempt, storage_url, static={"dir": str(tmp_path)},
         study_={"n_trials": 4, "max_retries": 1, "max_failed_trials": 10},
     )  # fmt: skip
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
@@ -67,17 +69,20 @@ def test_failed_parameters_are_retried_and_the_study_goes_on(tmp_path: Path) -> 
     assert retried == {t.params["x"] for t in failed}  # ...and its parameters ran again
 
 
-def test_retries_stop_after_max_retries(tmp_path: Path) -> None:
+def test_retries_stop_after_max_retries(storage_url: str, tmp_path: Path) -> None:
     study = run(
-        tmp_path, sessions.raises, study_={"n_trials": 2, "max_retries": 2, "max_failed_trials": 3}
+        tmp_path,
+        sessions.raises,
+        storage_url,
+        study_={"n_trials": 2, "max_retries": 2, "max_failed_trials": 3},
     )
     assert [t.user_attrs.get("attempt", 0) for t in study.trials] == [0, 1, 2]
     assert len({t.params["x"] for t in study.trials}) == 1
 
 
-def test_pruning_through_report(tmp_path: Path) -> None:
+def test_pruning_through_report(storage_url: str, tmp_path: Path) -> None:
     study = run(
-        tmp_path, sessions.reports_steps,
+        tmp_path, sessions.reports_steps, storage_url,
         study_={"n_trials": 16, "pruner": {"name": "median", "options": {"n_startup_trials": 4}}},
     )  # fmt: skip
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
@@ -93,9 +98,9 @@ def test_report_outside_a_trial_is_a_no_op() -> None:
     assert sessions.reports_steps({"x": 1.5}) == 1.5
 
 
-def test_multi_objective(tmp_path: Path) -> None:
+def test_multi_objective(storage_url: str, tmp_path: Path) -> None:
     study = run(
-        tmp_path, sessions.two_objectives,
+        tmp_path, sessions.two_objectives, storage_url,
         study_={"direction": None, "directions": ["minimize", "minimize"], "n_trials": 8,
                 "sampler": {"name": "nsga2", "seed": 0}},
     )  # fmt: skip
@@ -112,12 +117,12 @@ def test_direction_count_mismatch_is_a_config_error(tmp_path: Path) -> None:
         run(tmp_path, sessions.returns_pair)
 
 
-def test_enqueued_points_run_first_and_exactly_once(tmp_path: Path) -> None:
+def test_enqueued_points_run_first_and_exactly_once(storage_url: str, tmp_path: Path) -> None:
     enqueue = [{"x": 1.5}, {"x": -2.0}]
     path = write_config(
         tmp_path / "config.yaml", make_config(enqueue=enqueue, study_={"n_trials": 5})
     )
-    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    url = storage_url
     study = run_hpo(sessions.quadratic, path, url)
     assert [t.params["x"] for t in study.trials[:2]] == [1.5, -2.0]
     # Running again resumes the finished study: nothing is enqueued or run twice.

@@ -1,0 +1,158 @@
+"""What a trial costs the database, counted (not timed, so it holds on a loaded machine), and
+what the framework's own trial writes (``trial_store``) look like to plain Optuna.
+
+The README promises at most 26 statements in at most 8 transactions per trial (TPE, one
+worker, the benchmark's study shape); an Optuna upgrade that changes the tables the trial
+store writes fails the round-trip test here.
+"""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import sqlalchemy as sa
+from optuna.trial import TrialState
+
+from bench.sql_counter import SqlCounter
+from hpo_framework.config import Config
+from hpo_framework.coordinator import create_study
+from hpo_framework.exceptions import StorageError
+from hpo_framework.executor import InProcessExecutor
+from hpo_framework.heartbeat import Heartbeat
+from hpo_framework.storage import open_storage
+from hpo_framework.trials import StudyHandle
+from tests import sessions
+from tests.conftest import make_config
+
+STATEMENTS_PER_TRIAL = 26
+TRANSACTIONS_PER_TRIAL = 8
+
+
+def _handle(url: str, session: object, **study: object) -> StudyHandle:
+    config = Config.from_mapping(
+        make_config(
+            study_={
+                "n_trials": 40,
+                **study,
+                "sampler": {"name": "tpe", "seed": 0, "options": {"n_startup_trials": 10}},
+            },
+        ),  # fmt: skip
+        "c.yaml",
+    )
+    storage = open_storage(url, create_schema=True)
+    record = create_study(storage, config, check_session=False)
+    return StudyHandle(storage, record, config, InProcessExecutor(session), worker_id="t:1")
+
+
+def test_a_trial_costs_at_most_26_statements_in_8_transactions(pg_driver_url: str) -> None:
+    handle = _handle(pg_driver_url, sessions.quadratic)
+    counter = SqlCounter(handle.storage.engine)
+    with Heartbeat(handle.storage) as heartbeat:
+        for _ in range(12):  # past TPE's start-up trials: the model's trials are measured
+            assert handle.run_one(heartbeat) is not None
+        with counter.counting():
+            ran = sum(handle.run_one(heartbeat) is not None for _ in range(20))
+    assert ran == 20
+    per_trial = counter.statements / ran, counter.transactions / ran
+    assert per_trial[0] <= STATEMENTS_PER_TRIAL, counter.by_statement.most_common(10)
+    assert per_trial[1] <= TRANSACTIONS_PER_TRIAL, per_trial
+    handle.storage.engine.dispose()
+
+
+def test_trials_written_by_the_trial_store_read_back_through_plain_optuna(
+    pg_driver_url: str,
+) -> None:
+    """Own trials are written without Optuna's code: Optuna must read them as its own."""
+    handle = _handle(
+        pg_driver_url, sessions.two_objectives,
+        directions=["minimize", "maximize"], n_trials=6, direction=None,
+    )  # fmt: skip
+    with Heartbeat(handle.storage) as heartbeat:
+        while handle.run_one(heartbeat) is not None:
+            pass
+    stored = optuna.load_study(study_name=handle.name, storage=pg_driver_url).trials
+    assert [t.number for t in stored] == list(range(6))
+    for trial in stored:
+        assert trial.state == TrialState.COMPLETE
+        assert set(trial.params) == {"x"} and -5 <= trial.params["x"] <= 5
+        assert trial.values == list(sessions.two_objectives({"x": trial.params["x"]}))
+        assert trial.user_attrs["worker"] == "t:1"
+        assert trial.datetime_start is not None and trial.datetime_complete is not None
+        assert trial.datetime_complete >= trial.datetime_start
+    handle.storage.engine.dispose()
+
+
+def test_a_report_and_a_pruned_trial_go_through_the_trial_store(pg_url: str) -> None:
+    handle = _handle(
+        pg_url, sessions.reports_steps, n_trials=12,
+        pruner={"name": "median", "options": {"n_startup_trials": 2, "n_warmup_steps": 0}},
+    )  # fmt: skip
+    with Heartbeat(handle.storage) as heartbeat:
+        outcomes = []
+        while (outcome := handle.run_one(heartbeat)) is not None:
+            outcomes.append(outcome)
+    stored = {
+        t.number: t for t in optuna.load_study(study_name=handle.name, storage=pg_url).trials
+    }
+    assert len(stored) == 12
+    for outcome in outcomes:
+        trial = stored[outcome.number]
+        assert trial.state == outcome.state
+        assert trial.intermediate_values, trial
+        if trial.state == TrialState.PRUNED:  # Optuna's tell keeps the last report as value
+            assert trial.value == trial.intermediate_values[max(trial.intermediate_values)]
+    handle.storage.engine.dispose()
+
+
+def test_a_trial_failed_by_another_worker_refuses_the_late_result(sqlite_url: str) -> None:
+    """Memory is not the truth: the late write is checked against the database."""
+    handle = _handle(sqlite_url, sessions.quadratic, n_trials=2)
+    store = handle.store
+    with Heartbeat(handle.storage) as heartbeat:
+        handle.run_one(heartbeat)
+    ticket = handle.tickets.claim(handle.record.study_id, "t:1", 20.0, "k")
+    assert ticket is not None
+    trial_id = handle._start_trial(ticket)
+    assert trial_id is not None
+    handle.storage.set_trial_state_values(trial_id, TrialState.FAIL)  # "the stale sweep"
+    assert store.get_trial(trial_id).state == TrialState.RUNNING  # what this worker believes
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        store.set_trial_state_values(trial_id, TrialState.COMPLETE, [1.0])
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        store.set_trial_param(
+            trial_id, "x", 0.5, optuna.distributions.FloatDistribution(-5.0, 5.0)
+        )
+    assert handle.storage.get_trial(trial_id).state == TrialState.FAIL
+    handle.storage.engine.dispose()
+
+
+def test_the_trial_store_reads_what_others_wrote(sqlite_url: str) -> None:
+    """Only the sampler's reads within one ask share a sync; a later read sees new trials."""
+    handle = _handle(sqlite_url, sessions.quadratic, n_trials=4)
+    with Heartbeat(handle.storage) as heartbeat:
+        handle.run_one(heartbeat)
+    assert len(handle.study.trials) == 1
+    optuna.load_study(study_name=handle.name, storage=sqlite_url).enqueue_trial({"x": 1.0})
+    assert [t.state for t in handle.study.trials] == [TrialState.COMPLETE, TrialState.WAITING]
+    handle.storage.engine.dispose()
+
+
+def test_workers_open_the_schema_as_optuna_would_without_its_version_manager(
+    sqlite_url: str,
+) -> None:
+    """The light opener sets what RDBStorage sets and checks the revision Optuna would."""
+    from hpo_framework.storage import OPTUNA_SCHEMA_HEAD
+
+    full = open_storage(sqlite_url, create_schema=True)
+    assert full._version_manager.get_head_version() == OPTUNA_SCHEMA_HEAD
+    light = open_storage(sqlite_url, create_schema=False)
+    assert type(light) is not type(full) and isinstance(light, optuna.storages.RDBStorage)
+    assert sorted(vars(light)) == sorted(vars(full))
+    with light.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = 'v1.0.0'"))
+    with pytest.raises(
+        StorageError, match="Optuna schema revision v1.0.0.*optuna storage upgrade"
+    ):
+        open_storage(sqlite_url, create_schema=False)
+    full.engine.dispose()
+    light.engine.dispose()
