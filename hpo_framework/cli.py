@@ -203,7 +203,7 @@ def inspect_command(
     if watch:
         _print_summary(watch_study(rdb, study, _console()))
         return
-    summary = summarize(rdb, study, top=top)
+    summary = summarize(rdb, study, top=top, all_trials=fmt != "table" or bool(plot_dir))
     if plot_dir:
         from hpo_framework.plots import write_plots  # plotting libraries only when asked for
 

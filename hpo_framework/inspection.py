@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections import Counter
 from typing import Any
 
 import optuna
+import sqlalchemy as sa
+from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo_framework.optuna_tables import trial_user_attrs, trial_values, trials
 from hpo_framework.registry import OPEN, Registry, StudyRecord
-from hpo_framework.trial_attrs import cannot_serve, trial_summary
+from hpo_framework.trial_attrs import ERROR_ATTR, WORKER_ATTR, cannot_serve, trial_summary
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 
@@ -29,18 +33,25 @@ def display_state(record: StudyRecord, counts: Counter[str]) -> str:
 
 def list_studies(storage: optuna.storages.RDBStorage) -> list[dict[str, Any]]:
     """One row per study: state, budget progress, best value, running trials."""
+    records = Registry(storage.engine).all()
+    t = trials.c
+    query = sa.select(t.study_id, t.state, sa.func.count()).group_by(t.study_id, t.state)
+    with storage.engine.connect() as conn:
+        by_study: dict[int, Counter[str]] = {}
+        for study_id, state, n in conn.execute(query):
+            by_study.setdefault(study_id, Counter())[_name(state)] = n
     rows = []
-    for record in Registry(storage.engine).all():
-        study = optuna.load_study(study_name=record.name, storage=storage)
-        trials = study.get_trials(deepcopy=False)
-        counts = Counter(t.state.name for t in trials)
+    for record in records:
+        counts = by_study.get(record.study_id, Counter())
+        directions = storage.get_study_directions(record.study_id)
+        best, _ = _ranked_complete(storage, record.study_id, directions, 1)
         rows.append(
             {
                 "study": record.name,
                 "state": display_state(record, counts),
                 "finished": counts["COMPLETE"] + counts["PRUNED"],
                 "budget": record.budget,
-                "best": _best_values(study),
+                "best": list(best[0].values) if len(best) == 1 else None,
                 "running": counts["RUNNING"],
                 "failed": counts["FAIL"],
             }
@@ -48,45 +59,127 @@ def list_studies(storage: optuna.storages.RDBStorage) -> list[dict[str, Any]]:
     return rows
 
 
-def summarize(storage: optuna.storages.RDBStorage, name: str, top: int = 10) -> dict[str, Any]:
-    """Everything ``hpo-inspect STUDY`` shows, as JSON-ready data."""
+def summarize(
+    storage: optuna.storages.RDBStorage, name: str, top: int = 10, *, all_trials: bool = True
+) -> dict[str, Any]:
+    """Everything ``hpo-inspect STUDY`` shows, as JSON-ready data.
+
+    Counts, durations, workers and errors are aggregated in the database and only the trials
+    shown (best, top, running) are read whole, so a large study costs little to summarize;
+    ``all_trials`` adds every trial (for JSON and CSV).
+    """
     record = Registry(storage.engine).get(name)
-    study = optuna.load_study(study_name=name, storage=storage)
-    trials = study.get_trials(deepcopy=False)
-    counts = Counter(t.state.name for t in trials)
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
-    durations = sorted(
-        t.duration.total_seconds()
-        for t in trials
-        if t.duration is not None and t.state.is_finished()
-    )
-    workers = Counter(
-        str(t.user_attrs.get("worker", "unknown")) for t in trials if t.state != TrialState.WAITING
-    )
-    errors = [
-        {"number": t.number, "error": t.user_attrs.get("error")}
-        for t in trials
-        if t.state == TrialState.FAIL
-    ][-5:]
-    return {
+    study_id = record.study_id
+    directions = storage.get_study_directions(study_id)
+    t, a = trials.c, trial_user_attrs.c
+    mine = t.study_id == study_id
+    with storage.engine.connect() as conn:
+        counts: Counter[str] = Counter(
+            {
+                _name(state): n
+                for state, n in conn.execute(
+                    sa.select(t.state, sa.func.count()).where(mine).group_by(t.state)
+                )
+            }
+        )
+        finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        durations = sorted(
+            (end - start).total_seconds()
+            for start, end in conn.execute(
+                sa.select(t.datetime_start, t.datetime_complete).where(
+                    mine,
+                    t.state.in_(finished),
+                    t.datetime_start.is_not(None),
+                    t.datetime_complete.is_not(None),
+                )  # fmt: skip
+            )
+        )
+        worker_rows = conn.execute(
+            sa.select(a.value_json, sa.func.count())
+            .join(trials, t.trial_id == a.trial_id)
+            .where(mine, a.key == WORKER_ATTR, t.state != TrialState.WAITING)
+            .group_by(a.value_json)
+        ).all()
+        error_rows = conn.execute(
+            sa.select(t.number, a.value_json)
+            .outerjoin(trial_user_attrs, sa.and_(a.trial_id == t.trial_id, a.key == ERROR_ATTR))
+            .where(mine, t.state == TrialState.FAIL)
+            .order_by(t.number.desc())
+            .limit(5)
+        ).all()
+        running_ids = conn.execute(
+            sa.select(t.trial_id).where(mine, t.state == TrialState.RUNNING).order_by(t.number)
+        ).scalars()
+        running = [storage.get_trial(i) for i in running_ids]
+    workers: Counter[str] = Counter({str(json.loads(v)): n for v, n in worker_rows})
+    unknown = sum(counts.values()) - counts["WAITING"] - sum(workers.values())
+    if unknown > 0:
+        workers["unknown"] += unknown
+    best, ranked = _ranked_complete(storage, study_id, directions, top)
+    summary = {
         "study": name,
-        "directions": [d.name.lower() for d in study.directions],
+        "directions": [d.name.lower() for d in directions],
         "state": display_state(record, counts),
         "budget": record.budget,
         "finished": counts["COMPLETE"] + counts["PRUNED"],
         "counts": {s: counts[s] for s in STATES},
-        "best": [_point(t) for t in _best_trials(study)],
-        "top": [trial_summary(t) for t in _ranked(study, done)[:top]],
-        "trials": [trial_summary(t) for t in trials],
+        "best": [_point(b) for b in best],
+        "top": [trial_summary(r) for r in ranked[:top]],
+        "running": [trial_summary(r) for r in running],
         "workers": dict(workers.most_common()),
         "duration_s": _duration_stats(durations),
-        "errors": errors,
-        "cannot_serve": cannot_serve(study.user_attrs),
+        "errors": [
+            {"number": n, "error": None if v is None else json.loads(v)}
+            for n, v in reversed(error_rows)
+        ],
+        "cannot_serve": cannot_serve(storage.get_study_user_attrs(study_id)),
         "study_error": record.error,
         "session": record.session_ref,
         "config_hash": record.config_hash,
         "version": record.version,
     }
+    if all_trials:
+        study = optuna.load_study(study_name=name, storage=storage)
+        summary["trials"] = [trial_summary(x) for x in study.get_trials(deepcopy=False)]
+    return summary
+
+
+def _name(state: Any) -> str:
+    return state.name if isinstance(state, TrialState) else str(state)
+
+
+def _ranked_complete(
+    storage: optuna.storages.RDBStorage, study_id: int, directions: list[Any], n: int
+) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
+    """The best trials (one, or the Pareto front by number) and the first ``n`` complete
+    trials ranked: by value (ties by number), or the front first. Several objectives are
+    ranked by Optuna, which reads every trial; one is ranked in the database."""
+    if len(directions) > 1:
+        study = optuna.load_study(
+            study_name=storage.get_study_name_from_id(study_id), storage=storage
+        )
+        if not any(x.state == TrialState.COMPLETE for x in study.get_trials(deepcopy=False)):
+            return [], []
+        front = sorted(study.best_trials, key=lambda x: x.number)
+        numbers = {x.number for x in front}
+        rest = [
+            x for x in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if x.number not in numbers
+        ]  # fmt: skip
+        return front, (front + rest)[:n]
+    t, v = trials.c, trial_values.c
+    query = (
+        sa.select(t.trial_id, t.number, v.value, v.value_type)
+        .join(trial_values, sa.and_(v.trial_id == t.trial_id, v.objective == 0))
+        .where(t.study_id == study_id, t.state == TrialState.COMPLETE)
+    )
+    with storage.engine.connect() as conn:
+        rows = list(conn.execute(query))
+    sign = 1 if directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
+    value = models.TrialValueModel.stored_repr_to_value
+    rows.sort(key=lambda r: (sign * value(r.value, r.value_type), r.number))
+    ranked = [storage.get_trial(r.trial_id) for r in rows[: max(n, 1)]]
+    return ranked[:1], ranked[:n]
 
 
 def best_summary(study: optuna.Study) -> str:
@@ -107,19 +200,6 @@ def _best_trials(study: optuna.Study) -> list[FrozenTrial]:
     if len(study.directions) > 1:
         return sorted(study.best_trials, key=lambda t: t.number)
     return [study.best_trial]
-
-
-def _best_values(study: optuna.Study) -> list[float] | None:
-    best = _best_trials(study)
-    return list(best[0].values) if len(best) == 1 else None
-
-
-def _ranked(study: optuna.Study, done: list[FrozenTrial]) -> list[FrozenTrial]:
-    if len(study.directions) > 1:
-        front = {t.number for t in _best_trials(study)}
-        return sorted(done, key=lambda t: (t.number not in front, t.number))
-    sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
-    return sorted(done, key=lambda t: sign * t.values[0])
 
 
 def _point(t: FrozenTrial) -> dict[str, Any]:

@@ -25,9 +25,7 @@ DONE_STATES = ("done", "timeout", "stopped", "failed")
 def _running_table(summary: dict[str, Any]) -> Table:
     table = Table("trial", "worker", "elapsed", "params", title="running", title_justify="left")
     now = datetime.now(timezone.utc).replace(tzinfo=None)
-    for t in summary["trials"]:
-        if t["state"] != "RUNNING":
-            continue
+    for t in summary["running"]:
         started = t.get("started")
         elapsed = f"{(now - started).total_seconds():.0f}s" if started else "-"
         table.add_row(str(t["number"]), str(t["worker"]), elapsed, str(t["params"])[:70])
@@ -67,7 +65,9 @@ def watch(
         BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
     )  # fmt: skip
-    summary = with_db_retry(lambda: summarize(storage, name, top=0), "reading the study")
+    summary = with_db_retry(
+        lambda: summarize(storage, name, top=0, all_trials=False), "reading the study"
+    )
     task = progress.add_task(name, total=summary["budget"], completed=summary["finished"])
     deadline = None if timeout is None else time.monotonic() + timeout
     with Live(_view(progress, summary), console=console, refresh_per_second=4) as live:
@@ -75,7 +75,9 @@ def watch(
             if deadline is not None and time.monotonic() >= deadline:
                 break
             time.sleep(refresh)
-            summary = with_db_retry(lambda: summarize(storage, name, top=0), "reading the study")
+            summary = with_db_retry(
+                lambda: summarize(storage, name, top=0, all_trials=False), "reading the study"
+            )
             progress.update(task, completed=summary["finished"], total=summary["budget"])
             live.update(_view(progress, summary))
     return summary
