@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import optuna
 import sqlalchemy
 import sqlalchemy.exc
+import sqlalchemy.orm
 from sqlalchemy.engine import make_url
 
 from hpo_framework import defaults
@@ -154,10 +155,10 @@ def open_storage(
     tries = 5 if create_schema else 1
     for attempt in range(1, tries + 1):
         try:
+            if not create_schema:
+                return _open_existing(url, engine_kwargs(backend, role, parsed.database))
             return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs(backend, role, parsed.database),
-                skip_table_creation=not create_schema,
+                url, engine_kwargs=engine_kwargs(backend, role, parsed.database)
             )
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
             if attempt == tries:
@@ -170,14 +171,59 @@ def open_storage(
     raise AssertionError("unreachable")
 
 
+#: The schema revision of the Optuna range in pyproject.toml (``tests/test_db_cost.py`` checks
+#: it against Optuna's own): workers check it with one query instead of importing alembic.
+OPTUNA_SCHEMA_HEAD = "v3.2.0.a"
+
+
+class _ExistingSchemaStorage(optuna.storages.RDBStorage):
+    """``RDBStorage`` on tables the coordinator made, without Optuna's version manager: it
+    imports alembic (about 0.15 s of a worker's start) only to compare one revision string."""
+
+    def __init__(self, url: str, engine_kwargs: dict[str, Any]) -> None:
+        # The attributes RDBStorage.__init__ sets (the test compares the two).
+        self.engine_kwargs = engine_kwargs
+        self.url = url
+        self.skip_compatibility_check = True
+        self.heartbeat_interval = self.grace_period = None
+        self.heartbeat_stale_trial_callback = self.failed_trial_callback = None
+        self.engine = sqlalchemy.create_engine(url, **engine_kwargs)
+        self.scoped_session = sqlalchemy.orm.scoped_session(
+            sqlalchemy.orm.sessionmaker(bind=self.engine)
+        )
+        self._version_manager = None  # type: ignore[assignment]
+
+
+def _open_existing(url: str, kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
+    storage = _ExistingSchemaStorage(url, kwargs)
+    with storage.engine.connect() as conn:
+        found = conn.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar()
+    if found != OPTUNA_SCHEMA_HEAD:
+        storage.engine.dispose()
+        raise RuntimeError(
+            f"the tables are at Optuna schema revision {found}, this Optuna "
+            f"{optuna.__version__} needs {OPTUNA_SCHEMA_HEAD}: run `optuna storage upgrade "
+            "--storage URL` (or use the Optuna version that made them)"
+        )
+    return storage
+
+
 def schema_exists(url: str) -> bool:
-    """Whether the coordinator has created the tables yet (a cheap check, no table creation)."""
+    """Whether the coordinator has created the tables yet (one query, no table creation)."""
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     try:
-        tables = set(sqlalchemy.inspect(engine).get_table_names())
+        with engine.connect() as conn:
+            if engine.dialect.name == "postgresql":
+                query = "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+                tables = set(conn.execute(sqlalchemy.text(query)).scalars())
+            elif engine.dialect.name == "sqlite":
+                query = "SELECT name FROM sqlite_master WHERE type = 'table'"
+                tables = set(conn.execute(sqlalchemy.text(query)).scalars())
+            else:  # SQLAlchemy's reflection: slower to import and run, but any database
+                tables = set(sqlalchemy.inspect(conn).get_table_names())
     finally:
         engine.dispose()
-    return {"studies", "trials", "version_info", "hpo_studies", "hpo_tickets"} <= tables
+    return {"studies", "trials", "alembic_version", "hpo_studies", "hpo_tickets"} <= tables
 
 
 def engine_kwargs(backend: str, role: str, database: str | None = None) -> dict[str, Any]:
