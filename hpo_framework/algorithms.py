@@ -5,13 +5,13 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
 
 from hpo_framework import defaults
-from hpo_framework._checks import Checker
+from hpo_framework._checks import Checker, describe
 from hpo_framework.exceptions import MissingPackageError, UnsafeSamplerError
 from hpo_framework.param_sampler import SearchSpace
 
@@ -118,6 +118,47 @@ def _check_options(cls: Any, options: Mapping[str, Any], check: Checker) -> None
             check.at(str(key)).fail(f"'{key}' is set by the framework; use study.sampler.seed")
         if key not in allowed:
             check.at(str(key)).unknown(str(key), allowed, what="option")
+        wanted = _annotation(params[key].annotation)
+        problem = _type_problem(wanted, options[key])
+        if problem:
+            check.at(str(key)).fail(problem)
+
+
+def _annotation(annotation: Any) -> str:
+    if isinstance(annotation, str):
+        return annotation
+    return "" if annotation is inspect.Parameter.empty else getattr(annotation, "__name__", "")
+
+
+#: What a YAML value can be, by the type names of Optuna's signatures.
+_YAML_TYPES: dict[str, Callable[[Any], bool]] = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "None": lambda v: v is None,
+    "dict": lambda v: isinstance(v, dict),
+    "Mapping": lambda v: isinstance(v, dict),
+    "list": lambda v: isinstance(v, list),
+    "Sequence": lambda v: isinstance(v, list),
+    "tuple": lambda v: isinstance(v, list),
+    "Callable": lambda v: False,
+}
+
+
+def _type_problem(annotation: str, value: Any) -> str | None:
+    """Why ``value`` (from YAML) cannot be an argument of this annotation, if it surely cannot.
+    Types YAML has no word for (a sampler object, say) are left to the constructor."""
+    if not annotation:
+        return None
+    kinds = [part.strip().split("[")[0] for part in annotation.split("|")]
+    if any(kind not in _YAML_TYPES for kind in kinds):
+        return None
+    if any(_YAML_TYPES[kind](value) for kind in kinds):
+        return None
+    if all(kind in ("Callable", "None") for kind in kinds):
+        return "takes a Python function, which config.yaml cannot hold; leave it out"
+    return f"must be {annotation}, got {describe(value)}"
 
 
 def _one_line(e: Exception) -> str:

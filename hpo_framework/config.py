@@ -33,6 +33,9 @@ DIRECTIONS = ("minimize", "maximize")
 #: ``package.module:function``; the function's name is public (no leading underscore).
 _SESSION_REF = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z][\w]*$")
 _MAX_DEPTH = 32
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: The shortest heartbeat_interval a study may ask for (seconds).
+MIN_HEARTBEAT_S = 0.5
 _MAX_BYTES = 1_000_000
 _MAX_VALUES = 100_000  # guards against YAML alias bombs, which expand when walked
 
@@ -140,10 +143,26 @@ def load_config(path: str | Path) -> Config:
     return Config.from_mapping(parse_yaml(text, source), source)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping (YAML keeps the last one
+    silently: ``n_trials: 5`` then ``n_trials: 5000`` would run 5000)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key if isinstance(key, str) else id(key_node))
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_yaml(text: str, source: str) -> Any:
     """YAML to Python with the safe loader; syntax errors name their line."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = f"line {mark.line + 1}: " if mark else ""
@@ -153,6 +172,9 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(source, None, f"YAML error: {' '.join(str(e).split())}") from None
     except RecursionError:
         raise ConfigError(source, None, "YAML nests too deeply") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        reason = str(e).split(";")[0]
+        raise ConfigError(source, None, f"YAML value out of range: {reason}") from None
 
 
 def _parse(raw: Any, root: Checker) -> Config:
@@ -185,6 +207,12 @@ def _parse(raw: Any, root: Checker) -> Config:
             root.at("search_space", *name.split(".")).fail(
                 "is also set under static:; a parameter is either static or searched"
             )
+        for searched in space.names:  # static model: 3 beside searched model.hidden
+            if searched.startswith(name + ".") or name.startswith(searched + "."):
+                root.at("static", *name.split(".")).fail(
+                    f"overlaps the searched parameter {searched!r}: one would replace the "
+                    "other in cfg; rename one of them"
+                )
 
     enqueue = raw.get("enqueue") or []
     if not isinstance(enqueue, list):
@@ -205,6 +233,8 @@ def _parse_study(raw: Any, check: Checker, space: SearchSpace) -> StudySpec:
         check.at("name").fail(f"must be a non-empty string, got {describe(name)}")
     if len(name) > 500:
         check.at("name").fail("must be at most 500 characters")
+    if _CONTROL.search(name):
+        check.at("name").fail(f"must not hold control characters, got {name!r}")
 
     if raw.get("direction") is not None and "directions" in raw:
         check.at("directions").fail("give either 'direction' or 'directions', not both")
@@ -230,6 +260,11 @@ def _parse_study(raw: Any, check: Checker, space: SearchSpace) -> StudySpec:
     assert heartbeat is not None and grace is not None
     if "heartbeat_interval" in raw and raw["heartbeat_interval"] is None:
         check.at("heartbeat_interval").fail("must be a number of seconds > 0")
+    if heartbeat < MIN_HEARTBEAT_S:  # every running trial writes the database this often
+        check.at("heartbeat_interval").fail(
+            f"must be at least {MIN_HEARTBEAT_S} s (each running trial writes to the database "
+            f"this often), got {heartbeat:g}"
+        )
     if grace <= heartbeat:
         check.at("grace_period").fail(
             f"must be longer than heartbeat_interval ({heartbeat}), got {grace}"
@@ -314,6 +349,8 @@ def _check_plain_data(value: Any, check: Checker, depth: int, budget: list[int])
         for key, item in value.items():
             if not isinstance(key, str):
                 check.at(str(key)).fail(f"keys must be strings, got {describe(key)}")
+            if _CONTROL.search(key):
+                check.fail(f"key {key!r} holds control characters")
             _check_plain_data(item, check.at(key), depth + 1, budget)
     elif isinstance(value, list):
         for i, item in enumerate(value):
@@ -322,3 +359,5 @@ def _check_plain_data(value: Any, check: Checker, depth: int, budget: list[int])
         check.fail(f"unsupported value {describe(value)}; quote it to make it a string")
     elif isinstance(value, float) and not math.isfinite(value):
         check.fail(f"must be a finite number, got {value}")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+        check.fail(f"integer out of range (at most 19 digits), got {str(value)[:24]}...")

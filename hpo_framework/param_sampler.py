@@ -91,6 +91,15 @@ class SearchSpace:
     def grid(self, check: Checker) -> dict[str, list[Any]]:
         """Every parameter's finite list of values, for the grid sampler (``check``: file root)."""
         grid: dict[str, list[Any]] = {}
+        points = 1
+        for p in self.params:  # counted before any list is built: a grid may not fit in memory
+            points *= _grid_size(p.distribution) or 1
+        if points > MAX_GRID_POINTS:
+            check.at("study", "sampler", "name").fail(
+                f"the search space has {points:.3g} grid points and the grid sampler lists them "
+                f"all in memory: at most {MAX_GRID_POINTS} (use a coarser step, fewer choices "
+                "or another sampler)"
+            )
         for p in self.params:
             d = p.distribution
             if isinstance(d, CategoricalDistribution):
@@ -122,6 +131,22 @@ class SearchSpace:
     def _sibling_names(self, name: str) -> list[str]:
         prefix = name.rsplit(".", 1)[0] + "." if "." in name else ""
         return [n[len(prefix) :].split(".")[0] for n in self._by_name if n.startswith(prefix)]
+
+
+#: The most points the grid sampler may enumerate.
+MAX_GRID_POINTS = 100_000
+#: The longest dotted parameter name Optuna's tables hold.
+MAX_PARAM_NAME = 512
+
+
+def _grid_size(d: BaseDistribution) -> int | None:
+    if isinstance(d, CategoricalDistribution):
+        return len(d.choices)
+    if isinstance(d, IntDistribution) and not d.log:
+        return (d.high - d.low) // d.step + 1
+    if isinstance(d, FloatDistribution) and d.step is not None:
+        return round((d.high - d.low) / d.step) + 1
+    return None
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -181,6 +206,8 @@ def _parse_param(spec: Mapping[str, Any], check: Checker, earlier: list[Param]) 
         check.at("type").choice(kind, sorted(_KEYS))
     check.known_keys(spec, _KEYS[kind])
     name = ".".join(check.path[1:])
+    if len(name) > MAX_PARAM_NAME:  # the width of Optuna's param_name column
+        check.fail(f"the parameter's name is {len(name)} characters; at most {MAX_PARAM_NAME}")
     if kind == "categorical":
         dist: BaseDistribution = _categorical(spec, check)
     else:
@@ -203,6 +230,13 @@ def _categorical(spec: Mapping[str, Any], check: Checker) -> CategoricalDistribu
             at.at(str(i)).fail(f"choices must be YAML scalars, got {describe(choice)}")
     if len({(type(c), c) for c in choices}) != len(choices):
         at.fail("choices must be unique")
+    kinds = {c: {type(x).__name__ for x in choices if x == c} for c in choices}
+    for c, names in kinds.items():
+        if len(names) > 1:  # Optuna stores choices by equality: true would come back as 1
+            at.fail(
+                f"{' and '.join(sorted(names))} choices equal to {c!r} cannot be told apart "
+                "(YAML true == 1 == 1.0); quote one to make it a string"
+            )
     return CategoricalDistribution(choices)
 
 
@@ -257,6 +291,8 @@ def _parse_when(when: Any, check: Checker, earlier: list[Param]) -> dict[str, tu
         if name not in known:
             at.unknown(str(name), list(known), what="parameter (when: names one defined above)")
         values = tuple(wanted) if isinstance(wanted, list) else (wanted,)
+        if not values:
+            at.fail("an empty list matches no value: give the values that enable this parameter")
         for value in values:
             if not _contains(known[name].distribution, value):
                 at.fail(

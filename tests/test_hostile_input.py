@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -111,6 +112,115 @@ ADVERSARIAL = [
 def test_adversarial_configs(tmp_path: Path) -> None:
     for text in ADVERSARIAL:
         check_refused_or_valid(tmp_path, text)
+
+
+MISTAKES = {
+    "duplicate key": (
+        "study:\n  name: x\n  n_trials: 5\n  n_trials: 5000\n",
+        "line 4: YAML syntax error: key 'n_trials' is given twice in one mapping",
+    ),
+    "integer of 5000 digits": (
+        "study: {name: x, n_trials: " + "9" * 5000 + "}\n",
+        "YAML value out of range: Exceeds the limit (4300 digits) for integer string conversion",
+    ),
+    "integer of 300 digits": (
+        "study: {name: x}\nstatic: {a: " + "9" * 300 + "}\n",
+        "static.a: integer out of range (at most 19 digits), got 999999999999999999999999...",
+    ),
+    "NUL in the name": (
+        'study: {name: "a\\0b"}\n',
+        "study.name: must not hold control characters, got 'a\\x00b'",
+    ),
+    "ANSI in the name": (
+        'study: {name: "a\\e[31mb"}\n',
+        "study.name: must not hold control characters, got 'a\\x1b[31mb'",
+    ),
+    "newline in a parameter": (
+        'study: {name: x}\nsearch_space: {"a\\nb": {type: float, low: 0, high: 1}}\n',
+        "search_space: key 'a\\nb' holds control characters",
+    ),
+    "heartbeat of 1 ms": (
+        "study: {name: x, heartbeat_interval: 0.001}\n",
+        "study.heartbeat_interval: must be at least 0.5 s (each running trial writes to the "
+        "database this often), got 0.001",
+    ),
+    "when: an empty list": (
+        "study: {name: x}\nsearch_space:\n  a: {type: categorical, choices: [p, q]}\n"
+        "  b: {type: float, low: 0, high: 1, when: {a: []}}\n",
+        "search_space.b.when.a: an empty list matches no value: give the values that enable "
+        "this parameter",
+    ),
+    "1 and true": (
+        "study: {name: x}\nsearch_space: {a: {type: categorical, choices: [1, true]}}\n",
+        "search_space.a.choices: bool and int choices equal to 1 cannot be told apart "
+        "(YAML true == 1 == 1.0); quote one to make it a string",
+    ),
+    "sampler option of the wrong type": (
+        "study: {name: x, sampler: {name: tpe, options: {n_startup_trials: ten}}}\n",
+        "study.sampler.options.n_startup_trials: must be int, got 'ten'",
+    ),
+    "a function as a string": (
+        "study: {name: x, sampler: {name: tpe, options: {gamma: 'lambda n: 1'}}}\n",
+        "study.sampler.options.gamma: takes a Python function, which config.yaml cannot hold; "
+        "leave it out",
+    ),
+    "a grid of a billion points": (
+        "study: {name: x, sampler: grid}\n"
+        "search_space: {a: {type: int, low: 0, high: 1000000000}}\n",
+        "study.sampler.name: the search space has 1e+09 grid points and the grid sampler lists "
+        "them all in memory: at most 100000 (use a coarser step, fewer choices or another "
+        "sampler)",
+    ),
+    "static replaced by a group": (
+        "study: {name: x}\nstatic: {model: 3}\n"
+        "search_space: {model: {hidden: {type: int, low: 1, high: 4}}}\n",
+        "static.model: overlaps the searched parameter 'model.hidden': one would replace the "
+        "other in cfg; rename one of them",
+    ),
+    "a parameter name wider than Optuna's column": (
+        "study: {name: x}\nsearch_space: {" + "p" * 600 + ": {type: float, low: 0, high: 1}}\n",
+        f"search_space.{'p' * 600}: the parameter's name is 600 characters; at most 512",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", MISTAKES)
+def test_mistakes_create_used_to_accept_are_refused_in_one_line(tmp_path: Path, case: str) -> None:
+    text, expected = MISTAKES[case]
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(refused.value).startswith(f"{path}: {expected}")
+    assert "\n" not in str(refused.value)
+
+
+names = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=40
+)
+numbers = st.one_of(
+    st.integers(min_value=-(10**40), max_value=10**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(name=names, number=numbers, key=names)
+def test_generated_names_and_numbers_are_refused_in_one_line_or_accepted(
+    tmp_path: Path, name: str, number: Any, key: str
+) -> None:
+    config = make_config(
+        static={key: number},
+        search_space={key + "_p": {"type": "float", "low": 0.0, "high": 1.0}},
+    )
+    config["study"].update({"name": name, "n_trials": number})
+    try:
+        text = yaml.safe_dump(config, allow_unicode=True)
+    except (yaml.YAMLError, ValueError):
+        return
+    check_refused_or_valid(tmp_path, text)
 
 
 def test_nan_bounds_are_named(tmp_path: Path) -> None:
