@@ -103,13 +103,9 @@ class TrialStore(_CachedStorage):
         return create_trial_once(self, study_id, template)
 
     def adopt(self, study_id: int, trial: FrozenTrial) -> None:
-        """Run ``trial`` in this process: it is served from memory from now on. The last
-        finished one is kept (``tell`` reads it back), older ones are dropped."""
-        for trial_id in [i for i, t in self._own.items() if t.state.is_finished()]:
-            del self._own[trial_id]
-        if trial.state.is_finished():
-            return
-        self._own[trial._trial_id] = trial
+        """Run ``trial`` in this process: it is served from memory until the next one starts
+        (a process runs one trial of a study at a time; ``tell`` reads it back when done)."""
+        self._own = {trial._trial_id: trial}
         remember(self, study_id, trial)
 
     # --- reads ---------------------------------------------------------------------------------
