@@ -93,6 +93,12 @@ def db_now(engine: Engine) -> sa.ColumnElement[float]:
     return sa.literal_column("UNIX_TIMESTAMP(NOW(6))", sa.Float)
 
 
+_TRIAL_INDEXES = {
+    "hpo_trials_study_state": "study_id, state",
+    "hpo_trials_study_number": "study_id, number",
+}
+
+
 class Registry:
     """Reads and conditional writes of ``hpo_studies`` over one engine."""
 
@@ -101,7 +107,16 @@ class Registry:
         self._now = db_now(engine)
 
     def create_table(self) -> None:
+        """hpo's tables, and two indexes on Optuna's ``trials`` that keep a trial's start
+        independent of the study's size (the waiting-trial probe and the next number)."""
         metadata.create_all(self.engine)
+        for name, columns in _TRIAL_INDEXES.items():
+            try:
+                create = f"CREATE INDEX IF NOT EXISTS {name} ON trials ({columns})"
+                with self.engine.begin() as conn:
+                    conn.execute(sa.text(create))
+            except sa.exc.IntegrityError:
+                pass  # another coordinator created it at the same moment
 
     def add(
         self,

@@ -69,8 +69,9 @@ class TrialStore(_CachedStorage):
         """
         start = datetime.now()
         with self.engine.begin() as conn:
-            # The study's row serializes trial creation, as in Optuna: the number is the count
-            # of the study's trials, read by the next statement (a fresh snapshot) under it.
+            # The study's row serializes trial creation, as in Optuna: the number (Optuna's: the
+            # count of the study's trials, so one past the highest) is read by the next
+            # statement, a fresh snapshot under the lock.
             conn.execute(_LOCK_STUDY, {"s": study_id})
             row = conn.execute(
                 _CREATE_PG,
@@ -272,7 +273,8 @@ _CREATE_PG = sa.text(
     ),
     t AS (
         INSERT INTO trials (number, study_id, state, datetime_start)
-        SELECT (SELECT count(*) FROM trials WHERE study_id = :s), :s, 'RUNNING', :start
+        SELECT (SELECT coalesce(max(number), -1) + 1 FROM trials WHERE study_id = :s),
+               :s, 'RUNNING', :start
         WHERE NOT EXISTS (SELECT 1 FROM waiting)
           AND EXISTS (SELECT 1 FROM hpo_tickets WHERE ticket_id = :ticket AND worker = :w)
         RETURNING trial_id, number

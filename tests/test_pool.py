@@ -26,7 +26,9 @@ def test_workers_wait_for_the_schema_then_run_the_exact_budget(
     assert c["COMPLETE"] == 40 and c["RUNNING"] == 0 and c["WAITING"] == 0 and c["FAIL"] == 0
     text = log.read_text()
     assert "alembic" not in text.lower() and "Traceback" not in text
-    assert len({t.user_attrs["worker"] for t in trials(pg_driver_url, name)}) > 1
+    result = trials(pg_driver_url, name)
+    assert len({t.user_attrs["worker"] for t in result}) > 1
+    assert sorted(t.number for t in result) == list(range(40))  # numbered as Optuna numbers
 
 
 def test_a_killed_worker_loses_no_trial(pg_driver_url: str, tmp_path: Path) -> None:
