@@ -2,6 +2,9 @@
 Optuna itself offers (heartbeat + retry of stale trials, MaxTrialsCallback for the budget).
 
     python bench/plain_optuna_worker.py URL STUDY N_TRIALS SLEEP_S SEED
+
+Like an hpo worker, it starts before the study exists: it connects, prints ``ready`` and
+waits for the study, so the benchmark's clock starts with both sides' workers waiting.
 """
 
 from __future__ import annotations
@@ -37,10 +40,14 @@ def main() -> None:
         grace_period=20,
         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
     )
-    study = optuna.load_study(
-        study_name=name, storage=storage,
-        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=10),
-    )  # fmt: skip
+    print("ready", flush=True)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=10)
+    while True:  # polled as often as an idle hpo worker polls (0.1 s, then up to 0.25 s)
+        try:
+            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+            break
+        except KeyError:
+            time.sleep(0.1)
     study.optimize(
         lambda t: objective(t, sleep_s),
         callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED))],

@@ -4,8 +4,14 @@
 
 Each row runs A (hpo) and B (plain Optuna) alternately, ``--repeats`` times each, and reports
 medians and the A/B ratio: these machines are noisy, so only ratios measured together count.
-Every run gets a fresh database on the server named by HPO_BENCH_PG_URL (default: the local
-one). ``--quick`` shrinks every size so that the test suite can check the script never rots.
+Beside the times, each side's per-trial database cost is *counted* (statements, transactions)
+and its CPU measured (client process, and the PostgreSQL server's processes when the server
+is local). Every run gets a fresh database on the server named by HPO_BENCH_PG_URL (default:
+the local one). ``--quick`` shrinks every size so that the test suite can check the script
+never rots.
+
+Pools are timed alike: both sides' workers are started and waiting before the study exists;
+the clock runs from the study's creation to its last finished trial.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import os
 import platform
 import random
+import resource
 import signal
 import statistics
 import subprocess
@@ -21,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,11 +39,13 @@ import sqlalchemy as sa
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # bench.sql_counter, when run as a script
 BIN = Path(sys.executable).parent
 ADMIN_URL = os.environ.get(
     "HPO_BENCH_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 )
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 @contextmanager
@@ -76,11 +86,13 @@ def hpo_config(
     session: str = "experiments.benchmarks:quadratic",
     space: dict[str, Any] | None = None,
     seed: int = 0,
+    sampler: str = "tpe",
 ) -> Path:
+    options = {"n_startup_trials": 10} if sampler == "tpe" else {}
     config = {
         "study": {
             "name": name, "direction": "minimize", "n_trials": n_trials,
-            "sampler": {"name": "tpe", "seed": seed, "options": {"n_startup_trials": 10}},
+            "sampler": {"name": sampler, "seed": seed, "options": options},
         },
         "session": session,
         "static": {"sleep_s": sleep_s},
@@ -116,55 +128,111 @@ def finished(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
         storage.engine.dispose()
 
 
-def span_s(trials: list[optuna.trial.FrozenTrial]) -> float:
-    start = min(t.datetime_start for t in trials if t.datetime_start)
-    end = max(t.datetime_complete for t in trials if t.datetime_complete)
-    return (end - start).total_seconds()
+# --- pools: both sides' workers wait, then the study is created ---------------------------------
 
 
-# --- A: hpo --------------------------------------------------------------------------------------
+def _wait_for(what: str, check: Callable[[], bool], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
-def run_hpo_pool(n_workers: int, n_trials: int, sleep_s: float, **config: Any) -> dict[str, Any]:
-    """Workers wait first; the clock runs from `hpo-coordinator create` to the last trial."""
+def run_hpo_pool(
+    n_workers: int, n_trials: int, sleep_s: float, study_config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """hpo workers wait for work; the clock runs from the study's registration (database
+    clock) to its last finished trial."""
+    config = study_config or {}
     with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
         name = "bench"
         path = hpo_config(Path(tmp), name, n_trials, sleep_s, **config)
         coordinator(url, "create", str(path), "--name", "warmup")  # the schema
         coordinator(url, "stop", "warmup")
-        pool = subprocess.Popen(
-            [str(BIN / "hpo-worker"), "--processes", str(n_workers)],
-            env=env(url), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        time.sleep(2 + n_workers * 0.1)  # all workers up and waiting
-        coordinator(url, "create", str(path))
-        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-        query = sa.text(
-            "select count(*) from trials t join studies s on s.study_id = t.study_id "
-            "where s.study_name = :n and t.state in ('COMPLETE', 'PRUNED')"
-        )
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
+        log = Path(tmp) / "pool.log"
+        with log.open("w") as out:
+            pool = subprocess.Popen(
+                [str(BIN / "hpo-worker"), "--processes", str(n_workers)],
+                env=env(url), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            waiting = "waiting for work"
+            _wait_for("workers", lambda: log.read_text().count(waiting) >= n_workers)
+            cpu = tree_cpu_s([pool.pid]), server_cpu_s()
+            coordinator(url, "create", str(path))
+            engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+            query = sa.text(
+                "select count(*) from trials t join studies s on s.study_id = t.study_id "
+                "where s.study_name = :n and t.state in ('COMPLETE', 'PRUNED')"
+            )
+
+            def done() -> bool:
+                with engine.connect() as conn:
+                    return int(conn.execute(query, {"n": name}).scalar_one()) >= n_trials
+
+            _wait_for("the study", done, timeout=900)
+            cpu = tree_cpu_s([pool.pid]) - cpu[0], _minus(server_cpu_s(), cpu[1])
             with engine.connect() as conn:
-                if conn.execute(query, {"n": name}).scalar_one() >= n_trials:
-                    break
-            time.sleep(0.1)
-        with engine.connect() as conn:  # "from create": the study's registration, DB clock
-            created = conn.execute(
-                sa.text("select created_at from hpo_studies where study_name = :n"), {"n": name}
-            ).scalar_one()
-        engine.dispose()
-        pool.send_signal(signal.SIGTERM)
-        pool.wait(timeout=120)
-        trials = finished(url, name)
-        last = max(t.datetime_complete for t in trials if t.datetime_complete)
-        done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+                created = conn.execute(
+                    sa.text("select created_at from hpo_studies where study_name = :n"),
+                    {"n": name},
+                ).scalar_one()
+            engine.dispose()
+        finally:
+            pool.send_signal(signal.SIGTERM)
+            pool.wait(timeout=120)
+        return {**_pool_result(url, name, created), "client_cpu_s": cpu[0], "server_cpu_s": cpu[1]}
+
+
+def _minus(after: float | None, before: float | None) -> float:
+    return float("nan") if after is None or before is None else after - before
+
+
+def run_plain_pool(n_workers: int, n_trials: int, sleep_s: float) -> dict[str, Any]:
+    """Plain Optuna workers connect and wait for the study; the clock runs from its creation
+    to its last finished trial."""
+    with fresh_database() as url:
+        optuna.create_study(study_name="warmup", storage=url)  # the schema
+        procs = [
+            subprocess.Popen(
+                plain_worker_cmd(url, n_trials, str(sleep_s), i),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )  # fmt: skip
+            for i in range(n_workers)
+        ]
+        try:
+            for p in procs:
+                assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+            ready = tree_cpu_s([p.pid for p in procs])  # their start-up, outside the clock
+            children, server = resource.getrusage(resource.RUSAGE_CHILDREN), server_cpu_s()
+            optuna.create_study(study_name="bench", storage=url)
+            created = time.time()
+            errors = sum(p.wait(timeout=900) != 0 for p in procs)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            client = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+            cpu = client - ready, _minus(server_cpu_s(), server)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
         return {
-            "trials": done,
-            "best": min(t.value for t in trials if t.value is not None),
-            "span_s": span_s(trials),
-            "wall_s": _utc(last) - created,  # Optuna stores naive UTC
-        }
+            **_pool_result(url, "bench", created), "errors": errors,
+            "client_cpu_s": cpu[0], "server_cpu_s": cpu[1],
+        }  # fmt: skip
+
+
+def _pool_result(url: str, name: str, created: float) -> dict[str, Any]:
+    trials = finished(url, name)
+    last = max(t.datetime_complete for t in trials if t.datetime_complete)
+    return {
+        "trials": sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials),
+        "best": min(t.value for t in trials if t.value is not None),
+        "wall_s": _utc(last) - created,  # Optuna stores naive UTC
+    }
 
 
 def _utc(naive: Any) -> float:
@@ -173,33 +241,123 @@ def _utc(naive: Any) -> float:
     return float(naive.replace(tzinfo=dt.timezone.utc).timestamp())
 
 
-# --- B: plain Optuna -----------------------------------------------------------------------------
-
-
 def plain_worker_cmd(url: str, n_trials: int, sleep_s: float | str, seed: int) -> list[str]:
     script = str(ROOT / "bench" / "plain_optuna_worker.py")
     return [sys.executable, script, url, "bench", str(n_trials), str(sleep_s), str(seed)]
 
 
-def run_plain_pool(n_workers: int, n_trials: int, sleep_s: float) -> dict[str, Any]:
-    with fresh_database() as url:
-        optuna.create_study(study_name="bench", storage=url)
-        procs = [
-            subprocess.Popen(
-                plain_worker_cmd(url, n_trials, str(sleep_s), i),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
+# --- the cost of a trial: counted statements, client and server CPU -----------------------------
+
+
+def server_cpu_s() -> float | None:
+    """CPU seconds used so far by every PostgreSQL process of this host; None when the
+    benchmark's server is not local (its CPU cannot be read from here)."""
+    if sa.engine.make_url(ADMIN_URL).host not in (None, "localhost", "127.0.0.1", "::1"):
+        return None
+    return sum(cpu for _, comm, cpu in _proc_stats().values() if comm.startswith("postgres"))
+
+
+def _proc_stats() -> dict[int, tuple[int, str, float]]:
+    """pid -> (parent pid, command name, CPU seconds so far) of every process of this host."""
+    stats, tick = {}, os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        comm, fields = (
+            stat[stat.index("(") + 1 : stat.rindex(")")],
+            stat[stat.rindex(")") + 2 :].split(),
+        )
+        stats[int(pid)] = (int(fields[1]), comm, (int(fields[11]) + int(fields[12])) / tick)
+    return stats
+
+
+def tree_cpu_s(roots: list[int]) -> float:
+    """CPU seconds used so far by the live processes ``roots`` and all their descendants."""
+    stats = _proc_stats()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += stats[pid][2]
+            todo.extend(children.get(pid, []))
+    return total
+
+
+def cost(plain: bool, history: int, m: int, sampler: str = "tpe") -> dict[str, float]:
+    """Per-trial statements, transactions, client CPU and server CPU (ms) of one in-process
+    worker running ``m`` trials of a trivial objective on a study that holds ``history``."""
+    from bench.sql_counter import SqlCounter
+    from hpo_framework.config import load_config
+    from hpo_framework.coordinator import create_study
+    from hpo_framework.executor import InProcessExecutor
+    from hpo_framework.heartbeat import Heartbeat
+    from hpo_framework.storage import open_storage
+    from hpo_framework.trials import StudyHandle
+
+    def measure(engine: sa.Engine, run_trials: Callable[[int], None]) -> dict[str, float]:
+        run_trials(1)  # warm the caches
+        counter = SqlCounter(engine)
+        server, client = server_cpu_s(), time.process_time()
+        with counter.counting():
+            run_trials(m)
+        client = time.process_time() - client
+        after = server_cpu_s()
+        counter.close()
+        return {
+            "statements": counter.statements / m,
+            "transactions": counter.transactions / m,
+            "client_ms": client / m * 1000,
+            "server_ms": float("nan") if server is None else (after - server) / m * 1000,  # type: ignore[operator]
+        }
+
+    with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
+        if plain:
+            storage = optuna.storages.RDBStorage(
+                url, heartbeat_interval=5, grace_period=20,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
             )  # fmt: skip
-            for i in range(n_workers)
-        ]
-        errors = sum(p.wait() != 0 for p in procs)
-        trials = finished(url, "bench")
-        done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
-        return {"trials": done, "span_s": span_s(trials), "errors": errors}
+            chosen = (
+                optuna.samplers.TPESampler(seed=0, n_startup_trials=10)
+                if sampler == "tpe"
+                else optuna.samplers.RandomSampler(seed=0)
+            )
+            study = optuna.create_study(study_name="bench", storage=storage, sampler=chosen)
+            add_history(url, "bench", history)
+            states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            budget = [history]
+            objective = lambda t: (t.suggest_float("x", -5.0, 5.0) - 2) ** 2  # noqa: E731
 
+            def plain_trials(k: int) -> None:
+                budget[0] += k
+                callbacks = [optuna.study.MaxTrialsCallback(budget[0], states=states)]
+                study.optimize(objective, n_trials=k, callbacks=callbacks)
 
-# --- rows ----------------------------------------------------------------------------------------
+            result = measure(storage.engine, plain_trials)
+            storage.engine.dispose()
+            return result
+        from experiments.benchmarks import quadratic
+
+        config = load_config(hpo_config(Path(tmp), "bench", m + 1, 0.0, sampler=sampler))
+        rdb = open_storage(url, create_schema=True)
+        record = create_study(rdb, config, check_session=False)
+        add_history(url, "bench", history)
+        handle = StudyHandle(rdb, record, config, InProcessExecutor(quadratic), worker_id="b")
+        with Heartbeat(rdb) as heartbeat:
+
+            def hpo_trials(k: int) -> None:
+                for _ in range(k):
+                    assert handle.run_one(heartbeat) is not None
+
+            result = measure(rdb.engine, hpo_trials)
+        rdb.engine.dispose()
+        return result
 
 
 # --- start-up, growth, connections -------------------------------------------------------------
@@ -219,52 +377,6 @@ def startup(plain: bool) -> float:
         subprocess.run(cmd, env=env(url), cwd=ROOT, check=True, capture_output=True, timeout=120)
         first = min(t.datetime_start for t in finished(url, "bench") if t.datetime_start)
         return _utc(first) - started
-
-
-def growth(plain: bool, history: int, m: int) -> float:
-    """Per-trial seconds of one in-process worker on a study that already holds ``history``."""
-    from hpo_framework.config import load_config
-    from hpo_framework.coordinator import create_study
-    from hpo_framework.executor import ProcessExecutor
-    from hpo_framework.heartbeat import Heartbeat
-    from hpo_framework.storage import open_storage
-    from hpo_framework.trials import StudyHandle
-
-    with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
-        if plain:
-            storage = optuna.storages.RDBStorage(
-                url, heartbeat_interval=5, grace_period=20,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-            )  # fmt: skip
-            study = optuna.create_study(
-                study_name="bench", storage=storage,
-                sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=10),
-            )  # fmt: skip
-            add_history(url, "bench", history)
-            states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-            callbacks = [optuna.study.MaxTrialsCallback(history + m, states=states)]
-            objective = lambda t: (t.suggest_float("x", -5.0, 5.0) - 2) ** 2  # noqa: E731
-            study.optimize(objective, n_trials=1, callbacks=callbacks)  # warm the cache
-            started = time.perf_counter()
-            study.optimize(objective, n_trials=m - 1, callbacks=callbacks)
-            elapsed = time.perf_counter() - started
-            storage.engine.dispose()
-            return elapsed / (m - 1)
-        config = load_config(hpo_config(Path(tmp), "bench", m, 0.0))
-        rdb = open_storage(url, create_schema=True)
-        record = create_study(rdb, config, check_session=False)
-        add_history(url, "bench", history)
-        executor = ProcessExecutor()  # as in a worker: the session in its executor process
-        handle = StudyHandle(rdb, record, config, executor, worker_id="bench")
-        with Heartbeat(rdb) as heartbeat:
-            handle.run_one(heartbeat)  # warm the cache
-            started = time.perf_counter()
-            for _ in range(m - 1):
-                handle.run_one(heartbeat)
-            elapsed = time.perf_counter() - started
-        executor.close()
-        rdb.engine.dispose()
-        return elapsed / (m - 1)
 
 
 def executor_hop(calls: int) -> dict[str, float]:
@@ -353,7 +465,8 @@ SPACES = {
 
 def quality(function: str, workers: int, seed: int, n: int) -> float:
     session, space = SPACES[function]
-    return float(run_hpo_pool(workers, n, 0.02, session=session, space=space, seed=seed)["best"])
+    config = {"session": session, "space": space, "seed": seed}
+    return float(run_hpo_pool(workers, n, 0.02, config)["best"])
 
 
 def max_connections() -> int:
@@ -378,6 +491,20 @@ def median(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
+def floor(sleep_s: float, ideal_s: float, per_trial_s: float, cpu_s: float) -> float:
+    """The least time / ideal the measured costs allow: each worker's trials one after another
+    (``sleep_s`` plus one worker's own per-trial time, measured alone), or the CPU the whole
+    run used (every worker and executor process, and the PostgreSQL server) spread over this
+    host's cores, whichever is longer. Start-up is outside both, as it is outside the clock."""
+    cores = os.cpu_count() or 1
+    return max((sleep_s + per_trial_s) / sleep_s, cpu_s / (cores * ideal_s))
+
+
+def _run_cpu(result: dict[str, Any]) -> float:
+    server = result["server_cpu_s"]
+    return float(result["client_cpu_s"] + (0.0 if server != server else server))  # nan: remote
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
@@ -388,66 +515,87 @@ def main() -> None:
     repeats = 1 if q else args.repeats
     lines: list[str] = []
 
-    # Overhead: one worker, trivial objective, trials per second over the run's own span.
+    def row(name: str, measure: str, a: Any, b: Any, ratio: str = "") -> None:
+        lines.append(f"| {name} | {measure} | {a} | {b} | {ratio} |")
+        print(lines[-1], flush=True)
+
+    # The cost of a trial: one in-process worker, TPE, a study growing to 100 trials.
+    m = 10 if q else 100
+    a, b = paired(repeats, lambda: cost(False, 0, m), lambda: cost(True, 0, m))
+    for key, measure, fmt in (
+        ("statements", "SQL statements per trial (counted)", "{:.1f}"),
+        ("transactions", "transactions per trial (counted)", "{:.1f}"),
+        ("client_ms", "client CPU per trial, ms", "{:.1f}"),
+        ("server_ms", "PostgreSQL server CPU per trial, ms", "{:.1f}"),
+    ):
+        va, vb = median(a, key), median(b, key)
+        row("cost", f"{measure}, 1 worker, TPE, {m} trials", fmt.format(va), fmt.format(vb),
+            f"{va / vb:.2f}x" if vb else "")  # fmt: skip
+
+    # Overhead: one worker, trivial objective, per-trial wall time (both waiting, same clock).
     n = 20 if q else 200
     a, b = paired(repeats, lambda: run_hpo_pool(1, n, 0.0), lambda: run_plain_pool(1, n, 0.0))
-    tps_a, tps_b = (n - 1) / median(a, "span_s"), (n - 1) / median(b, "span_s")
-    lines.append(
-        f"| overhead | trials/s, 1 worker, {n} trials of a trivial objective (TPE) | "
-        f"{tps_a:.1f} | {tps_b:.1f} | {tps_a / tps_b:.2f}x |"
-    )
+    per_a, per_b = median(a, "wall_s") / n, median(b, "wall_s") / n
+    row("overhead", f"ms per trial, 1 worker, {n} trials of a trivial objective (TPE)",
+        f"{per_a * 1000:.1f}", f"{per_b * 1000:.1f}", f"{per_a / per_b:.2f}x")  # fmt: skip
 
-    # Scaling and exact budget: 16 workers, 160 trials of 0.5 s; ideal 5 s.
-    w, n, s = (4, 8, 0.2) if q else (16, 160, 0.5)
-    ideal = n * s / w
-    a, b = paired(repeats, lambda: run_hpo_pool(w, n, s), lambda: run_plain_pool(w, n, s))
-    lines.append(
-        f"| scaling | {w} workers, {n} trials of {s} s: time / ideal {ideal:.1f} s "
-        f"(hpo: from create; Optuna: first to last trial) | {median(a, 'wall_s') / ideal:.3f} | "
-        f"{median(b, 'span_s') / ideal:.3f} | |"
-    )
-    lines.append(
-        f"| budget | trials finished beyond n_trials={n} at {w} workers (max over runs) | "
-        f"{max(r['trials'] for r in a) - n} | {max(r['trials'] for r in b) - n} | |"
-    )
+    # Scaling curve: time / ideal from the study's creation to its last trial.
+    curve = ((1, 2), (0.2,), 3) if q else ((1, 4, 8, 16, 32), (0.5, 2.0), None)
+    worker_counts, sleeps, fixed_k = curve
+    curve_lines, extra_a, extra_b = [], 0, 0
+    for s in sleeps:
+        k = fixed_k or (10 if s < 1 else 4)  # trials per worker: an ideal of 5 s and 8 s
+        for w in worker_counts:
+            runs = repeats if (w, s) == (16, 0.5) else 1
+            ra, rb = paired(
+                runs,
+                lambda w=w, k=k, s=s: run_hpo_pool(w, w * k, s),  # type: ignore[misc]
+                lambda w=w, k=k, s=s: run_plain_pool(w, w * k, s),  # type: ignore[misc]
+            )
+            ideal = k * s
+            extra_a = max([extra_a] + [r["trials"] - w * k for r in ra])
+            extra_b = max([extra_b] + [r["trials"] - w * k for r in rb])
+            cpu_a = statistics.median(_run_cpu(r) for r in ra)
+            cpu_b = statistics.median(_run_cpu(r) for r in rb)
+            curve_lines.append(
+                f"| {w} | {s} | {w * k} | {median(ra, 'wall_s') / ideal:.3f} | "
+                f"{median(rb, 'wall_s') / ideal:.3f} | {floor(s, ideal, per_a, cpu_a):.3f} | "
+                f"{cpu_a / (w * k) * 1000:.0f} | {cpu_b / (w * k) * 1000:.0f} |"
+            )
+            print(curve_lines[-1], flush=True)
+    row("budget", "trials finished beyond n_trials, any point of the curve", extra_a, extra_b)
 
     # Start-up: worker process start to its first trial.
     a, b = paired(repeats, lambda: {"s": startup(False)}, lambda: {"s": startup(True)})
-    lines.append(
-        f"| start-up | seconds from worker process start to its first trial | "
-        f"{median(a, 's'):.2f} | {median(b, 's'):.2f} | {median(b, 's') / median(a, 's'):.2f}x |"
-    )
+    row("start-up", "seconds from worker process start to its first trial",
+        f"{median(a, 's'):.2f}", f"{median(b, 's'):.2f}",
+        f"{median(a, 's') / median(b, 's'):.2f}x")  # fmt: skip
 
     # The executor process (sessions run outside the worker): its cost per call and at start.
     hops = [executor_hop(50 if q else 500) for _ in range(repeats)]
-    lines.append(
-        f"| executor hop | ms per session call through the executor process (hpo) vs a call in "
-        f"the same process | {median(hops, 'process'):.3f} | {median(hops, 'inline'):.3f} | |"
-    )
-    lines.append(
-        f"| executor start | seconds from starting the executor to the session imported there "
-        f"(runs beside the worker's own start) | {median(hops, 'start_s'):.2f} | - | |"
-    )
+    row("executor hop", "ms per session call through the executor process (hpo) vs a call in "
+        "the same process", f"{median(hops, 'process'):.3f}",
+        f"{median(hops, 'inline'):.3f}")  # fmt: skip
+    row("executor start", "seconds from starting the executor to the session imported there "
+        "(runs beside the worker's own start)", f"{median(hops, 'start_s'):.2f}", "-")  # fmt: skip
 
-    # Growth: per-trial time with 5,000 trials already in the study vs 100 (TPE).
-    big, m = (300, 10) if q else (5000, 30)
-    ga = growth(False, big, m) / growth(False, 100, m)
-    gb = growth(True, big, m) / growth(True, 100, m)
-    lines.append(
-        f"| growth | per-trial time at {big} vs 100 trials already in the study (TPE), ratio | "
-        f"{ga:.2f} | {gb:.2f} | |"
-    )
+    # Growth: per-trial client CPU with 5,000 finished trials in the study vs 100.
+    big, m = (300, 5) if q else (5000, 30)
+    for sampler in ("random", "tpe"):
+        ga = [cost(False, h, m, sampler)["client_ms"] for h in (100, big)]
+        gb = [cost(True, h, m, sampler)["client_ms"] for h in (100, big)]
+        row("growth", f"client CPU per trial at {big} finished trials ({sampler}): ms, and the "
+            "ratio to 100 finished trials", f"{ga[1]:.1f} ({ga[1] / ga[0]:.2f})",
+            f"{gb[1]:.1f} ({gb[1] / gb[0]:.2f})", f"{ga[1] / gb[1]:.2f}x")  # fmt: skip
 
     # Connections: 64 workers against the server's max_connections (plain Optuna only in full
     # runs: it exhausts the server, which would disturb anything else using it).
     n_workers = 8 if q else 64
     ca = connections(False, n_workers, n_workers * 2)
     cb = {"peak": "-", "errors": "-"} if q else connections(True, n_workers, n_workers * 2)
-    lines.append(
-        f"| connections | {n_workers} workers: peak server connections / workers failed "
-        f"(max_connections = {max_connections()}) | {ca['peak']} / {ca['errors']} | "
-        f"{cb['peak']} / {cb['errors']} | |"
-    )
+    row("connections", f"{n_workers} workers: peak server connections / workers failed "
+        f"(max_connections = {max_connections()})", f"{ca['peak']} / {ca['errors']}",
+        f"{cb['peak']} / {cb['errors']}")  # fmt: skip
 
     # Search quality: best after N trials, 8 workers vs 1, several seeds (median [min, max]).
     n, seeds, w = (20, 2, 2) if q else (100, 5, 8)
@@ -463,6 +611,15 @@ def main() -> None:
 
     table = "\n".join(
         ["| row | measure | hpo | plain Optuna | hpo / Optuna |", "|---|---|---|---|---|", *lines]
+    )
+    table += (
+        "\n\nScaling: time from the study's creation to its last trial, over the ideal "
+        "(trials x seconds / workers), with both sides' workers started and waiting. The floor "
+        "is the least the measured costs allow on this host: one worker's per-trial time, or "
+        "all the CPU the run used (worker and executor processes and the PostgreSQL server) "
+        "over the cores (bench/run.py, `floor`); CPU per trial is that CPU over the trials.\n\n"
+        "| workers | trial s | trials | hpo | plain Optuna | floor (hpo) | hpo CPU ms/trial "
+        "| Optuna CPU ms/trial |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(curve_lines)
     )
     table += (
         f"\n\nSearch quality: best value after {n} trials (TPE, constant liar), median "
