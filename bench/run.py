@@ -290,7 +290,9 @@ def tree_cpu_s(roots: list[int]) -> float:
     return total
 
 
-def cost(plain: bool, history: int, m: int, sampler: str = "tpe") -> dict[str, float]:
+def cost(
+    plain: bool, history: int, m: int, sampler: str = "tpe", driver: str | None = None
+) -> dict[str, float]:
     """Per-trial statements, transactions, client CPU and server CPU (ms) of one in-process
     worker running ``m`` trials of a trivial objective on a study that holds ``history``."""
     from bench.sql_counter import SqlCounter
@@ -318,6 +320,9 @@ def cost(plain: bool, history: int, m: int, sampler: str = "tpe") -> dict[str, f
         }
 
     with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
+        if driver is not None:
+            url = sa.engine.make_url(url).set(drivername=f"postgresql+{driver}")
+            url = url.render_as_string(hide_password=False)
         if plain:
             storage = optuna.storages.RDBStorage(
                 url, heartbeat_interval=5, grace_period=20,
@@ -531,6 +536,15 @@ def main() -> None:
         va, vb = median(a, key), median(b, key)
         row("cost", f"{measure}, 1 worker, TPE, {m} trials", fmt.format(va), fmt.format(vb),
             f"{va / vb:.2f}x" if vb else "")  # fmt: skip
+
+    # The driver: psycopg 3 against psycopg2 (the default), the same trials through hpo.
+    a, b = paired(
+        repeats, lambda: cost(False, 0, m, driver="psycopg"), lambda: cost(False, 0, m, "tpe")
+    )
+    va, vb = median(a, "client_ms"), median(b, "client_ms")
+    row("driver", f"hpo's client CPU per trial, ms, with psycopg 3 (hpo column) and psycopg2 "
+        f"(default; Optuna column), 1 worker, TPE, {m} trials", f"{va:.1f}", f"{vb:.1f}",
+        f"{va / vb:.2f}x")  # fmt: skip
 
     # Overhead: one worker, trivial objective, per-trial wall time (both waiting, same clock).
     n = 20 if q else 200
