@@ -384,6 +384,23 @@ def startup(plain: bool) -> float:
         return _utc(first) - started
 
 
+def inspect_cpu(plain: bool, history: int) -> float:
+    """CPU seconds of the command that shows a study's best trial, the study holding
+    ``history`` finished trials: ``hpo-inspect STUDY`` (its summary table) or plain Optuna's
+    ``optuna best-trial``."""
+    with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
+        coordinator(url, "create", str(hpo_config(Path(tmp), "bench", history + 10, 0.0)))
+        add_history(url, "bench", history)
+        if plain:
+            cmd = [str(BIN / "optuna"), "best-trial", "--study-name", "bench", "--storage", url]
+        else:
+            cmd = [str(BIN / "hpo-inspect"), "bench"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run(cmd, env=env(url), cwd=ROOT, check=True, capture_output=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+
 def executor_hop(calls: int) -> dict[str, float]:
     """Milliseconds per session call through the executor process and in-process, and seconds
     from starting an executor to the session imported there (beside the worker's own start)."""
@@ -601,6 +618,15 @@ def main() -> None:
         row("growth", f"client CPU per trial at {big} finished trials ({sampler}): ms, and the "
             "ratio to 100 finished trials", f"{ga[1]:.1f} ({ga[1] / ga[0]:.2f})",
             f"{gb[1]:.1f} ({gb[1] / gb[0]:.2f})", f"{ga[1] / gb[1]:.2f}x")  # fmt: skip
+
+    # Reading results: the best trial of a large study, from a fresh process.
+    big = 300 if q else 5000
+    a, b = paired(
+        repeats, lambda: {"s": inspect_cpu(False, big)}, lambda: {"s": inspect_cpu(True, big)}
+    )
+    row("inspect", f"CPU seconds to show the best trial of a {big}-trial study from a fresh "
+        "process (`hpo-inspect STUDY`; `optuna best-trial`)", f"{median(a, 's'):.2f}",
+        f"{median(b, 's'):.2f}", f"{median(a, 's') / median(b, 's'):.2f}x")  # fmt: skip
 
     # Connections: 64 workers against the server's max_connections (plain Optuna only in full
     # runs: it exhausts the server, which would disturb anything else using it).

@@ -168,17 +168,24 @@ def _ranked_complete(
         ]  # fmt: skip
         return front, (front + rest)[:n]
     t, v = trials.c, trial_values.c
+    # Best first: -inf, the finite values, +inf when minimizing; the reverse when maximizing.
+    minimize = directions[0] == optuna.study.StudyDirection.MINIMIZE
+    kind = sa.case(
+        (v.value_type == models.TrialValueModel.TrialValueType.INF_NEG, 0),
+        (v.value_type == models.TrialValueModel.TrialValueType.FINITE, 1),
+        else_=2,
+    )
+    order = [kind, v.value] if minimize else [kind.desc(), v.value.desc()]
     query = (
-        sa.select(t.trial_id, t.number, v.value, v.value_type)
+        sa.select(t.trial_id)
         .join(trial_values, sa.and_(v.trial_id == t.trial_id, v.objective == 0))
         .where(t.study_id == study_id, t.state == TrialState.COMPLETE)
+        .order_by(*order, t.number)
+        .limit(max(n, 1))
     )
     with storage.engine.connect() as conn:
-        rows = list(conn.execute(query))
-    sign = 1 if directions[0] == optuna.study.StudyDirection.MINIMIZE else -1
-    value = models.TrialValueModel.stored_repr_to_value
-    rows.sort(key=lambda r: (sign * value(r.value, r.value_type), r.number))
-    ranked = [storage.get_trial(r.trial_id) for r in rows[: max(n, 1)]]
+        ids = list(conn.execute(query).scalars())
+    ranked = [storage.get_trial(i) for i in ids]
     return ranked[:1], ranked[:n]
 
 

@@ -11,9 +11,14 @@ import urllib.request
 from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+import optuna
 import pytest
 
 from hpo_framework import run_hpo
+from hpo_framework.config import load_config
+from hpo_framework.coordinator import create_study
+from hpo_framework.inspection import summarize
+from hpo_framework.storage import open_storage
 from tests import sessions
 from tests.conftest import ROOT, cli_env, make_config, run_cli, start_worker, write_config
 from tests.pool_helpers import create
@@ -150,3 +155,39 @@ def test_optuna_dashboard_lists_the_pool_study(pg_url: str, tmp_path: Path) -> N
         assert all(t["state"] == "Complete" for t in detail["trials"])
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("direction", ["minimize", "maximize"])
+def test_inspect_ranks_in_the_database_as_optuna_does(
+    storage_url: str, tmp_path: Path, direction: str
+) -> None:
+    """The summary's best and top come from SQL (a 5000-trial study is not read whole), in
+    Optuna's order: infinities at the ends, ties by trial number; the counts and workers too."""
+    path = write_config(
+        tmp_path / "c.yaml", make_config(study_={"direction": direction, "n_trials": 10})
+    )
+    storage = open_storage(storage_url, create_schema=True)
+    create_study(storage, load_config(path), check_session=False)
+    study = optuna.load_study(study_name="test-study", storage=storage_url)
+    dist = optuna.distributions.FloatDistribution(-5.0, 5.0)
+    for value in (2.0, float("inf"), -1.0, float("-inf"), 2.0, 0.5):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"x": 0.0},
+                distributions={"x": dist},
+                value=value,
+                user_attrs={"worker": "w1"},
+            )  # fmt: skip
+        )
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
+    summary = summarize(storage, "test-study", top=6, all_trials=False)
+    expected = sorted(
+        (t for t in study.trials if t.state.name == "COMPLETE"),
+        key=lambda t: ((t.value if direction == "minimize" else -t.value), t.number),
+    )
+    assert [t["number"] for t in summary["top"]] == [t.number for t in expected]
+    assert summary["best"][0]["number"] == study.best_trial.number
+    assert summary["counts"]["COMPLETE"] == 6 and summary["counts"]["FAIL"] == 1
+    assert summary["workers"] == {"w1": 6, "unknown": 1}
+    assert "trials" not in summary
+    storage.engine.dispose()
