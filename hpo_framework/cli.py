@@ -23,7 +23,7 @@ from hpo_framework.cli_options import (
     version_option,
 )
 from hpo_framework.config import load_config
-from hpo_framework.coordinator import create_study, delete_study, stop_study
+from hpo_framework.coordinator import check_config, create_study, delete_study, stop_study
 from hpo_framework.exceptions import StorageError
 from hpo_framework.inspection import STATES, list_studies, summarize
 from hpo_framework.storage import (
@@ -107,6 +107,7 @@ def create(
         config = config.with_overrides(list(assignments))
     if name:
         config = config.with_name(name)
+    check_config(config)  # before the storage: a refused config writes nothing, not even tables
     rdb = _open(storage, config.storage, create=True)
     record = create_study(rdb, config, resume=resume)
     budget = "unlimited" if record.budget is None else record.budget
@@ -117,6 +118,26 @@ def create(
     if wait:
         _print_summary(watch_study(rdb, record.name, _console(stderr=True)), stderr=True)
     click.echo(record.name)
+
+
+@coordinator.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option(
+    "--set", "assignments", multiple=True, metavar="KEY.PATH=VALUE",
+    help="Override a config value, as for create (read as YAML; repeatable).",
+)  # fmt: skip
+@translate_errors
+def check(config_path: str, assignments: tuple[str, ...]) -> None:
+    """Check CONFIG as create would (the session imported on this host); write nothing."""
+    config = load_config(config_path)
+    if assignments:
+        config = config.with_overrides(list(assignments))
+    budget = check_config(config)
+    click.echo(
+        f"{config_path}: ok: study {config.study.name!r}, budget "
+        f"{'unlimited' if budget is None else budget}, {len(config.search_space)} searched "
+        f"parameter(s), sampler {config.study.sampler.name}, session {config.session}"
+    )
 
 
 @coordinator.command("list")

@@ -42,17 +42,10 @@ def create_study(
     ``check_session`` imports ``session:`` now, so a bad reference fails here and not in
     every worker.
     """
+    budget = check_config(config, check_session=check_session)
     registry = Registry(storage.engine)
     with_db_retry(registry.create_table, "creating the hpo_studies table")
     name = config.study.name
-    if check_session:
-        if not config.session:
-            raise ConfigError(config.source, "session", "missing; workers need 'module:function'")
-        try:
-            import_session(config.session)
-        except SessionError as e:
-            raise ConfigError(config.source, "session", str(e)) from None
-    budget = _budget(config)
 
     existing = registry.find(name)
     if existing is not None:
@@ -137,6 +130,22 @@ def _resume(
     registry.reopen(name, config.study.timeout)
     log.info("resuming study %r in %s", name, where)
     return registry.get(name)
+
+
+def check_config(config: Config, *, check_session: bool = True) -> int | None:
+    """Every check ``create`` makes before it writes anything; returns the study's budget.
+
+    ``check_session`` imports ``session:`` here, so a bad reference fails now and not in
+    every worker.
+    """
+    if check_session:
+        if not config.session:
+            raise ConfigError(config.source, "session", "missing; workers need 'module:function'")
+        try:
+            import_session(config.session)
+        except SessionError as e:
+            raise ConfigError(config.source, "session", str(e)) from None
+    return _budget(config)
 
 
 def _budget(config: Config) -> int | None:

@@ -103,6 +103,22 @@ def test_create_refuses_a_session_that_cannot_be_imported(
     result = run_cli("hpo-coordinator", "create", str(path), url=sqlite_url)
     assert result.returncode == 2 and reason in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "hpo.db").exists()  # refused before the storage: no tables made
+
+
+def test_check_checks_as_create_does_and_writes_nothing(sqlite_url: str, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", make_config())
+    result = run_cli("hpo-coordinator", "check", str(path), "--set", "study.n_trials=9")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        f"{path}: ok: study 'test-study', budget 9, 1 searched parameter(s), sampler tpe, "
+        "session tests.sessions:quadratic\n"
+    )
+    bad = write_config(tmp_path / "bad.yaml", make_config(session="tests.sessions:missing"))
+    refused = run_cli("hpo-coordinator", "check", str(bad), url=sqlite_url)
+    assert refused.returncode == 2 and "has no 'missing'" in refused.stderr
+    assert refused.stderr.count("\n") == 1
+    assert not (tmp_path / "hpo.db").exists()
 
 
 def test_inspect_json_has_the_documented_keys(pg_url: str, tmp_path: Path) -> None:
