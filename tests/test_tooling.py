@@ -34,10 +34,12 @@ def test_benchmark_script_runs_at_a_tiny_size() -> None:
         for line in result.stdout.splitlines()
         if line.startswith("| ")
     }
-    expected = {"overhead", "scaling", "budget", "start-up", "growth", "connections"}
-    expected |= {"executor hop", "executor start"}
-    assert expected | {"branin", "hartmann6"} <= set(rows)
+    expected = {"cost", "driver", "overhead", "budget", "start-up", "growth", "inspect"}
+    expected |= {"executor hop", "executor start", "connections"}
+    assert expected | {"1", "2", "branin", "hartmann6"} <= set(rows)  # "1", "2": the curve
     assert rows["budget"][1] == "0"  # hpo's budget overshoot
+    statements = next(line for line in result.stdout.splitlines() if "SQL statements" in line)
+    assert float(statements.split("|")[3]) <= 26  # hpo's statements per trial
     assert rows["connections"][1].endswith("/ 0")  # no worker failed
 
 
