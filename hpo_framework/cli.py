@@ -109,7 +109,7 @@ def create(
         config = config.with_name(name)
     check_config(config)  # before the storage: a refused config writes nothing, not even tables
     rdb = _open(storage, config.storage, create=True)
-    record = create_study(rdb, config, resume=resume)
+    record = create_study(rdb, config, resume=resume, check_session=False)  # checked just now
     budget = "unlimited" if record.budget is None else record.budget
     click.echo(
         f"study {record.name!r} ready in {redact(rdb.url)}: budget {budget}, "

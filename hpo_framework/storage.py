@@ -211,19 +211,22 @@ def _open_existing(url: str, kwargs: dict[str, Any]) -> optuna.storages.RDBStora
     return storage
 
 
+_TABLE_NAMES = {
+    "postgresql": "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()",
+    "sqlite": "SELECT name FROM sqlite_master WHERE type = 'table'",
+}
+
+
 def schema_exists(url: str) -> bool:
     """Whether the coordinator has created the tables yet (one query, no table creation)."""
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     try:
+        query = _TABLE_NAMES.get(engine.dialect.name)
         with engine.connect() as conn:
-            if engine.dialect.name == "postgresql":
-                query = "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
-                tables = set(conn.execute(sqlalchemy.text(query)).scalars())
-            elif engine.dialect.name == "sqlite":
-                query = "SELECT name FROM sqlite_master WHERE type = 'table'"
-                tables = set(conn.execute(sqlalchemy.text(query)).scalars())
-            else:  # SQLAlchemy's reflection: slower to import and run, but any database
+            if query is None:  # SQLAlchemy's reflection: slower to import and run, any database
                 tables = set(sqlalchemy.inspect(conn).get_table_names())
+            else:
+                tables = set(conn.execute(sqlalchemy.text(query)).scalars())
     finally:
         engine.dispose()
     return {"studies", "trials", "alembic_version", "hpo_studies", "hpo_tickets"} <= tables

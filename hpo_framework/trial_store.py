@@ -18,7 +18,7 @@ trial cache (``_CachedStorage``) with three changes, all for the trials *this pr
   transaction of one or two statements instead of Optuna's read-lock-write sequences.
 
 Everything else is Optuna's. This leans on Optuna's private ``_CachedStorage`` and its table
-models, pinned to the Optuna range in ``pyproject.toml``; ``tests/test_trial_path.py``
+models, pinned to the Optuna range in ``pyproject.toml``; ``tests/test_db_cost.py``
 counts the statements of a trial and compares what this writes with what Optuna reads back,
 so an Optuna upgrade that changes them fails there first.
 """
@@ -91,17 +91,6 @@ class TrialStore(_CachedStorage):
         )  # fmt: skip
         self.adopt(study_id, trial)
         return int(row.trial_id)
-
-    def create_once(self, study_id: int, template: FrozenTrial) -> FrozenTrial:
-        """Optuna's ``create_new_trial``, tried once (SQLite's path, and re-queued points).
-
-        Optuna's own retries trial creation after any database error, including a COMMIT
-        whose answer was lost after the server had committed: the trial then exists twice (a
-        re-queued point evaluated twice, a trial left running forever). The callers retry
-        with ``with_db_retry`` and first look for the trial an earlier try made, by a system
-        attribute unique to it (pinned by the lost-answer tests of ``tests/test_faults.py``).
-        """
-        return create_trial_once(self, study_id, template)
 
     def adopt(self, study_id: int, trial: FrozenTrial) -> None:
         """Run ``trial`` in this process: it is served from memory until the next one starts
@@ -234,9 +223,15 @@ def _running(trial_id: int) -> sa.ColumnElement[bool]:
 def create_trial_once(
     storage: optuna.storages.BaseStorage, study_id: int, template: FrozenTrial
 ) -> FrozenTrial:
-    """Optuna's ``create_new_trial`` without its retry (see ``TrialStore.create_once``);
-    through a ``_CachedStorage`` the trial is also cached, as Optuna's method does, so that
-    the study's sampler may set its parameters."""
+    """Optuna's ``create_new_trial``, tried once (SQLite's path, and re-queued points).
+
+    Optuna's own retries trial creation after any database error, including a COMMIT whose
+    answer was lost after the server had committed: the trial then exists twice (a re-queued
+    point evaluated twice, a trial left running forever). The callers retry with
+    ``with_db_retry`` and first look for the trial an earlier try made, by a system attribute
+    unique to it (pinned by the lost-answer tests of ``tests/test_faults.py``). Through a
+    ``_CachedStorage`` the trial is also cached, as Optuna's method does, so that the study's
+    sampler may set its parameters."""
     cached = storage if isinstance(storage, _CachedStorage) else None
     backend = cached._backend if cached is not None else storage
     assert isinstance(backend, optuna.storages.RDBStorage)

@@ -39,7 +39,7 @@ from hpo_framework.settle import Ledger, settle_failure
 from hpo_framework.storage import with_db_retry
 from hpo_framework.tickets import Tickets
 from hpo_framework.trial_attrs import ERROR_ATTR, TICKET_ATTR, WORKER_ATTR
-from hpo_framework.trial_store import TrialStore
+from hpo_framework.trial_store import TrialStore, create_trial_once
 
 log = logging.getLogger("hpo.trial")
 
@@ -231,7 +231,7 @@ class StudyHandle:
         template.datetime_start = datetime.now()
         template.user_attrs = {WORKER_ATTR: self.worker_id}
         template.system_attrs = {TICKET_ATTR: ticket}
-        trial = self.store.create_once(self.record.study_id, template)
+        trial = create_trial_once(self.store, self.record.study_id, template)
         if not self.tickets.bind(ticket, self.worker_id, trial._trial_id):
             # Recovered while this worker was frozen; the new trial is an orphan the sweep
             # of any worker fails (it has no parameters yet: nothing to re-queue).

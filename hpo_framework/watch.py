@@ -65,9 +65,13 @@ def watch(
         BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
     )  # fmt: skip
-    summary = with_db_retry(
-        lambda: summarize(storage, name, top=0, all_trials=False), "reading the study"
-    )
+
+    def read() -> dict[str, Any]:
+        return with_db_retry(
+            lambda: summarize(storage, name, top=0, all_trials=False), "reading the study"
+        )
+
+    summary = read()
     task = progress.add_task(name, total=summary["budget"], completed=summary["finished"])
     deadline = None if timeout is None else time.monotonic() + timeout
     with Live(_view(progress, summary), console=console, refresh_per_second=4) as live:
@@ -75,9 +79,7 @@ def watch(
             if deadline is not None and time.monotonic() >= deadline:
                 break
             time.sleep(refresh)
-            summary = with_db_retry(
-                lambda: summarize(storage, name, top=0, all_trials=False), "reading the study"
-            )
+            summary = read()
             progress.update(task, completed=summary["finished"], total=summary["budget"])
             live.update(_view(progress, summary))
     return summary
