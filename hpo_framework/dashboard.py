@@ -8,6 +8,7 @@ coordinator doing the same at that moment), and SIGTERM/SIGINT end the server at
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from types import FrameType
@@ -25,7 +26,12 @@ def serve(url: str, host: str, port: int) -> None:
     storage = open_storage(url, create_schema=True, role="hpo-dashboard")
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        sys.exit(0)
+        # Not sys.exit: wsgiref's handler catches every exception of a request being answered,
+        # SystemExit included, and serves on (a SIGTERM mid-response was lost that way). The
+        # server holds nothing to finish: an open transaction is rolled back by the database.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
