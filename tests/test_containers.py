@@ -131,6 +131,13 @@ def _done(summary: dict[str, Any]) -> bool:
     return bool(c["COMPLETE"] + c["PRUNED"] >= N_TRIALS and c["RUNNING"] == 0)
 
 
+def _assert_no_trial_failed_but_by_its_session(summary: dict[str, Any]) -> None:
+    """The example's SGD diverges for some learning rates and returns NaN, which fails its
+    trial (and is retried); no trial may fail for any other reason (a stop, a lost worker)."""
+    failed = [t for t in summary["trials"] if t["state"] == "FAIL"]
+    assert all("not a finite number" in (t["error"] or "") for t in failed), failed
+
+
 def test_the_readme_container_path_runs_the_exact_budget(compose: Compose) -> None:
     compose("up", "-d", "--scale", "worker=4")
     workers = compose.containers("worker")
@@ -149,7 +156,8 @@ def test_the_readme_container_path_runs_the_exact_budget(compose: Compose) -> No
     wait_until("the study's budget", finished, timeout=900, every=2)
     counts = summary["counts"]
     assert counts["COMPLETE"] + counts["PRUNED"] == N_TRIALS
-    assert counts["RUNNING"] == counts["WAITING"] == counts["FAIL"] == 0
+    assert counts["RUNNING"] == counts["WAITING"] == 0
+    _assert_no_trial_failed_but_by_its_session(summary)
     assert summary["state"] == "done"
     hosts = {worker.split(":")[0] for worker in summary["workers"]}
     assert len(hosts) >= 3, summary["workers"]  # trials spread over the worker containers
@@ -173,9 +181,13 @@ def test_stopping_the_workers_finishes_their_trials_and_exits_0(compose: Compose
     workers = compose.containers("worker")
     assert [w["ExitCode"] for w in workers] == [0, 0, 0, 0], workers
     assert took < 10, f"docker compose stop worker took {took:.1f}s"
-    counts = compose.summary("stop-check")["counts"]
-    assert counts["RUNNING"] == counts["FAIL"] == 0, counts  # every started trial finished
+    summary = compose.summary("stop-check")
+    counts = summary["counts"]
+    assert counts["RUNNING"] == 0, counts  # every started trial finished
     assert counts["COMPLETE"] + counts["PRUNED"] >= 2
+    # A trial may fail on its own (the example's SGD diverges for some learning rates and
+    # returns NaN); none may fail because its worker stopped.
+    _assert_no_trial_failed_but_by_its_session(summary)
     compose("run", "--rm", "coordinator", "stop", "stop-check")  # later tests start workers
 
 
