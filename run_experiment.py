@@ -3,7 +3,7 @@
 import sys
 
 from experiments.linear_regression import single_session
-from hpo_framework import HPOError, run_hpo
+from hpo_framework import HPOError, run_hpo, unflatten
 
 if __name__ == "__main__":
     try:
@@ -13,4 +13,4 @@ if __name__ == "__main__":
     if not any(t.state.name == "COMPLETE" for t in study.trials):
         sys.exit(f"error: study {study.study_name!r} has no completed trial; see hpo-inspect")
     print(f"best validation MSE {study.best_value:.6f} (trial {study.best_trial.number})")
-    print(f"best parameters {study.best_params}")
+    print(f"best parameters {unflatten(study.best_params)}")  # nested, as cfg has them

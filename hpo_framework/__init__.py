@@ -28,6 +28,7 @@ _EXPORTS = {
     "report": "hpo_framework.reporting",
     "run_hpo": "hpo_framework.runner",
     "resolve_storage_url": "hpo_framework.storage",
+    "unflatten": "hpo_framework.param_sampler",
 }
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "report",
     "resolve_storage_url",
     "run_hpo",
+    "unflatten",
 ]
 
 if TYPE_CHECKING:
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
         StudyNotFoundError,
         TrialPruned,
     )
+    from hpo_framework.param_sampler import unflatten
     from hpo_framework.reporting import report
     from hpo_framework.runner import run_hpo
     from hpo_framework.storage import resolve_storage_url

@@ -229,7 +229,12 @@ def inspect_command(
         from hpo_framework.plots import write_plots  # plotting libraries only when asked for
 
         loaded = optuna.load_study(study_name=study, storage=rdb)
-        files = write_plots(loaded, Path(plot_dir), summary)
+        files = write_plots(
+            loaded,
+            Path(plot_dir),
+            summary,
+            progress=lambda t: click.echo(f"plotting {t}", err=True),
+        )
         click.echo(f"wrote {len(files)} files; open {Path(plot_dir) / 'index.html'}")
         return
     if fmt == "json":
@@ -316,7 +321,7 @@ def _print_summary(
     title = "Pareto front" if len(s["directions"]) > 1 else "best trial"
     best = Table("trial", "value", "params", title=title, title_justify="left")
     for b in s["best"]:
-        best.add_row(str(b["number"]), _fmt(b["values"]), json.dumps(b["params"]))
+        best.add_row(str(b["number"]), _fmt(b["values"]), json.dumps(b["params_nested"]))
     console.print(best)
 
     top = Table(

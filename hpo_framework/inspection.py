@@ -13,6 +13,7 @@ from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo_framework.optuna_tables import trial_user_attrs, trial_values, trials
+from hpo_framework.param_sampler import unflatten
 from hpo_framework.registry import OPEN, Registry, StudyRecord
 from hpo_framework.trial_attrs import ERROR_ATTR, WORKER_ATTR, cannot_serve, trial_summary
 
@@ -189,28 +190,13 @@ def _ranked_complete(
     return ranked[:1], ranked[:n]
 
 
-def best_summary(study: optuna.Study) -> str:
-    """Two lines about the best trial(s), for scripts that ran ``run_hpo``."""
-    best = _best_trials(study)
-    if not best:
-        return "no trial completed"
-    lines = []
-    for t in best[:5]:
-        values = ", ".join(f"{v:.6g}" for v in t.values)
-        lines.append(f"best trial {t.number}: value {values} params {t.params}")
-    return "\n".join(lines)
-
-
-def _best_trials(study: optuna.Study) -> list[FrozenTrial]:
-    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
-        return []
-    if len(study.directions) > 1:
-        return sorted(study.best_trials, key=lambda t: t.number)
-    return [study.best_trial]
-
-
 def _point(t: FrozenTrial) -> dict[str, Any]:
-    return {"number": t.number, "values": t.values, "params": t.params}
+    """A best trial: ``params`` under Optuna's flat names (``model.hidden``), and
+    ``params_nested`` as the session's ``cfg`` nests them (``{"model": {"hidden": ...}}``)."""
+    return {
+        "number": t.number, "values": t.values, "params": t.params,
+        "params_nested": unflatten(t.params),
+    }  # fmt: skip
 
 
 def _duration_stats(durations: list[float]) -> dict[str, float | None]:

@@ -7,9 +7,13 @@ Plotting libraries are an optional extra (``pip install 'hpo[plots]'``), importe
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import logging
+import math
 import warnings
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,9 @@ from optuna.trial import TrialState
 from hpo_framework.exceptions import HPOError
 
 log = logging.getLogger("hpo.plots")
+
+#: A contour needs this many completed trials that have both of its parameters.
+_CONTOUR_MIN_TRIALS = 3
 
 
 class PlotsUnavailable(HPOError):
@@ -39,7 +46,9 @@ def _libraries() -> tuple[Any, Any]:
     return optuna.visualization, plt
 
 
-def _plots(study: optuna.Study) -> dict[str, tuple[str, str, dict[str, Any]]]:
+def _plots(
+    study: optuna.Study, complete: list[optuna.trial.FrozenTrial]
+) -> dict[str, tuple[str, str, dict[str, Any]]]:
     """name -> (title, function name in optuna.visualization[.matplotlib], extra kwargs)."""
     if len(study.directions) > 1:
         names = [d.name.lower() for d in study.directions]
@@ -49,32 +58,59 @@ def _plots(study: optuna.Study) -> dict[str, tuple[str, str, dict[str, Any]]]:
                           {"target": lambda t: t.values[0], "target_name": names[0]}),
         }  # fmt: skip
     evaluator = optuna.importance.PedAnovaImportanceEvaluator()  # needs no scikit-learn
+    # Losses often span decades: on a linear axis the good trials all sit on the floor.
+    # Parallel coordinates have no log axis, so they show log10 of the objective instead.
+    parallel: dict[str, Any] = {}
+    parallel_title = "Parallel coordinates"
+    if _spans_decades(complete):
+        parallel = {"target": lambda t: math.log10(t.values[0]), "target_name": "log10(objective)"}
+        parallel_title += " (log10 of the objective)"
     plots: dict[str, tuple[str, str, dict[str, Any]]] = {
         "history": ("Optimization history", "plot_optimization_history", {}),
         "importances": ("Parameter importances", "plot_param_importances",
                         {"evaluator": evaluator}),
-        "parallel_coordinate": ("Parallel coordinates", "plot_parallel_coordinate", {}),
+        "parallel_coordinate": (parallel_title, "plot_parallel_coordinate", parallel),
         "slice": ("Slice", "plot_slice", {}),
     }  # fmt: skip
-    if len(_numeric_params(study)) >= 2:
-        plots["contour"] = ("Contour", "plot_contour", {"params": _numeric_params(study)[:2]})
+    pair = _contour_pair(complete)
+    if pair is not None:
+        plots["contour"] = (f"Contour ({pair[0]} × {pair[1]})", "plot_contour", {"params": pair})
     return plots
 
 
-def _numeric_params(study: optuna.Study) -> list[str]:
-    names: list[str] = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        for name, dist in t.distributions.items():
-            if (
-                not isinstance(dist, optuna.distributions.CategoricalDistribution)
-                and name not in names
-            ):
-                names.append(name)
-    return names
+def _contour_pair(complete: list[optuna.trial.FrozenTrial]) -> list[str] | None:
+    """The two numeric parameters that occur together in the most completed trials.
+
+    In a conditional space some never do (``momentum`` only with ``sgd``, ``beta`` only with
+    ``adam``): a contour of those would be empty.
+    """
+    order: dict[str, int] = {}
+    together: Counter[tuple[str, str]] = Counter()
+    for t in complete:
+        numeric = [
+            n for n, d in t.distributions.items()
+            if not isinstance(d, optuna.distributions.CategoricalDistribution)
+        ]  # fmt: skip
+        for n in numeric:
+            order.setdefault(n, len(order))
+        numeric.sort(key=order.__getitem__)
+        together.update(itertools.combinations(numeric, 2))
+    if not together:
+        return None
+    pair, count = min(together.items(), key=lambda kv: (-kv[1], order[kv[0][0]], order[kv[0][1]]))
+    return list(pair) if count >= _CONTOUR_MIN_TRIALS else None
 
 
-def write_plots(study: optuna.Study, directory: Path, summary: dict[str, Any]) -> list[Path]:
-    """Write every plot as PNG and HTML, and index.html; returns the files written."""
+def write_plots(
+    study: optuna.Study,
+    directory: Path,
+    summary: dict[str, Any],
+    progress: Callable[[str], None] = lambda title: None,
+) -> list[Path]:
+    """Write every plot as PNG and HTML, and index.html; returns the files written.
+
+    ``progress`` is called with each plot's title before it is drawn (a large study takes
+    seconds per plot)."""
     vis, plt = _libraries()
     directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -84,20 +120,26 @@ def write_plots(study: optuna.Study, directory: Path, summary: dict[str, Any]) -
         raise HPOError(
             f"study {study.study_name!r} has {len(complete)} completed trials; plots need 2"
         )
-    for name, (title, function, kwargs) in _plots(study).items():
+    log_objective = _spans_decades(complete)
+    for name, (title, function, kwargs) in _plots(study, complete).items():
+        progress(title)
+        log_scale = log_objective and name.startswith(("history", "slice"))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
                 figure = getattr(vis, function)(study, **kwargs)
                 figure.update_layout(title=title)
-                log_scale = name.startswith("history") and _spans_decades(complete)
-                if log_scale:  # losses: the best trials would sit flat on a linear axis
+                if log_scale:
                     figure.update_yaxes(type="log")
                 figure.write_html(directory / f"{name}.html", include_plotlyjs="directory")
                 axes = getattr(vis.matplotlib, function)(study, **kwargs)
                 fig = _figure_of(axes)
                 if log_scale:
-                    fig.axes[0].set_yscale("log")
+                    for ax in _flat(axes):
+                        ax.set_yscale("log")
+                if name == "parallel_coordinate":  # room per axis: no overlapping ticks
+                    n_axes = 1 + len({p for t in complete for p in t.params})
+                    fig.set_size_inches(max(6.4, 1.4 * n_axes), 4.8)
                 # Optuna sizes and titles its own figures; resizing would push the colour bar
                 # of the slice plot over its last panel.
                 fig.savefig(directory / f"{name}.png", dpi=110, bbox_inches="tight")
@@ -118,9 +160,12 @@ def _spans_decades(trials: list[optuna.trial.FrozenTrial]) -> bool:
     return bool(values) and min(values) > 0 and max(values) / min(values) > 100
 
 
+def _flat(axes: Any) -> list[Any]:
+    return list(axes.flat) if hasattr(axes, "flat") else [axes]
+
+
 def _figure_of(axes: Any) -> Any:
-    first = axes.flat[0] if hasattr(axes, "flat") else axes
-    return first.get_figure()
+    return _flat(axes)[0].get_figure()
 
 
 def _index_html(summary: dict[str, Any], shown: list[tuple[str, str]]) -> str:

@@ -138,7 +138,7 @@ def test_inspect_json_has_the_documented_keys(pg_url: str, tmp_path: Path) -> No
     } <= set(data)
     assert data["state"] == "done" and data["budget"] == 4 and data["directions"] == ["minimize"]
     assert data["counts"] == {"COMPLETE": 4, "PRUNED": 0, "FAIL": 0, "RUNNING": 0, "WAITING": 0}
-    assert set(data["best"][0]) == {"number", "values", "params"}
+    assert set(data["best"][0]) == {"number", "values", "params", "params_nested"}
     trial = data["trials"][0]
     assert {"number", "state", "values", "params", "worker", "duration_s", "error"} <= set(trial)
     assert sum(data["workers"].values()) == 4
@@ -154,12 +154,26 @@ def test_inspect_table_csv_and_study_list(sqlite_url: str, tmp_path: Path) -> No
             io.StringIO(run_cli("hpo-inspect", name, "--format", "csv", url=sqlite_url).stdout)
         )
     )
-    assert [r["state"] for r in rows] == ["COMPLETE"] * 3 and float(rows[0]["x"]) == pytest.approx(
-        float(rows[0]["x"])
-    )
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 3
+    assert all(-5.0 <= float(r["x"]) <= 5.0 for r in rows)
     listing = run_cli("hpo-inspect", url=sqlite_url).stdout
     assert name in listing and "3/3" in listing and "done" in listing
     assert run_cli("hpo-coordinator", "list", url=sqlite_url).stdout == listing
+
+
+def test_best_parameters_are_shown_nested_as_cfg_has_them(sqlite_url: str, tmp_path: Path) -> None:
+    space = {"x": {"type": "float", "low": -5.0, "high": 5.0},
+             "model": {"hidden": {"type": "int", "low": 1, "high": 4}}}  # fmt: skip
+    name = create(tmp_path, sqlite_url, search_space=space, study_={"n_trials": 3})
+    assert start_worker("--idle-exit", "1", url=sqlite_url).wait(timeout=60) == 0
+    best = json.loads(run_cli("hpo-inspect", name, "--format", "json", url=sqlite_url).stdout)[
+        "best"
+    ][0]
+    hidden = best["params"]["model.hidden"]  # Optuna's flat name, as Optuna's tools show it
+    assert best["params_nested"] == {"x": best["params"]["x"], "model": {"hidden": hidden}}
+    assert hpo_framework.unflatten(best["params"]) == best["params_nested"]
+    table = run_cli("hpo-inspect", name, url=sqlite_url).stdout
+    assert f'"model": {{"hidden": {hidden}}}' in table
 
 
 def test_no_command_prints_a_password(pg_url: str, tmp_path: Path) -> None:

@@ -45,12 +45,47 @@ def test_plot_writes_png_html_and_an_index(finished_study: str, tmp_path: Path) 
     result = run_cli("hpo-inspect", "test-study", "--plot", str(out), url=finished_study)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"wrote 11 files; open {out / 'index.html'}\n"
+    # each plot is announced before it is drawn (a large study takes seconds per plot)
+    announced = [line for line in result.stderr.splitlines() if line.startswith("plotting ")]
+    assert [line.split()[1] for line in announced] == [
+        "Optimization", "Parameter", "Parallel", "Slice", "Contour"
+    ]  # fmt: skip
     for name in ("history", "importances", "parallel_coordinate", "slice", "contour"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (out / f"{name}.png").stat().st_size > 10_000
         assert "plotly" in (out / f"{name}.html").read_text()
     index = (out / "index.html").read_text()
     assert '<img src="history.png"' in index and "Top trials" in index and "test-study" in index
+
+
+def test_plots_of_a_conditional_space_with_losses_spanning_decades(tmp_path: Path) -> None:
+    space = {
+        "kind": {"type": "categorical", "choices": ["a", "b"]},
+        "a1": {"type": "float", "low": 0.0, "high": 1.0, "when": {"kind": "a"}},
+        "a2": {"type": "float", "low": 0.0, "high": 1.0, "when": {"kind": "a"}},
+        "b1": {"type": "float", "low": 0.0, "high": 1.0, "when": {"kind": "b"}},
+    }
+    sampler = {"name": "random", "seed": 3}
+    config = make_config(
+        search_space=space,
+        study_={"n_trials": 24, "sampler": sampler},
+        enqueue=[{"kind": "b", "b1": 0.5}],  # b1 is seen first, then a1: never together
+    )
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+
+    def session(cfg: dict[str, float]) -> float:  # from 0.001 to 10
+        return float(10 ** (4 * cfg.get("a1", cfg.get("b1", 0.0)) - 3))
+
+    run_hpo(session, write_config(tmp_path / "c.yaml", config), url)
+    out = tmp_path / "p"
+    result = run_cli("hpo-inspect", "test-study", "--plot", str(out), url=url)
+    assert result.returncode == 0, result.stderr
+    index = (out / "index.html").read_text()
+    assert "Contour (a1 × a2)" in index  # the pair that occurs together
+    # log axes, and log10 of the objective on parallel coordinates (which have no log axis)
+    assert "Parallel coordinates (log10 of the objective)" in index
+    assert '"type":"log"' in (out / "slice.html").read_text()
+    assert '"type":"log"' in (out / "history.html").read_text()
 
 
 def test_plot_of_a_multi_objective_study_draws_the_pareto_front(tmp_path: Path) -> None:
