@@ -6,6 +6,8 @@ Every entry point resolves the URL with :func:`resolve_storage_url` and opens it
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import random
@@ -13,7 +15,7 @@ import re
 import socket
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import optuna
@@ -264,6 +266,23 @@ def engine_kwargs(backend: str, role: str, database: str | None = None) -> dict[
     return kwargs
 
 
+#: Set by :func:`without_waiting`: an outage fails a step within a second (one retry on a
+#: fresh connection) instead of being waited out.
+_NO_WAIT_DEADLINE_S = 1.0
+_NO_WAIT: contextvars.ContextVar[bool] = contextvars.ContextVar("hpo_db_no_wait", default=False)
+
+
+@contextlib.contextmanager
+def without_waiting() -> Iterator[None]:
+    """Inside, ``with_db_retry`` gives a step one second, not minutes: a worker stopped cold
+    (a second signal) records what it can and exits, rather than waiting out an outage."""
+    token = _NO_WAIT.set(True)
+    try:
+        yield
+    finally:
+        _NO_WAIT.reset(token)
+
+
 def with_db_retry(op: Callable[[], T], what: str, deadline: float | None = None) -> T:
     """Run ``op``, waiting out database outages with capped exponential backoff and jitter.
 
@@ -273,6 +292,8 @@ def with_db_retry(op: Callable[[], T], what: str, deadline: float | None = None)
     error is a StorageError at once, with the database's reason. Steps run here must be
     idempotent: a step whose answer was lost is run again.
     """
+    if _NO_WAIT.get():
+        deadline = _NO_WAIT_DEADLINE_S
     give_up = time.monotonic() + (defaults.DB_RETRY_DEADLINE if deadline is None else deadline)
     wait = 0.1
     failures = 0

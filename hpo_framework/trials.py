@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 
 from hpo_framework.algorithms import build_pruner, build_sampler, worker_seed
 from hpo_framework.config import Config
-from hpo_framework.exceptions import TrialLost, TrialPruned
+from hpo_framework.exceptions import StorageError, TrialLost, TrialPruned
 from hpo_framework.executor import InProcessExecutor, ProcessExecutor, describe_error
 from hpo_framework.heartbeat import Heartbeat
 from hpo_framework.optuna_tables import has_waiting_trials
@@ -36,7 +36,7 @@ from hpo_framework.param_sampler import merge
 from hpo_framework.recovery import Sweeper
 from hpo_framework.registry import OPEN, Registry, StudyRecord
 from hpo_framework.settle import Ledger, settle_failure
-from hpo_framework.storage import with_db_retry
+from hpo_framework.storage import with_db_retry, without_waiting
 from hpo_framework.tickets import Tickets
 from hpo_framework.trial_attrs import ERROR_ATTR, TICKET_ATTR, WORKER_ATTR
 from hpo_framework.trial_store import TrialStore, create_trial_once
@@ -257,7 +257,14 @@ class StudyHandle:
             )  # fmt: skip
         except BaseException as e:  # the worker stops cold, or run_hpo's Ctrl-C: fail, re-queue
             why = str(e) or f"interrupted ({type(e).__name__})"
-            self._finish(ticket, trial, TrialState.FAIL, None, started, why)
+            try:
+                with without_waiting():  # "at once", even with the database gone
+                    self._finish(ticket, trial, TrialState.FAIL, None, started, why)
+            except StorageError as lost:
+                log.warning(
+                    "study=%s trial=%d not failed in the database (%s): the sweep of a live "
+                    "worker will fail and re-queue it", self.name, trial.number, lost,
+                )  # fmt: skip
             raise
         if result.kind == "done":
             return self._finish(ticket, trial, TrialState.COMPLETE, result.values, started, None)

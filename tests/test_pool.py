@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -72,16 +73,36 @@ def test_second_sigterm_fails_the_trial_requeues_it_and_exits_at_once(
     )  # fmt: skip
     worker = start_worker(url=pg_url, log=tmp_path / "w.log")
     wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
-    worker.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    started = time.monotonic()
-    worker.send_signal(signal.SIGTERM)
+    started = _stop_twice(worker, tmp_path / "w.log")
     assert worker.wait(timeout=10) == 1
     assert time.monotonic() - started < 5
     result = trials(pg_url, name)
     assert [t.state.name for t in result] == ["FAIL", "WAITING"]
     assert result[0].user_attrs["error"] == "worker stopped by a second signal"
     assert result[1].params == {} and result[1].system_attrs["fixed_params"] == result[0].params
+
+
+def _stop_twice(worker: subprocess.Popen[str], log: Path) -> float:
+    """A warm stop, then (once the worker has taken it) a cold one; when the second was sent."""
+    worker.send_signal(signal.SIGTERM)
+    wait_until("the first signal taken", lambda: "received, finishing" in log.read_text())
+    sent = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    return sent
+
+
+def test_second_sigterm_exits_at_once_with_the_database_gone(private_pg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url = private_pg.url
+    create(
+        tmp_path, url, session="tests.sessions:sleepy",
+        static={"sleep_s": 60, "dir": str(tmp_path)}, study_={"n_trials": 1},
+    )  # fmt: skip
+    worker = start_worker(url=url, log=tmp_path / "w.log")
+    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
+    private_pg.stop()  # the trial's failure cannot be recorded: another worker's sweep will
+    started = _stop_twice(worker, tmp_path / "w.log")
+    assert worker.wait(timeout=30) == 1, (tmp_path / "w.log").read_text()
+    assert time.monotonic() - started < 8, (tmp_path / "w.log").read_text()
 
 
 def test_64_workers_fit_in_a_stock_postgresql(
