@@ -191,6 +191,23 @@ def test_stopping_the_workers_finishes_their_trials_and_exits_0(compose: Compose
     compose("run", "--rm", "coordinator", "stop", "stop-check")  # later tests start workers
 
 
+def test_create_reads_any_config_in_the_project_folder(compose: Compose) -> None:
+    second = ROOT / f".test-second-{compose.project}.yaml"
+    text = (ROOT / "config.yaml").read_text().replace("name: linear-regression", "name: second")
+    assert "name: second" in text
+    second.write_text(text)
+    try:
+        created = compose("run", "--rm", "coordinator", "create", second.name, *SMALL)
+    finally:
+        second.unlink()
+    assert created.stdout.splitlines()[-1] == "second"
+    summary = compose.summary("second")
+    assert summary["budget"] == N_TRIALS and summary["session"] == (
+        "experiments.linear_regression:single_session"
+    )
+    compose("run", "--rm", "coordinator", "stop", "second")  # nothing serves it here
+
+
 def test_dashboard_serves_the_studies_and_stops_on_sigterm(compose: Compose) -> None:
     compose("up", "-d", "--scale", "dashboard=1", "dashboard")
     studies = _dashboard_studies(compose)
