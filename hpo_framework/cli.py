@@ -48,12 +48,20 @@ def _open(storage: str | None, config_storage: str | None = None, create: bool =
     return open_storage(url, create_schema=create, role="hpo-cli")
 
 
-def _require_hpo_schema(url: str) -> None:
+_CREATE_HINT = "create one with `hpo-coordinator create config.yaml`, or pass --storage"
+
+
+def _require_sqlite_file(url: str) -> None:
+    """A SQLite URL must name an existing file: opening it would create an empty one."""
     parsed = make_url(url)
-    hint = "create one with `hpo-coordinator create config.yaml`, or pass --storage"
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         if not Path(parsed.database).exists():
-            raise StorageError(f"no database at {redact(url)}: {hint}")
+            raise StorageError(f"no database at {redact(url)}: {_CREATE_HINT}")
+
+
+def _require_hpo_schema(url: str) -> None:
+    _require_sqlite_file(url)
+    hint = _CREATE_HINT
     try:
         found = schema_exists(url)
     except sqlalchemy.exc.SQLAlchemyError as e:
@@ -183,7 +191,9 @@ def dashboard(host: str, port: int, storage: str | None) -> None:
     from hpo_framework.dashboard import serve
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    serve(resolve_storage_url(storage), host, port)
+    url = check_url(resolve_storage_url(storage))
+    _require_sqlite_file(url)  # an empty server database is served (compose starts it first)
+    serve(url, host, port)
 
 
 # --- hpo-inspect -------------------------------------------------------------------------------

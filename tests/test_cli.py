@@ -284,6 +284,7 @@ def test_dashboard_serves_an_empty_database_and_stops_on_sigterm(tmp_path: Path)
     """optuna-dashboard over a database no study was created in yet (it crashed there)."""
     port = free_port()
     db = tmp_path / "empty.db"
+    db.touch()  # an empty database (a missing file is refused: see the test below)
     proc = subprocess.Popen(
         [str(BIN / "hpo-coordinator"), "dashboard", "--port", str(port)],
         env=cli_env(f"sqlite:///{db}"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -351,6 +352,22 @@ def test_reading_a_database_without_hpo_studies_is_one_line_and_creates_nothing(
     result = run_cli(*args, url=f"sqlite:///{plain}")
     assert result.returncode == 1
     assert result.stderr.startswith(f"Error: no hpo studies in sqlite:///{plain} (no hpo tables)")
+
+
+def test_dashboard_on_a_missing_sqlite_file_is_one_line_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    result = subprocess.run(
+        [str(BIN / "hpo-coordinator"), "dashboard", "--port", str(free_port())],
+        cwd=tmp_path, env={k: v for k, v in cli_env().items() if k != "HPO_STORAGE"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == (
+        "Error: no database at sqlite:///hpo.db: create one with "
+        "`hpo-coordinator create config.yaml`, or pass --storage\n"
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_postgres_scheme_gets_a_hint(tmp_path: Path) -> None:
