@@ -61,14 +61,7 @@ class Checker:
             self.fail(f"must be a mapping, got {describe(value)}")
 
     def unknown(self, key: str, known: Iterable[str], what: str = "key") -> NoReturn:
-        known = sorted(set(known))
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = (
-            f"; did you mean '{close[0]}'?"
-            if close
-            else (f"; expected one of: {', '.join(known)}" if known else "")
-        )
-        self.fail(f"unknown {what} '{key}'{hint}")
+        self.fail(f"unknown {what} '{key}'{did_you_mean(key, known)}")
 
     def known_keys(self, value: Mapping[str, Any], allowed: Iterable[str]) -> None:
         allowed = set(allowed)
@@ -83,3 +76,17 @@ class Checker:
             if close:
                 self.fail(f"unknown value '{value}'; did you mean '{close[0]}'?")
         self.fail(f"must be one of {', '.join(allowed)}, got {describe(value)}")
+
+
+def did_you_mean(
+    word: str, known: Iterable[str], listing: str = "expected one of", none: str = ""
+) -> str:
+    """ "; did you mean 'x'?" for a near miss, else the known names (at most 10), else ``none``."""
+    names = sorted(set(known))
+    close = difflib.get_close_matches(word, names, n=1)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    if not names:
+        return none
+    more = f" (and {len(names) - 10} more)" if len(names) > 10 else ""
+    return f"; {listing}: {', '.join(names[:10])}{more}"

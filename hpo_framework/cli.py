@@ -232,7 +232,7 @@ def inspect_command(
         _emit(_study_list_text(list_studies(rdb), fmt), output)
         return
     if watch:
-        _print_summary(watch_study(rdb, study, _console()))
+        _print_summary(watch_study(rdb, study, _console(), top=top))
         return
     summary = summarize(rdb, study, top=top, all_trials=fmt != "table" or bool(plot_dir))
     if plot_dir:

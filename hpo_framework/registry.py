@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from hpo_framework._checks import did_you_mean
 from hpo_framework.exceptions import StudyNotFoundError
 from hpo_framework.optuna_tables import studies
 
@@ -156,7 +157,10 @@ class Registry:
     def get(self, name: str) -> StudyRecord:
         records = self._select(hpo_studies.c.study_name == name)
         if not records:
-            raise StudyNotFoundError(f"no study named {name!r} in this storage")
+            hint = did_you_mean(
+                name, (r.name for r in self.all()), "studies here", "; there is no study here yet"
+            )
+            raise StudyNotFoundError(f"no study named {name!r} in this storage{hint}")
         return records[0]
 
     def find(self, name: str) -> StudyRecord | None:

@@ -58,8 +58,11 @@ def watch(
     console: Console,
     refresh: float = 2.0,
     timeout: float | None = None,
+    top: int = 10,
 ) -> dict[str, Any]:
-    """Show the study live until it is done (or ``timeout`` seconds pass); return its summary."""
+    """Show the study live until it is done and no trial of it runs any more (a stopped study
+    lets its running trials finish), or ``timeout`` seconds pass; return its summary with the
+    ``top`` best trials."""
     progress = Progress(
         TextColumn(name.replace("{", "{{").replace("}", "}}"), style="bold", markup=False),
         BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -75,11 +78,11 @@ def watch(
     task = progress.add_task(name, total=summary["budget"], completed=summary["finished"])
     deadline = None if timeout is None else time.monotonic() + timeout
     with Live(_view(progress, summary), console=console, refresh_per_second=4) as live:
-        while summary["state"] not in DONE_STATES:
+        while summary["state"] not in DONE_STATES or summary["counts"]["RUNNING"]:
             if deadline is not None and time.monotonic() >= deadline:
                 break
             time.sleep(refresh)
             summary = read()
             progress.update(task, completed=summary["finished"], total=summary["budget"])
             live.update(_view(progress, summary))
-    return summary
+    return with_db_retry(lambda: summarize(storage, name, top=top), "reading the study")

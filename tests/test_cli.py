@@ -194,10 +194,18 @@ def test_no_command_prints_a_password(pg_url: str, tmp_path: Path) -> None:
 
 
 def test_inspect_unknown_study_is_a_one_line_error(sqlite_url: str, tmp_path: Path) -> None:
-    create(tmp_path, sqlite_url)
+    create(tmp_path, sqlite_url, name="linear-regression")
+    create(tmp_path, sqlite_url, name="other")
     result = run_cli("hpo-inspect", "nope", url=sqlite_url)
     assert result.returncode == 1
-    assert result.stderr == "Error: no study named 'nope' in this storage\n"
+    assert result.stderr == (
+        "Error: no study named 'nope' in this storage; studies here: linear-regression, other\n"
+    )
+    result = run_cli("hpo-inspect", "linear-regresion", url=sqlite_url)
+    assert result.stderr == (
+        "Error: no study named 'linear-regresion' in this storage; "
+        "did you mean 'linear-regression'?\n"
+    )
 
 
 def test_bad_storage_url_is_a_one_line_error(tmp_path: Path) -> None:

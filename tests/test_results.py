@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -20,8 +21,8 @@ from hpo_framework.coordinator import create_study
 from hpo_framework.inspection import summarize
 from hpo_framework.storage import open_storage
 from tests import sessions
-from tests.conftest import ROOT, cli_env, make_config, run_cli, start_worker, write_config
-from tests.pool_helpers import create
+from tests.conftest import BIN, ROOT, cli_env, make_config, run_cli, start_worker, write_config
+from tests.pool_helpers import create, wait_until
 
 SPACE = {
     "x": {"type": "float", "low": -5.0, "high": 5.0},
@@ -140,6 +141,32 @@ def test_watch_follows_a_running_study_until_done(sqlite_url: str, tmp_path: Pat
     assert worker.wait(timeout=60) == 0
     assert result.returncode == 0
     assert "8/8" in result.stdout and "state done" in result.stdout
+
+
+def test_watch_of_a_stopped_study_waits_for_its_running_trials(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    name = create(
+        tmp_path, sqlite_url, session="tests.sessions:sleepy",
+        static={"sleep_s": 3, "dir": str(tmp_path)}, study_={"n_trials": 20},
+    )  # fmt: skip
+    worker = start_worker(url=sqlite_url)
+    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
+    watching = subprocess.Popen(
+        [str(BIN / "hpo-inspect"), name, "--watch", "--top", "3"], cwd=ROOT,
+        env=cli_env(sqlite_url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert run_cli("hpo-coordinator", "stop", name, url=sqlite_url).returncode == 0
+        out, err = watching.communicate(timeout=60)
+    finally:
+        watching.kill()
+    assert watching.returncode == 0, err
+    # it ended once the running trial had finished, and shows the best trials, not "top 0"
+    assert "state stopped" in out and "RUNNING 0" in out and "COMPLETE 0" not in out
+    assert "top 1" in out or "top 2" in out or "top 3" in out
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
 
 
 def test_create_wait_shows_progress_then_prints_the_name(sqlite_url: str, tmp_path: Path) -> None:
