@@ -64,6 +64,7 @@ def pg_url(pg_admin: sa.Engine) -> Iterator[str]:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     url = sa.engine.make_url(PG_ADMIN_URL).set(database=name)
     yield url.render_as_string(hide_password=False)
+    end_started_workers()
     with pg_admin.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
@@ -165,6 +166,12 @@ def _end_workers() -> Iterator[None]:
     """Every worker a test started is gone when it ends, passed or failed (with its pool
     children and sessions: each worker leads its own process group)."""
     yield
+    end_started_workers()
+
+
+def end_started_workers() -> None:
+    """Kill the workers this test started. Also called before a test's database is dropped,
+    so that none is left retrying a database that is gone."""
     while _STARTED:
         proc = _STARTED.pop()
         if proc.poll() is None:
@@ -197,4 +204,5 @@ def private_pg() -> Iterator[Any]:
             pytest.fail(f"cannot start a private PostgreSQL: {e}")
         pytest.skip(f"cannot start a private PostgreSQL: {e}")
     yield server
+    end_started_workers()
     server.cleanup()
