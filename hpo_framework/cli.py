@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
 import click
 import optuna
 import sqlalchemy.exc
+import yaml
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -22,10 +24,11 @@ from hpo_framework.cli_options import (
     translate_errors,
     version_option,
 )
-from hpo_framework.config import load_config
+from hpo_framework.config import load_config, read_yaml_file
 from hpo_framework.coordinator import check_config, create_study, delete_study, stop_study
-from hpo_framework.exceptions import StorageError
+from hpo_framework.exceptions import ConfigError, StorageError
 from hpo_framework.inspection import STATES, list_studies, summarize
+from hpo_framework.operations import enqueue_points, move, retry_failed, set_limits
 from hpo_framework.storage import (
     check_url,
     open_storage,
@@ -125,6 +128,8 @@ def create(
     )
     if wait:
         _print_summary(watch_study(rdb, record.name, _console(stderr=True)), stderr=True)
+    else:  # the next step, as `wandb sweep` prints `wandb agent`
+        click.echo(f"start workers: HPO_STORAGE={shlex.quote(redact(rdb.url))} hpo-worker")
     click.echo(record.name)
 
 
@@ -166,6 +171,122 @@ def stop(name: str, storage: str | None) -> None:
         click.echo(f"study {name!r} stopped; running trials will finish")
     else:
         click.echo(f"study {name!r} was not open; nothing to stop")
+
+
+# --- day-2: change a study that exists -----------------------------------------------------------
+
+
+def _limit(value: str) -> Any:
+    """A limit as typed: a YAML scalar, with ``none`` for no limit (checked as in a config)."""
+    read = yaml.safe_load(value) if value.strip() else value
+    return None if isinstance(read, str) and read.lower() in ("none", "null") else read
+
+
+@coordinator.command("set")
+@click.argument("name")
+@click.option("--n-trials", metavar="N|none", help="The budget; not below the trials taken.")
+@click.option("--timeout", metavar="SECONDS|none", help="End the study this long from now.")
+@click.option("--max-failed-trials", metavar="N|none", help="Fail the study after N failures.")
+@click.option("--max-retries", metavar="N", help="Re-evaluations of a failed trial's point.")
+@storage_option
+@translate_errors
+def set_command(name: str, storage: str | None, **options: str | None) -> None:
+    """Change the limits of study NAME while it runs; workers follow at their next poll."""
+    limits = {k: _limit(v) for k, v in options.items() if v is not None}
+    if not limits:
+        raise click.UsageError(
+            "nothing to change: give --n-trials, --timeout, --max-failed-trials or --max-retries"
+        )
+    changes = set_limits(_open(storage), name, limits)
+    for change in changes:
+        click.echo(f"study {name!r}: {change}")
+    if not changes:
+        click.echo(f"study {name!r}: nothing to change")
+
+
+@coordinator.command()
+@click.argument("name")
+@storage_option
+@translate_errors
+def pause(name: str, storage: str | None) -> None:
+    """Pause NAME: workers take no new trial of it; running trials finish."""
+    move(_open(storage), name, "pause")
+    click.echo(
+        f"study {name!r} paused; running trials will finish (resume: hpo-coordinator resume)"
+    )
+
+
+@coordinator.command()
+@click.argument("name")
+@storage_option
+@translate_errors
+def resume(name: str, storage: str | None) -> None:
+    """Resume NAME after pause: workers take its trials again."""
+    move(_open(storage), name, "resume")
+    click.echo(f"study {name!r} resumed")
+
+
+@coordinator.command()
+@click.argument("name")
+@click.option("--reason", help="Why, recorded with the study (hpo-inspect shows it).")
+@storage_option
+@translate_errors
+def reopen(name: str, reason: str | None, storage: str | None) -> None:
+    """Reopen a stopped or failed study NAME: its failures count from 0, its timeout from now."""
+    was = move(_open(storage), name, "reopen", reason)
+    why = f" ({was.error})" if was.error else ""
+    click.echo(f"study {name!r} reopened; it was {was.state}{why}")
+
+
+@coordinator.command("retry-failed")
+@click.argument("name")
+@storage_option
+@translate_errors
+def retry_failed_command(name: str, storage: str | None) -> None:
+    """Re-queue the points of NAME's failed trials (those not re-queued yet), within its budget."""
+    done, pending = retry_failed(_open(storage), name)
+    left = pending - done
+    more = (
+        f"; {left} more have no room in the budget (raise it: hpo-coordinator set {name} "
+        "--n-trials N)"
+        if left
+        else ""
+    )
+    click.echo(f"study {name!r}: re-queued {done} failed trial(s){more}")
+
+
+@coordinator.command()
+@click.argument("name")
+@click.argument("points_path", metavar="POINTS", type=click.Path(dir_okay=False))
+@storage_option
+@translate_errors
+def enqueue(name: str, points_path: str, storage: str | None) -> None:
+    """Evaluate the point(s) in POINTS (YAML: a mapping like cfg, or a list) next in NAME."""
+    points = read_yaml_file(points_path)
+    n = enqueue_points(_open(storage), name, points, points_path)
+    click.echo(f"study {name!r}: enqueued {n} point(s)")
+
+
+@coordinator.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option(
+    "--set", "assignments", multiple=True, metavar="KEY.PATH=VALUE",
+    help="Override a config value, as for create (read as YAML; repeatable).",
+)  # fmt: skip
+@config_storage_option
+@translate_errors
+def run(config_path: str, assignments: tuple[str, ...], storage: str | None) -> None:
+    """Run CONFIG's study in this process with its session:, as run_hpo does; then summarize."""
+    config = load_config(config_path)
+    if assignments:
+        config = config.with_overrides(list(assignments))
+    check_config(config)
+    if not config.session:
+        raise ConfigError(config.source, "session", "missing; run needs 'module:function'")
+    from hpo_framework.runner import run_hpo
+
+    study = run_hpo(config.session, config, storage)
+    _print_summary(summarize(_open(storage, config.storage), study.study_name))
 
 
 @coordinator.command()
@@ -365,6 +486,11 @@ def _print_summary(
         for worker, why in s["cannot_serve"].items():
             skipped.add_row(worker, why)
         console.print(skipped)
+    for r in s["reopened"]:
+        error = f": {r['error']}" if r.get("error") else ""
+        console.print(
+            Text(f"reopened {r['at']} (was {r['was']}{error}): {r.get('reason') or '-'}")
+        )
     if s["errors"]:
         errors = Table("trial", "error", title="last errors", title_justify="left")
         for e in s["errors"]:

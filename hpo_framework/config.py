@@ -87,6 +87,18 @@ class Config:
         text = json.dumps(self.raw, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
+    @property
+    def budget(self) -> int | None:
+        """How many trials the study runs: ``n_trials``, capped by the grid's size for the grid
+        sampler; None for no limit."""
+        budget = self.study.n_trials
+        if self.study.sampler.name == "grid":
+            size = 1
+            for values in self.search_space.grid(Checker(self.source)).values():
+                size *= len(values)
+            budget = size if budget is None else min(budget, size)
+        return budget
+
     def with_name(self, name: str) -> Config:
         raw = dict(self.raw)
         raw["study"] = {**raw["study"], "name": name}
@@ -126,6 +138,12 @@ class Config:
 
 def load_config(path: str | Path) -> Config:
     """Read and check a config file; raises ConfigError with a one-line message."""
+    return Config.from_mapping(read_yaml_file(path), str(path))
+
+
+def read_yaml_file(path: str | Path) -> Any:
+    """A YAML file's content, read as a config is (size limit, UTF-8, keys given once);
+    raises ConfigError with a one-line message."""
     path = Path(path)
     source = str(path)
     try:
@@ -140,7 +158,7 @@ def load_config(path: str | Path) -> Config:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(source, None, f"not valid UTF-8 (byte {e.start})") from None
-    return Config.from_mapping(parse_yaml(text, source), source)
+    return parse_yaml(text, source)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -15,7 +15,6 @@ from typing import Any
 import optuna
 
 from hpo_framework import __version__
-from hpo_framework._checks import Checker
 from hpo_framework.config import Config
 from hpo_framework.exceptions import (
     ConfigError,
@@ -23,7 +22,8 @@ from hpo_framework.exceptions import (
     StudyExistsError,
     StudyNotFoundError,
 )
-from hpo_framework.registry import STOPPED, Registry, StudyRecord
+from hpo_framework.operations import LIMITS, identity, set_limits
+from hpo_framework.registry import OPEN, PAUSED, STOPPED, Registry, StudyRecord
 from hpo_framework.session import import_session
 from hpo_framework.storage import redact, with_db_retry
 
@@ -122,14 +122,33 @@ def _resume(
             "same config, or --name to create another"
         )
     if existing.config_hash != config.hash:
-        raise StudyExistsError(
-            f"study {name!r} in {where} was created from a different config "
-            f"({existing.config_hash[:12]} != {config.hash[:12]}); give this one another "
-            "study.name, or delete the old study with `hpo-coordinator delete`"
-        )
+        old, new = identity(existing.config), identity(config.raw)
+        if old != new:
+            raise StudyExistsError(
+                f"study {name!r} in {where} was created from a different config "
+                f"({', '.join(_differences(old, new))} differ); only {', '.join(LIMITS)} may "
+                "change on an existing study; give this one another study.name"
+            )
+        limits = {k: getattr(config.study, k) for k in LIMITS}
+        for change in set_limits(storage, name, limits):
+            log.info("study %r: %s", name, change)
     registry.reopen(name, config.study.timeout)
     log.info("resuming study %r in %s", name, where)
     return registry.get(name)
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys (two levels deep) whose values differ."""
+    found = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if not prefix and isinstance(a, Mapping) and isinstance(b, Mapping):
+            found += _differences(a, b, f"{key}.")
+        else:
+            found.append(f"{prefix}{key}")
+    return found
 
 
 def check_config(config: Config, *, check_session: bool = True) -> int | None:
@@ -150,13 +169,7 @@ def check_config(config: Config, *, check_session: bool = True) -> int | None:
 
 def _budget(config: Config) -> int | None:
     name = config.study.name
-    budget = config.study.n_trials
-    if config.study.sampler.name == "grid":
-        grid = config.search_space.grid(Checker(config.source))
-        size = 1
-        for values in grid.values():
-            size *= len(values)
-        budget = size if budget is None else min(budget, size)
+    budget = config.budget
     if budget is not None and len(config.enqueue) > budget:
         raise ConfigError(
             config.source, "enqueue",
@@ -171,7 +184,7 @@ def stop_study(storage: optuna.storages.RDBStorage, name: str) -> bool:
     """Workers take no new trial of it; running trials finish. False if it was not open."""
     registry = Registry(storage.engine)
     registry.get(name)  # raises StudyNotFoundError
-    return registry.set_state(name, STOPPED)
+    return registry.move(name, OPEN, STOPPED) or registry.move(name, PAUSED, STOPPED)
 
 
 def delete_study(storage: optuna.storages.RDBStorage, name: str) -> None:

@@ -53,6 +53,14 @@ class StudyExistsError(HPOError):
     exit_code = 2
 
 
+class OperationError(HPOError):
+    """Raised when an operation on an existing study is refused: its state does not allow it
+    (resume a study that is not paused), or its budget (n_trials below the trials taken,
+    more points than it has room for). The message says why and what to do instead."""
+
+    exit_code = 2
+
+
 class StudyNotFoundError(HPOError):
     """Raised when a command names a study that is not in the storage."""
 

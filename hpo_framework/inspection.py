@@ -15,7 +15,13 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo_framework.optuna_tables import trial_user_attrs, trial_values, trials
 from hpo_framework.param_sampler import unflatten
 from hpo_framework.registry import OPEN, Registry, StudyRecord
-from hpo_framework.trial_attrs import ERROR_ATTR, WORKER_ATTR, cannot_serve, trial_summary
+from hpo_framework.trial_attrs import (
+    ERROR_ATTR,
+    REOPENED_ATTR,
+    WORKER_ATTR,
+    cannot_serve,
+    trial_summary,
+)
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 
@@ -117,6 +123,7 @@ def summarize(
     if unknown > 0:
         workers["unknown"] += unknown
     best, ranked = _ranked_complete(storage, study_id, directions, top)
+    study_attrs = storage.get_study_user_attrs(study_id)
     summary = {
         "study": name,
         "directions": [d.name.lower() for d in directions],
@@ -133,7 +140,8 @@ def summarize(
             {"number": n, "error": None if v is None else json.loads(v)}
             for n, v in reversed(error_rows)
         ],
-        "cannot_serve": cannot_serve(storage.get_study_user_attrs(study_id)),
+        "cannot_serve": cannot_serve(study_attrs),
+        "reopened": study_attrs.get(REOPENED_ATTR, []),
         "study_error": record.error,
         "session": record.session_ref,
         "config_hash": record.config_hash,

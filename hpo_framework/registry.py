@@ -26,7 +26,7 @@ hpo_studies = sa.Table(
     metadata,
     sa.Column("study_id", sa.Integer, primary_key=True),  # Optuna's studies.study_id
     sa.Column("study_name", sa.String(512), nullable=False, unique=True),
-    sa.Column("state", sa.String(16), nullable=False),  # open | stopped | failed
+    sa.Column("state", sa.String(16), nullable=False),  # open | paused | stopped | failed
     sa.Column("budget", sa.Integer, nullable=True),  # n_trials; NULL: until timeout/stop
     sa.Column("claimed", sa.Integer, nullable=False, default=0),  # tickets taken, not returned
     sa.Column("failures", sa.Integer, nullable=False, default=0),
@@ -54,7 +54,7 @@ hpo_tickets = sa.Table(
 )
 
 
-OPEN, STOPPED, FAILED = "open", "stopped", "failed"
+OPEN, PAUSED, STOPPED, FAILED = "open", "paused", "stopped", "failed"
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,11 @@ class Registry:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._now = db_now(engine)
+
+    @property
+    def clock(self) -> sa.ColumnElement[float]:
+        """The database's clock, as an SQL expression (deadlines are set by it)."""
+        return self._now
 
     def create_table(self) -> None:
         """hpo's tables, and two indexes on Optuna's ``trials`` that keep a trial's start
@@ -186,6 +191,14 @@ class Registry:
             values["error"] = error[:2000]
         with self.engine.begin() as conn:
             return conn.execute(stmt.values(**values)).rowcount == 1
+
+    def move(self, name: str, from_state: str, to_state: str, **values: Any) -> bool:
+        """Move the study from ``from_state`` to ``to_state`` (with other column ``values``);
+        False if it was not in ``from_state`` (someone else moved it first)."""
+        c = hpo_studies.c
+        stmt = hpo_studies.update().where(c.study_name == name, c.state == from_state)
+        with self.engine.begin() as conn:
+            return conn.execute(stmt.values(state=to_state, **values)).rowcount == 1
 
     def reopen(self, name: str, timeout: float | None) -> None:
         """Resume a study: open again, with a fresh deadline counted from now."""

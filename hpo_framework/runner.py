@@ -10,7 +10,7 @@ from pathlib import Path
 
 import optuna
 
-from hpo_framework.config import load_config
+from hpo_framework.config import Config, load_config
 from hpo_framework.coordinator import create_study
 from hpo_framework.exceptions import ConfigError
 from hpo_framework.executor import InProcessExecutor, ProcessExecutor, SessionFn, importable_ref
@@ -24,9 +24,12 @@ log = logging.getLogger("hpo.runner")
 
 
 def run_hpo(
-    session_fn: SessionFn, config_path: str | Path, storage: str | None = None
+    session_fn: SessionFn | str, config_path: str | Path | Config, storage: str | None = None
 ) -> optuna.Study:
     """Optimize ``session_fn`` over the search space of ``config_path``; returns the study.
+
+    ``session_fn`` is the function, or its reference ``"module:function"``; ``config_path``
+    a config file or a loaded :class:`Config`.
 
     The study is created in the storage (``storage`` > ``HPO_STORAGE`` > config > SQLite), or
     resumed if one of the same name and config exists there, so other processes
@@ -40,9 +43,11 @@ def run_hpo(
     function defined in ``__main__`` runs in this process instead.
     """
     ensure_console_logging()
-    ref = importable_ref(session_fn)
+    # a reference ("module:function", as config.yaml's session:) is imported by the executor only
+    ref = session_fn if isinstance(session_fn, str) else importable_ref(session_fn)
     executor: InProcessExecutor | ProcessExecutor
     if ref is None:
+        assert not isinstance(session_fn, str)
         executor = InProcessExecutor(session_fn)
     else:  # the caller chose this function: it may come from any module
         executor = ProcessExecutor(allowed=[ref.partition(":")[0]])
@@ -56,10 +61,10 @@ def run_hpo(
 def _run(
     executor: InProcessExecutor | ProcessExecutor,
     ref: str | None,
-    config_path: str | Path,
+    config_path: str | Path | Config,
     storage: str | None,
 ) -> optuna.Study:
-    config = load_config(config_path)
+    config = config_path if isinstance(config_path, Config) else load_config(config_path)
     url = resolve_storage_url(storage, config.storage)
     rdb = open_storage(url, create_schema=True, role="run_hpo")
     record = create_study(rdb, config, resume=True, check_session=False)

@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo_framework.optuna_tables import trial_with_system_attr
-from hpo_framework.registry import OPEN, Registry
+from hpo_framework.registry import OPEN, PAUSED, Registry, StudyRecord
 from hpo_framework.storage import with_db_retry
 from hpo_framework.tickets import Tickets
 from hpo_framework.trial_attrs import ATTEMPT_ATTR, REQUEUED_FROM_ATTR, RETRY_OF_ATTR
@@ -55,7 +55,14 @@ def requeue_once(ledger: Ledger, failed: FrozenTrial) -> None:
     does not go on, or this failed trial was re-queued already."""
     attempt = int(failed.user_attrs.get(ATTEMPT_ATTR, 0))
     params = failed.params or failed.system_attrs.get("fixed_params") or {}
-    if not params or attempt >= ledger.max_retries or not _goes_on(ledger):
+    if not params:
+        return
+    record = with_db_retry(lambda: ledger.registry.by_id(ledger.study_id), "reading")
+    if record is None or not _goes_on(record):
+        return
+    # max_retries may have been changed on the live study (hpo-coordinator set)
+    max_retries = record.config.get("study", {}).get("max_retries", ledger.max_retries)
+    if attempt >= max_retries:
         return
     root = failed.user_attrs.get(RETRY_OF_ATTR, failed.number)
     retry = optuna.trial.create_trial(
@@ -72,11 +79,8 @@ def requeue_once(ledger: Ledger, failed: FrozenTrial) -> None:
     with_db_retry(requeue, "re-queueing a failed trial")
 
 
-def _goes_on(ledger: Ledger) -> bool:
-    """Whether the study stays open after one more failure (no retry for a study that
-    this failure stops: its point would be left WAITING)."""
-    record = with_db_retry(lambda: ledger.registry.by_id(ledger.study_id), "reading")
-    if record is None:
-        return False
+def _goes_on(record: StudyRecord) -> bool:
+    """Whether the study goes on after one more failure (no retry for a study that this
+    failure stops: its point would be left WAITING). A paused study goes on when resumed."""
     limit = record.max_failures
-    return record.state == OPEN and (limit is None or record.failures + 1 < limit)
+    return record.state in (OPEN, PAUSED) and (limit is None or record.failures + 1 < limit)

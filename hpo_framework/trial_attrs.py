@@ -14,6 +14,8 @@ RETRY_OF_ATTR, ATTEMPT_ATTR = "retry_of", "attempt"
 TICKET_ATTR, REQUEUED_FROM_ATTR = "hpo:ticket", "hpo:requeued_from"
 #: Study user attribute (+ worker id) a worker writes when it cannot serve the study on its host.
 CANNOT_SERVE_PREFIX = "hpo:cannot_serve:"
+#: Study user attribute: each reopening of a stopped or failed study, with its reason.
+REOPENED_ATTR = "hpo:reopened"
 
 
 def trial_summary(trial: FrozenTrial) -> dict[str, Any]:

@@ -37,6 +37,7 @@ def test_create_prints_the_study_name_last(storage_url: str, tmp_path: Path) -> 
     lines = result.stdout.splitlines()
     assert lines[-1] == "test-study"
     assert "budget 6, 1 enqueued point(s), session tests.sessions:quadratic" in lines[0]
+    assert lines[1] == f"start workers: HPO_STORAGE={storage_url} hpo-worker"  # the next step
 
 
 def test_create_twice_is_an_error_unless_resume_with_the_same_config(
@@ -52,9 +53,14 @@ def test_create_twice_is_an_error_unless_resume_with_the_same_config(
     )
     resumed = run_cli("hpo-coordinator", "create", str(path), "--resume", url=sqlite_url)
     assert resumed.returncode == 0 and resumed.stdout.splitlines()[-1] == "test-study"
-    write_config(path, make_config(study_={"n_trials": 9}))
+    write_config(path, make_config(study_={"n_trials": 9}))  # a limit: changed, and resumed
+    raised = run_cli("hpo-coordinator", "create", str(path), "--resume", url=sqlite_url)
+    assert raised.returncode == 0, raised.stderr
+    assert "budget 9" in raised.stdout
+    write_config(path, make_config(static={"epochs": 3}))  # what the study is: refused
     changed = run_cli("hpo-coordinator", "create", str(path), "--resume", url=sqlite_url)
-    assert changed.returncode == 2 and "was created from a different config" in changed.stderr
+    assert changed.returncode == 2
+    assert "was created from a different config (static.epochs differ)" in changed.stderr
     other = run_cli("hpo-coordinator", "create", str(path), "--name", "second", url=sqlite_url)
     assert other.returncode == 0 and other.stdout.splitlines()[-1] == "second"
 

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo_framework import ConfigError, report, resolve_storage_url, run_hpo
+from hpo_framework import ConfigError, StudyExistsError, report, resolve_storage_url, run_hpo
 from tests import sessions
 from tests.conftest import ROOT, cli_env, make_config, write_config
 
@@ -130,11 +130,14 @@ def test_enqueued_points_run_first_and_exactly_once(storage_url: str, tmp_path: 
     assert len(again.trials) == 5
 
 
-def test_changed_config_under_the_same_name_is_refused(tmp_path: Path) -> None:
+def test_a_raised_budget_carries_on_and_another_space_is_refused(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     run_hpo(sessions.quadratic, write_config(tmp_path / "a.yaml", make_config()), url)
-    changed = write_config(tmp_path / "a.yaml", make_config(study_={"n_trials": 7}))
-    with pytest.raises(Exception, match="was created from a different config"):
+    raised = write_config(tmp_path / "a.yaml", make_config(study_={"n_trials": 8}))
+    assert len(run_hpo(sessions.quadratic, raised, url).trials) == 8  # 6 + 2 more
+    space = {"x": {"type": "float", "low": 0.0, "high": 5.0}}
+    changed = write_config(tmp_path / "a.yaml", make_config(search_space=space))
+    with pytest.raises(StudyExistsError, match=r"different config \(search_space\.x differ\)"):
         run_hpo(sessions.quadratic, changed, url)
 
 

@@ -1,0 +1,150 @@
+"""Day-2 operations on a live study, as the README's "Operating a study" shows them: change its
+limits, pause and resume, reopen, re-queue failed points, enqueue more, run in one process.
+Each on SQLite and PostgreSQL, with real workers serving the study meanwhile."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import optuna
+import yaml
+
+from tests.conftest import make_config, run_cli, start_worker, write_config
+from tests.pool_helpers import counts, create, trials, wait_until
+
+
+def coordinator(url: str, *args: str) -> tuple[int, str]:
+    """Run ``hpo-coordinator ARGS``: (exit status, its output, stdout or else stderr)."""
+    result = run_cli("hpo-coordinator", *args, url=url)
+    return result.returncode, (result.stdout or result.stderr).strip()
+
+
+def finished(url: str, name: str) -> int:
+    c = counts(url, name)
+    return c["COMPLETE"] + c["PRUNED"]
+
+
+def test_set_changes_the_limits_of_a_live_study(storage_url: str, tmp_path: Path) -> None:
+    name = create(tmp_path, storage_url, study_={"n_trials": 2})
+    worker = start_worker(url=storage_url)
+    wait_until("the first budget", lambda: finished(storage_url, name) == 2)
+    # the worker waits for work; a raised budget is served at its next poll
+    assert coordinator(storage_url, "set", name, "--n-trials", "5") == (
+        0, "study 'pool': n_trials 2 -> 5"
+    )  # fmt: skip
+    wait_until("the raised budget", lambda: finished(storage_url, name) == 5, timeout=120)
+    assert coordinator(storage_url, "set", name, "--n-trials", "3") == (
+        2, "Error: n_trials 3 is below the 5 trials of study 'pool' that finished or are running"
+    )  # fmt: skip
+    status, out = coordinator(
+        storage_url, "set", name, "--timeout", "none", "--max-failed-trials", "4",
+        "--max-retries", "0",
+    )  # fmt: skip
+    assert status == 0 and out.splitlines() == [
+        "study 'pool': max_failed_trials 10 -> 4",
+        "study 'pool': max_retries 2 -> 0",
+    ]  # fmt: skip (timeout was none already)
+    assert coordinator(storage_url, "set", name, "--n-trials", "ten")[0] == 2
+    assert coordinator(storage_url, "set", name, "--n-trials", "ten")[1].startswith(
+        "Error: study 'pool': study.n_trials: "
+    )
+    stored = json.loads(run_cli("hpo-inspect", name, "--format", "json", url=storage_url).stdout)
+    assert stored["budget"] == 5 and stored["state"] == "done"
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0
+
+
+def test_pause_lets_running_trials_finish_and_resume_goes_on(
+    storage_url: str, tmp_path: Path
+) -> None:
+    name = create(
+        tmp_path, storage_url, session="tests.sessions:sleepy",
+        static={"sleep_s": 1, "dir": str(tmp_path)}, study_={"n_trials": 5},
+    )  # fmt: skip
+    worker = start_worker(url=storage_url)
+    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
+    assert coordinator(storage_url, "pause", name)[0] == 0
+    wait_until("the running trial to finish", lambda: counts(storage_url, name)["RUNNING"] == 0)
+    done, started = finished(storage_url, name), len(list(tmp_path.glob("started-*")))
+    assert done < 5 and done == started  # nothing failed: the running trial finished
+    summary = json.loads(run_cli("hpo-inspect", name, "--format", "json", url=storage_url).stdout)
+    assert summary["state"] == "paused"
+    assert coordinator(storage_url, "reopen", name) == (
+        2, "Error: cannot reopen study 'pool': it is paused: resume it"
+    )  # fmt: skip
+    assert coordinator(storage_url, "resume", name) == (0, "study 'pool' resumed")
+    wait_until("the budget", lambda: finished(storage_url, name) == 5, timeout=120)
+    assert coordinator(storage_url, "resume", name) == (
+        2, "Error: cannot resume study 'pool': it is not paused"
+    )  # fmt: skip
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0
+
+
+def test_reopen_a_failed_study_then_retry_its_failed_points(
+    storage_url: str, tmp_path: Path
+) -> None:
+    name = create(
+        tmp_path, storage_url, session="tests.sessions:raises",
+        study_={"n_trials": 4, "max_failed_trials": 3, "max_retries": 0},
+    )  # fmt: skip
+    assert start_worker("--idle-exit", "1", url=storage_url).wait(timeout=120) == 0
+    assert counts(storage_url, name) == {"FAIL": 3}
+    assert coordinator(storage_url, "retry-failed", name) == (
+        0, "study 'pool': re-queued 3 failed trial(s)"
+    )  # fmt: skip
+    assert coordinator(storage_url, "retry-failed", name) == (  # each failed point once
+        0, "study 'pool': re-queued 0 failed trial(s)"
+    )  # fmt: skip
+    status, out = coordinator(storage_url, "reopen", name, "--reason", "fixed the data path")
+    assert (status, out) == (0, "study 'pool' reopened; it was failed (max_failed_trials reached)")
+    all_trials = trials(storage_url, name)
+    failed = {t._trial_id: t.params for t in all_trials if t.state.name == "FAIL"}
+    waiting = [t for t in all_trials if t.state.name == "WAITING"]
+    assert sorted(failed) == sorted(t.system_attrs["hpo:requeued_from"] for t in waiting)
+    for t in waiting:
+        assert t.system_attrs["fixed_params"] == failed[t.system_attrs["hpo:requeued_from"]]
+    summary = json.loads(run_cli("hpo-inspect", name, "--format", "json", url=storage_url).stdout)
+    assert summary["state"] == "open"
+    (reopened,) = summary["reopened"]
+    assert reopened["was"] == "failed" and reopened["reason"] == "fixed the data path"
+    table = run_cli("hpo-inspect", name, url=storage_url).stdout
+    assert "(was failed: max_failed_trials reached): fixed the data path" in table
+
+
+def test_enqueue_points_after_create(storage_url: str, tmp_path: Path) -> None:
+    space = {"x": {"type": "float", "low": -5.0, "high": 5.0},
+             "model": {"hidden": {"type": "int", "low": 1, "high": 4}}}  # fmt: skip
+    name = create(tmp_path, storage_url, search_space=space, study_={"n_trials": 3})
+    points = tmp_path / "points.yaml"
+    points.write_text(yaml.safe_dump([{"x": 1.5, "model": {"hidden": 2}}, {"x": -1.0}]))
+    assert coordinator(storage_url, "enqueue", name, str(points)) == (
+        0, "study 'pool': enqueued 2 point(s)"
+    )  # fmt: skip
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("x: 9.0\n")
+    status, out = coordinator(storage_url, "enqueue", name, str(bad))
+    assert status == 2 and out.startswith(f"Error: {bad}: x: ") and "\n" not in out
+    assert coordinator(storage_url, "enqueue", name, str(points)) == (
+        2, "Error: 2 point(s) but the budget of study 'pool' leaves room for 1; raise it first "
+        "(hpo-coordinator set NAME --n-trials N)",
+    )  # fmt: skip
+    assert start_worker("--idle-exit", "1", url=storage_url).wait(timeout=120) == 0
+    params = [t.params for t in trials(storage_url, name)]
+    assert params[:2] == [
+        {"x": 1.5, "model.hidden": 2},
+        {"x": -1.0, "model.hidden": params[1]["model.hidden"]},
+    ]
+    assert len(params) == 3
+
+
+def test_run_runs_the_configs_session_in_this_process(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'run.db'}"
+    path = write_config(tmp_path / "c.yaml", make_config(study_={"n_trials": 3}))
+    result = run_cli("hpo-coordinator", "run", str(path), "--set", "study.n_trials=4", url=url)
+    assert result.returncode == 0, result.stderr
+    assert "progress 4/4" in result.stdout and "state done" in result.stdout
+    study = optuna.load_study(study_name="test-study", storage=url)
+    assert len(study.trials) == 4 and study.best_value >= 0
