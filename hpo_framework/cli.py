@@ -446,7 +446,9 @@ def _print_summary(
     d = s["duration_s"]
     if d["mean"] is not None:
         console.print(f"duration mean {d['mean']:.2f}s  p50 {d['p50']:.2f}s  p95 {d['p95']:.2f}s")
-    if s["study_error"]:
+    if s["study_error"] and s["state"] == "stopped":  # a stop rule met (study.stop_when)
+        console.print(Text(f"stopped: {s['study_error']}"))
+    elif s["study_error"]:
         console.print(Text(f"study error: {s['study_error']}", style="red"))
 
     title = "Pareto front" if len(s["directions"]) > 1 else "best trial"

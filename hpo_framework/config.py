@@ -28,6 +28,7 @@ TOP_KEYS = ("study", "session", "storage", "static", "search_space", "enqueue")
 STUDY_KEYS = (
     "name", "direction", "directions", "n_trials", "timeout", "max_failed_trials",
     "sampler", "pruner", "heartbeat_interval", "grace_period", "max_retries", "trial_timeout",
+    "stop_when",
 )  # fmt: skip
 DIRECTIONS = ("minimize", "maximize")
 #: ``package.module:function``; the function's name is public (no leading underscore).
@@ -54,6 +55,17 @@ class PrunerSpec:
 
 
 @dataclass(frozen=True)
+class StopWhen:
+    """``study.stop_when``: stop the study early (single objective only)."""
+
+    target: float | None = None  # a value this good has been reached
+    patience: int | None = None  # this many finished trials since the best one
+
+    def __bool__(self) -> bool:
+        return self.target is not None or self.patience is not None
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
     directions: tuple[str, ...]
@@ -66,6 +78,7 @@ class StudySpec:
     grace_period: float
     max_retries: int
     trial_timeout: float | None = None
+    stop_when: StopWhen = field(default_factory=StopWhen)
 
 
 @dataclass(frozen=True)
@@ -290,6 +303,7 @@ def _parse_study(raw: Any, check: Checker, space: SearchSpace) -> StudySpec:
     max_retries = _optional_int(raw, "max_retries", check, defaults.MAX_RETRIES, minimum=0)
     assert max_retries is not None
     trial_timeout = _optional_number(raw, "trial_timeout", check, None)
+    stop_when = _parse_stop_when(raw.get("stop_when"), check.at("stop_when"), len(directions))
 
     sampler = _parse_sampler(raw.get("sampler"), check.at("sampler"), len(directions), space)
     pruner = _parse_pruner(raw.get("pruner"), check.at("pruner"), len(directions))
@@ -297,8 +311,22 @@ def _parse_study(raw: Any, check: Checker, space: SearchSpace) -> StudySpec:
         name=name, directions=tuple(directions), n_trials=n_trials, timeout=timeout,
         max_failed_trials=max_failed, sampler=sampler, pruner=pruner,
         heartbeat_interval=float(heartbeat), grace_period=float(grace), max_retries=max_retries,
-        trial_timeout=trial_timeout,
+        trial_timeout=trial_timeout, stop_when=stop_when,
     )  # fmt: skip
+
+
+def _parse_stop_when(raw: Any, check: Checker, n_objectives: int) -> StopWhen:
+    if raw is None:
+        return StopWhen()
+    check.mapping(raw)
+    check.known_keys(raw, ("target", "patience"))
+    if n_objectives > 1:
+        check.fail("needs a single objective (several directions have no single best value)")
+    target = raw.get("target")
+    if target is not None and (not is_number(target) or not math.isfinite(target)):
+        check.at("target").fail(f"must be a finite number or null, got {describe(target)}")
+    patience = _optional_int(raw, "patience", check, None, minimum=1)
+    return StopWhen(None if target is None else float(target), patience)
 
 
 def _parse_sampler(raw: Any, check: Checker, n_objectives: int, space: SearchSpace) -> SamplerSpec:

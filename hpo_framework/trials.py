@@ -34,8 +34,9 @@ from hpo_framework.heartbeat import Heartbeat
 from hpo_framework.optuna_tables import has_waiting_trials
 from hpo_framework.param_sampler import merge
 from hpo_framework.recovery import Sweeper
-from hpo_framework.registry import OPEN, Registry, StudyRecord
+from hpo_framework.registry import OPEN, STOPPED, Registry, StudyRecord
 from hpo_framework.settle import Ledger, settle_failure
+from hpo_framework.stopping import stop_reason
 from hpo_framework.storage import with_db_retry, without_waiting
 from hpo_framework.tickets import Tickets
 from hpo_framework.trial_attrs import ERROR_ATTR, TICKET_ATTR, WORKER_ATTR
@@ -306,6 +307,8 @@ class StudyHandle:
                 lambda: self.tickets.settle(ticket, self.worker_id, returned=False, failure=False),
                 "settling a ticket",
             )
+            if self.config.study.stop_when:
+                self._apply_stop_rules(trial.number)
         value = "-" if values is None else ",".join(f"{v:.6g}" for v in values)
         fields = {
             "study": self.name, "trial": trial.number, "state": state.name, "values": values,
@@ -317,6 +320,23 @@ class StudyHandle:
             f" error={error}" if error else "", extra={"hpo": fields},
         )  # fmt: skip
         return outcome
+
+    def _apply_stop_rules(self, number: int) -> None:
+        """Stop the study if ``study.stop_when`` is met now (the first worker to see it wins)."""
+        study_id = self.record.study_id
+        finished = with_db_retry(
+            lambda: self.store.get_all_trials(
+                study_id, deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)
+            ),
+            "reading the finished trials",
+        )
+        last = next((t for t in finished if t.number == number), None)
+        maximize = self.config.study.directions[0] == "maximize"
+        reason = stop_reason(self.config.study.stop_when, maximize, finished, last)
+        if reason is not None and with_db_retry(
+            lambda: self.registry.move(self.name, OPEN, STOPPED, error=reason), "stopping"
+        ):
+            log.info("study=%s stopped: %s", self.name, reason)
 
     def _dropped(self, trial: optuna.Trial, started: float) -> TrialOutcome:
         log.warning(

@@ -11,6 +11,8 @@ from pathlib import Path
 import optuna
 import yaml
 
+from hpo_framework import run_hpo
+from tests import sessions
 from tests.conftest import make_config, run_cli, start_worker, write_config
 from tests.pool_helpers import counts, create, trials, wait_until
 
@@ -148,3 +150,47 @@ def test_run_runs_the_configs_session_in_this_process(tmp_path: Path) -> None:
     assert "progress 4/4" in result.stdout and "state done" in result.stdout
     study = optuna.load_study(study_name="test-study", storage=url)
     assert len(study.trials) == 4 and study.best_value >= 0
+
+
+def test_stop_when_a_target_is_reached(storage_url: str, tmp_path: Path) -> None:
+    config = make_config(
+        study_={"n_trials": 20, "stop_when": {"target": 0.5}},
+        enqueue=[{"x": 5.0}, {"x": 2.2}],  # 9.0, then 0.04: the target is met by trial 1
+    )
+    study = run_hpo(sessions.quadratic, write_config(tmp_path / "c.yaml", config), storage_url)
+    assert len(study.trials) == 2
+    table = run_cli("hpo-inspect", "test-study", url=storage_url).stdout
+    assert "state stopped" in table
+    assert "stopped: stop_when.target 0.5 reached by trial 1 (0.04)" in table
+
+
+def test_stop_after_trials_without_improvement(storage_url: str, tmp_path: Path) -> None:
+    config = make_config(
+        study_={"n_trials": 20, "stop_when": {"patience": 3}, "sampler": "random"},
+        enqueue=[{"x": 2.0}],  # the best there is: nothing after it improves
+    )
+    study = run_hpo(sessions.quadratic, write_config(tmp_path / "c.yaml", config), storage_url)
+    assert len(study.trials) == 4
+    summary = json.loads(
+        run_cli("hpo-inspect", "test-study", "--format", "json", url=storage_url).stdout
+    )
+    assert summary["state"] == "stopped"
+    assert summary["study_error"] == (
+        "stop_when.patience: 3 finished trials without improvement since trial 0 (0)"
+    )
+
+
+def test_stop_when_mistakes_are_one_line(tmp_path: Path) -> None:
+    for stop_when, two, reason in [
+        ({"patience": 0}, False, "stop_when.patience: must be an integer >= 1 or null, got 0"),
+        ({"target": "low"}, False, "stop_when.target: must be a finite number or null"),
+        ({"goal": 1}, False, "stop_when.goal: unknown key 'goal'"),
+        ({"target": 1}, True, "stop_when: needs a single objective"),
+    ]:
+        study: dict[str, object] = {"stop_when": stop_when}
+        if two:
+            study.update(direction=None, directions=["minimize", "maximize"])
+        path = write_config(tmp_path / "c.yaml", make_config(study_=study))
+        result = run_cli("hpo-coordinator", "check", str(path))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert f"Error: {path}: study.{reason}" in result.stderr
