@@ -106,11 +106,15 @@ def coordinator() -> None:
     "--set", "assignments", multiple=True, metavar="KEY.PATH=VALUE",
     help="Override a config value, e.g. --set study.n_trials=8 (read as YAML; repeatable).",
 )  # fmt: skip
+@click.option(
+    "--from", "copy_from", metavar="OLD",
+    help="Copy study OLD's completed trials that fit this search space (warm start).",
+)  # fmt: skip
 @config_storage_option
 @translate_errors
 def create(
     config_path: str, name: str | None, resume: bool, wait: bool, assignments: tuple[str, ...],
-    storage: str | None,
+    copy_from: str | None, storage: str | None,
 ) -> None:  # fmt: skip
     """Check CONFIG, create its study and enqueue its points; print the study name last."""
     config = load_config(config_path)
@@ -120,11 +124,14 @@ def create(
         config = config.with_name(name)
     check_config(config)  # before the storage: a refused config writes nothing, not even tables
     rdb = _open(storage, config.storage, create=True)
-    record = create_study(rdb, config, resume=resume, check_session=False)  # checked just now
+    record = create_study(
+        rdb, config, resume=resume, check_session=False, copy_from=copy_from
+    )  # the session was checked just now
     budget = "unlimited" if record.budget is None else record.budget
+    copied = f"{record.claimed} trial(s) copied from {copy_from!r}, " if copy_from else ""
     click.echo(
         f"study {record.name!r} ready in {redact(rdb.url)}: budget {budget}, "
-        f"{len(config.enqueue)} enqueued point(s), session {record.session_ref}"
+        f"{len(config.enqueue)} enqueued point(s), {copied}session {record.session_ref}"
     )
     if wait:
         _print_summary(watch_study(rdb, record.name, _console(stderr=True)), stderr=True)

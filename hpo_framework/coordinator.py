@@ -22,7 +22,7 @@ from hpo_framework.exceptions import (
     StudyExistsError,
     StudyNotFoundError,
 )
-from hpo_framework.operations import LIMITS, identity, set_limits
+from hpo_framework.operations import LIMITS, compatible_trials, identity, set_limits
 from hpo_framework.registry import OPEN, PAUSED, STOPPED, Registry, StudyRecord
 from hpo_framework.session import import_session
 from hpo_framework.storage import redact, with_db_retry
@@ -36,16 +36,26 @@ def create_study(
     *,
     resume: bool = False,
     check_session: bool = True,
+    copy_from: str | None = None,
 ) -> StudyRecord:
     """Create the study of ``config`` (or resume it: same name and same config hash).
 
     ``check_session`` imports ``session:`` now, so a bad reference fails here and not in
-    every worker.
+    every worker. ``copy_from`` names a study whose completed trials that fit this search
+    space are copied into the new one (warm start); they count towards its budget.
     """
     budget = check_config(config, check_session=check_session)
     registry = Registry(storage.engine)
     with_db_retry(registry.create_table, "creating the hpo_studies table")
     name = config.study.name
+    copies = [] if copy_from is None else compatible_trials(storage, copy_from, config)
+    if budget is not None and len(copies) + len(config.enqueue) > budget:
+        raise ConfigError(
+            config.source, "study.n_trials",
+            f"{budget} leaves no room for the {len(copies)} trials copied from {copy_from!r}"
+            + (f" and the {len(config.enqueue)} enqueued points" if config.enqueue else "")
+            + "; raise it",
+        )  # fmt: skip
 
     existing = registry.find(name)
     if existing is not None:
@@ -75,7 +85,9 @@ def create_study(
     study.set_user_attr("hpo_version", __version__)
     for point in config.enqueue:
         study.enqueue_trial(dict(point))
+    study.add_trials(copies)
     registry.add(
+        claimed=len(copies),
         study_id=storage.get_study_id_from_name(name),
         name=name,
         budget=budget,
@@ -127,7 +139,8 @@ def _resume(
             raise StudyExistsError(
                 f"study {name!r} in {where} was created from a different config "
                 f"({', '.join(_differences(old, new))} differ); only {', '.join(LIMITS)} may "
-                "change on an existing study; give this one another study.name"
+                "change on an existing study; give this one another study.name (create --from "
+                f"{name} copies the trials that fit it)"
             )
         limits = {k: getattr(config.study, k) for k in LIMITS}
         for change in set_limits(storage, name, limits):

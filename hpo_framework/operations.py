@@ -33,6 +33,7 @@ from hpo_framework.registry import (
 )
 from hpo_framework.trial_attrs import (
     ATTEMPT_ATTR,
+    COPIED_FROM_ATTR,
     REOPENED_ATTR,
     REQUEUED_FROM_ATTR,
     RETRY_OF_ATTR,
@@ -253,3 +254,37 @@ def retry_failed(storage: optuna.storages.RDBStorage, name: str) -> tuple[int, i
             )
             create_trial_once(storage, record.study_id, retry)
     return len(chosen), len(pending)
+
+
+# --- branching --------------------------------------------------------------------------------
+
+
+def compatible_trials(
+    storage: optuna.storages.RDBStorage, old_name: str, config: Config
+) -> list[optuna.trial.FrozenTrial]:
+    """The completed trials of study ``old_name`` that ``config``'s search space could have
+    sampled, ready to add to its new study (``create --from OLD``): the same directions,
+    each trial's parameters exactly those the new space has for that point, each value
+    possible there. Their values are kept; they count towards the new budget."""
+    registry = Registry(storage.engine)
+    old = registry.get(old_name)
+    directions = Config.stored(old_name, old.config).study.directions
+    if directions != config.study.directions:
+        raise OperationError(
+            f"cannot copy trials of study {old_name!r}: its directions "
+            f"({', '.join(directions)}) are not {', '.join(config.study.directions)}"
+        )
+    copies = []
+    for t in storage.get_all_trials(old.study_id, deepcopy=False, states=(TrialState.COMPLETE,)):
+        distributions = config.search_space.distributions_of(t.params)
+        if distributions is None:
+            continue
+        copies.append(
+            optuna.trial.create_trial(
+                params=dict(t.params),
+                distributions=distributions,
+                values=list(t.values),
+                user_attrs={COPIED_FROM_ATTR: f"{old_name}#{t.number}"},
+            )  # fmt: skip
+        )
+    return copies

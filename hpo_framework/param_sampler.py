@@ -80,6 +80,17 @@ class SearchSpace:
         _parse_group(tree, check, params)
         return cls(params)
 
+    def distributions_of(self, point: Mapping[str, Any]) -> dict[str, BaseDistribution] | None:
+        """The distributions of ``point`` (flat names) if this space could have sampled it:
+        every parameter active for it present with a possible value, and nothing else."""
+        active: dict[str, BaseDistribution] = {}
+        for p in self.params:
+            if p.is_active(point):
+                if p.name not in point or not _contains(p.distribution, point[p.name]):
+                    return None
+                active[p.name] = p.distribution
+        return active if set(active) == set(point) else None
+
     def sample(self, trial: optuna.Trial) -> dict[str, Any]:
         """Suggest every active parameter on ``trial``; returns them as a nested dict."""
         flat: dict[str, Any] = {}

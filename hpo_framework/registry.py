@@ -136,6 +136,7 @@ class Registry:
         config_hash: str,
         session_ref: str | None,
         version: str,
+        claimed: int = 0,
     ) -> None:
         with self.engine.begin() as conn:
             # The row of a same-named study that Optuna's tools deleted under us.
@@ -147,7 +148,7 @@ class Registry:
                     study_name=name,
                     state=OPEN,
                     budget=budget,
-                    claimed=0,
+                    claimed=claimed,  # trials copied in count towards the budget
                     failures=0,
                     max_failures=max_failures,
                     deadline=None if timeout is None else now + timeout,

@@ -9,6 +9,8 @@ from optuna.trial import FrozenTrial
 #: User attributes every trial carries (shown by hpo-inspect and optuna-dashboard).
 WORKER_ATTR, ERROR_ATTR = "worker", "error"
 RETRY_OF_ATTR, ATTEMPT_ATTR = "retry_of", "attempt"
+#: A trial copied into a new study by ``create --from OLD``: ``"OLD#number"``.
+COPIED_FROM_ATTR = "copied_from"
 #: System attributes (hidden from users): the ticket a trial was created on, and the failed
 #: trial a retry re-queues (what makes re-queueing idempotent).
 TICKET_ATTR, REQUEUED_FROM_ATTR = "hpo:ticket", "hpo:requeued_from"

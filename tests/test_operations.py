@@ -194,3 +194,41 @@ def test_stop_when_mistakes_are_one_line(tmp_path: Path) -> None:
         result = run_cli("hpo-coordinator", "check", str(path))
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert f"Error: {path}: study.{reason}" in result.stderr
+
+
+def test_create_from_copies_the_trials_that_fit_the_new_space(
+    storage_url: str, tmp_path: Path
+) -> None:
+    old = make_config(study_={"n_trials": 8, "sampler": {"name": "random", "seed": 5}})
+    run_hpo(sessions.quadratic, write_config(tmp_path / "old.yaml", old), storage_url)
+    fitting = {
+        t.number: t.value
+        for t in trials(storage_url, "test-study")
+        if t.state.name == "COMPLETE" and 0.0 <= t.params["x"] <= 5.0
+    }
+    assert 0 < len(fitting) < 8  # the seed gives both kinds
+    new = make_config(
+        search_space={"x": {"type": "float", "low": 0.0, "high": 5.0}},
+        study_={"name": "narrower", "n_trials": 10},
+    )
+    path = write_config(tmp_path / "new.yaml", new)
+    status, out = coordinator(storage_url, "create", str(path), "--from", "test-study")
+    assert status == 0, out
+    assert f"{len(fitting)} trial(s) copied from 'test-study'" in out
+    copied = trials(storage_url, "narrower")
+    assert {t.user_attrs["copied_from"]: t.value for t in copied} == {
+        f"test-study#{n}": v for n, v in fitting.items()
+    }
+    assert start_worker("--idle-exit", "1", url=storage_url).wait(timeout=120) == 0
+    assert counts(storage_url, "narrower")["COMPLETE"] == 10  # copies count towards n_trials
+    small = write_config(tmp_path / "small.yaml", {**new, "study": {**new["study"], "name": "s",
+                                                                  "n_trials": 1}})  # fmt: skip
+    status, out = coordinator(storage_url, "create", str(small), "--from", "test-study")
+    assert status == 2 and "study.n_trials: 1 leaves no room for the" in out
+    two = make_config(study_={"name": "two", "direction": None,
+                              "directions": ["minimize", "maximize"]})  # fmt: skip
+    path2 = write_config(tmp_path / "two.yaml", two)
+    assert coordinator(storage_url, "create", str(path2), "--from", "test-study") == (
+        2, "Error: cannot copy trials of study 'test-study': its directions (minimize) are not "
+        "minimize, maximize",
+    )  # fmt: skip
