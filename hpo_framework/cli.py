@@ -27,7 +27,7 @@ from hpo_framework.cli_options import (
 from hpo_framework.config import load_config, read_yaml_file
 from hpo_framework.coordinator import check_config, create_study, delete_study, stop_study
 from hpo_framework.exceptions import ConfigError, StorageError
-from hpo_framework.inspection import STATES, list_studies, summarize
+from hpo_framework.inspection import STATES, list_studies, summarize, worker_status
 from hpo_framework.operations import enqueue_points, move, retry_failed, set_limits
 from hpo_framework.storage import (
     check_url,
@@ -346,14 +346,23 @@ def dashboard(host: str, port: int, storage: str | None) -> None:
     help="Write PNG and HTML plots and an index.html to this directory.",
 )  # fmt: skip
 @click.option("--watch", is_flag=True, help="Live view until the study is done.")
+@click.option(
+    "--workers", "show_workers", is_flag=True,
+    help="The workers instead: live and lost, what each runs, which studies it skips and why.",
+)  # fmt: skip
 @storage_option
 @translate_errors
 def inspect_command(
     study: str | None, fmt: str, top: int, output: str | None, plot_dir: str | None,
-    watch: bool, storage: str | None,
+    watch: bool, show_workers: bool, storage: str | None,
 ) -> None:  # fmt: skip
     """Summarize every study, or one STUDY in detail, from the database."""
     rdb = _open(storage)
+    if show_workers:
+        if study or plot_dir or watch:
+            raise click.UsageError("--workers takes no STUDY, --plot or --watch")
+        _emit_workers(worker_status(rdb), fmt, output)
+        return
     if study is None:
         if plot_dir or watch:
             raise click.UsageError("--plot and --watch need a STUDY")
@@ -435,6 +444,36 @@ def _print_study_list(rows: list[dict[str, Any]], console: Console) -> None:
             str(r["running"]), str(r["failed"]),
         )  # fmt: skip
     console.print(table)
+
+
+def _emit_workers(rows: list[dict[str, Any]], fmt: str, output: str | None) -> None:
+    if fmt == "json":
+        _emit(json.dumps(rows, indent=2) + "\n", output)
+        return
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        keys = ["worker", "state", "seen_s_ago", "version", "gpus", "serves", "running"]
+        writer.writerow(keys)
+        for r in rows:
+            writer.writerow([";".join(r[k]) if k == "running" else r[k] for k in keys])
+        _emit(buffer.getvalue(), output)
+        return
+    table = Table(
+        "worker", "state", "last seen", "version", "gpus", "serves", "running", "skips",
+        title=f"{sum(r['state'] == 'live' for r in rows)} live, "
+        f"{sum(r['state'] == 'lost' for r in rows)} lost worker(s)", title_justify="left",
+    )  # fmt: skip
+    for r in rows:
+        skips = "; ".join(f"{study}: {why}" for study, why in r["cannot_serve"].items())
+        table.add_row(
+            r["worker"], r["state"], f"{r['seen_s_ago']:.0f}s ago", r["version"],
+            r["gpus"] or "-", r["serves"], ", ".join(r["running"]) or "-", skips or "-",
+        )  # fmt: skip
+    console = _console()
+    with console.capture() as captured:
+        console.print(table)
+    _emit(captured.get(), output)
 
 
 def _print_summary(

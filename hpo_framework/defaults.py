@@ -29,6 +29,8 @@ MAX_RETRIES = 2  # re-evaluations of one failed trial's parameters
 IDLE_POLL_MIN = 0.1  # first wait when no study has work (seconds)
 IDLE_POLL_MAX = float(os.environ.get("HPO_IDLE_POLL_MAX", "0.25"))  # cap of the idle backoff
 SCHEMA_WAIT_LOG_EVERY = 30.0  # how often a waiting worker repeats its "waiting" line
+#: Seconds between two refreshes of a worker's hpo_workers row; 3 missed ones: "lost".
+PRESENCE_EVERY_S = float(os.environ.get("HPO_PRESENCE_INTERVAL", "10"))
 
 # Database resilience.
 DB_RETRY_MAX_WAIT = 5.0  # cap of the exponential backoff between two tries

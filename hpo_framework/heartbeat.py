@@ -15,6 +15,7 @@ from types import TracebackType
 
 import optuna
 
+from hpo_framework.presence import PRESENCE_EVERY_S, Presence
 from hpo_framework.storage import DB_HEALTH, is_transient
 from hpo_framework.tickets import Tickets
 
@@ -24,8 +25,12 @@ log = logging.getLogger("hpo.heartbeat")
 class Heartbeat:
     """A context-managed thread recording the heartbeat of the trial this process runs."""
 
-    def __init__(self, storage: optuna.storages.RDBStorage) -> None:
+    def __init__(
+        self, storage: optuna.storages.RDBStorage, presence: Presence | None = None
+    ) -> None:
         self._tickets = Tickets(storage.engine)
+        self._presence = presence
+        self._next_presence = time.monotonic() + PRESENCE_EVERY_S
         self._pool = storage.engine.pool
         self._lock = threading.Lock()
         self._ticket: tuple[int, str] | None = None
@@ -99,8 +104,27 @@ class Heartbeat:
                         "heartbeat of ticket %d not recorded (%s): %s",
                         ticket[0], why, " ".join(str(e).split())[:200],
                     )  # fmt: skip
+            wait = min(wait, self._refresh_presence())
             self._wake.wait(timeout=wait)
             self._wake.clear()
+
+    def _refresh_presence(self) -> float:
+        """Refresh this worker's ``hpo_workers`` row when due; seconds until the next is due.
+        Put off (a little) while the main thread holds the pooled connection, as beats are."""
+        if self._presence is None:
+            return PRESENCE_EVERY_S
+        due = self._next_presence - time.monotonic()
+        if due > 0:
+            return due
+        checked_out = getattr(self._pool, "checkedout", None)
+        if checked_out is not None and checked_out() > 0 and due > -PRESENCE_EVERY_S:
+            return 0.2
+        try:
+            self._presence.beat()
+        except Exception as e:  # best effort: the next one may pass
+            log.debug("presence not refreshed: %s", e)
+        self._next_presence = time.monotonic() + PRESENCE_EVERY_S
+        return PRESENCE_EVERY_S
 
     def _defer(self) -> bool:
         """Whether to put this beat off: the main thread holds the process's one pooled

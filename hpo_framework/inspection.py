@@ -12,10 +12,26 @@ import sqlalchemy as sa
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo_framework.optuna_tables import trial_user_attrs, trial_values, trials
+from hpo_framework.optuna_tables import (
+    studies,
+    study_user_attrs,
+    trial_user_attrs,
+    trial_values,
+    trials,
+)
 from hpo_framework.param_sampler import unflatten
-from hpo_framework.registry import OPEN, Registry, StudyRecord
+from hpo_framework.presence import LOST_AFTER_S
+from hpo_framework.registry import (
+    OPEN,
+    Registry,
+    StudyRecord,
+    db_now,
+    hpo_studies,
+    hpo_tickets,
+    hpo_workers,
+)
 from hpo_framework.trial_attrs import (
+    CANNOT_SERVE_PREFIX,
     ERROR_ATTR,
     REOPENED_ATTR,
     WORKER_ATTR,
@@ -216,3 +232,51 @@ def _duration_stats(durations: list[float]) -> dict[str, float | None]:
         "p50": statistics.median(durations),
         "p95": p95,
     }
+
+
+def worker_status(storage: optuna.storages.RDBStorage) -> list[dict[str, Any]]:
+    """Every registered worker (``presence``): live or lost, when last seen, what it runs
+    (from its tickets) and the studies it skips on its host, with why."""
+    engine = storage.engine
+    now = db_now(engine)
+    w, k, h = hpo_workers.c, hpo_tickets.c, hpo_studies.c
+    with engine.connect() as conn:
+        try:
+            rows = conn.execute(
+                sa.select(hpo_workers, (now - w.seen_at).label("ago")).order_by(w.worker)
+            ).all()
+        except sa.exc.SQLAlchemyError:  # a schema from before hpo_workers: nobody registered
+            return []
+        running = conn.execute(
+            sa.select(k.worker, h.study_name, trials.c.number)
+            .join(hpo_studies, h.study_id == k.study_id)
+            .outerjoin(trials, trials.c.trial_id == k.trial_id)
+            .order_by(k.ticket_id)
+        ).all()
+        a = study_user_attrs.c
+        skipped = conn.execute(
+            sa.select(a.key, a.value_json, studies.c.study_name)
+            .join(studies, studies.c.study_id == a.study_id)
+            .where(a.key.startswith(CANNOT_SERVE_PREFIX))
+        ).all()
+    doing: dict[str, list[str]] = {}
+    for worker, study, number in running:
+        doing.setdefault(worker, []).append(f"{study}#{'-' if number is None else number}")
+    skips: dict[str, dict[str, str]] = {}
+    for key, value, study in skipped:
+        skips.setdefault(key[len(CANNOT_SERVE_PREFIX) :], {})[study] = str(json.loads(value))
+    return [
+        {
+            "worker": r.worker,
+            "host": r.host,
+            "pid": r.pid,
+            "version": r.version,
+            "gpus": r.gpus,
+            "serves": r.serves,
+            "state": "lost" if r.ago > LOST_AFTER_S else "live",
+            "seen_s_ago": round(max(0.0, float(r.ago)), 1),
+            "running": doing.get(r.worker, []),
+            "cannot_serve": skips.get(r.worker, {}),
+        }  # fmt: skip
+        for r in rows
+    ]

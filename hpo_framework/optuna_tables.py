@@ -22,6 +22,7 @@ trial_values = models.TrialValueModel.__table__
 trial_user_attrs = models.TrialUserAttributeModel.__table__
 trial_system_attrs = models.TrialSystemAttributeModel.__table__
 studies = models.StudyModel.__table__
+study_user_attrs = models.StudyUserAttributeModel.__table__
 
 
 def has_waiting_trials(storage: optuna.storages.RDBStorage, study_id: int) -> bool:

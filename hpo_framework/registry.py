@@ -53,6 +53,20 @@ hpo_tickets = sa.Table(
     sa.Column("beat_at", sa.Float, nullable=False),  # epoch seconds, database clock
 )
 
+#: One row per live worker process (``presence``); removed when it stops cleanly.
+hpo_workers = sa.Table(
+    "hpo_workers",
+    metadata,
+    sa.Column("worker", sa.String(300), primary_key=True),  # host:pid, as in tickets and trials
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("version", sa.String(32), nullable=False),
+    sa.Column("gpus", sa.String(255), nullable=True),  # CUDA_VISIBLE_DEVICES
+    sa.Column("serves", sa.String(300), nullable=False),  # --study NAME, or all open studies
+    sa.Column("started_at", sa.Float, nullable=False),  # database clock
+    sa.Column("seen_at", sa.Float, nullable=False),
+)
+
 
 OPEN, PAUSED, STOPPED, FAILED = "open", "paused", "stopped", "failed"
 

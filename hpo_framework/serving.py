@@ -18,6 +18,7 @@ from hpo_framework.config import Config
 from hpo_framework.exceptions import HostConfigError, HPOError, StorageError
 from hpo_framework.executor import ProcessExecutor, die_with_parent
 from hpo_framework.heartbeat import Heartbeat
+from hpo_framework.presence import Presence
 from hpo_framework.recovery import Sweeper
 from hpo_framework.registry import FAILED, Registry, StudyRecord
 from hpo_framework.storage import (
@@ -37,6 +38,7 @@ __all__ = [
     "CannotServeHere",
     "Heartbeat",
     "InvalidStudy",
+    "Presence",
     "ProcessExecutor",
     "Registry",
     "StorageError",

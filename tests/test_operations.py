@@ -232,3 +232,36 @@ def test_create_from_copies_the_trials_that_fit_the_new_space(
         2, "Error: cannot copy trials of study 'test-study': its directions (minimize) are not "
         "minimize, maximize",
     )  # fmt: skip
+
+
+def test_inspect_workers_shows_live_and_lost_workers_and_what_they_run(
+    storage_url: str, tmp_path: Path
+) -> None:
+    fast = {"HPO_PRESENCE_INTERVAL": "0.5"}  # lost after 1.5 s without a refresh
+    name = create(
+        tmp_path, storage_url, session="tests.sessions:sleepy",
+        static={"sleep_s": 60, "dir": str(tmp_path)}, study_={"n_trials": 1},
+    )  # fmt: skip
+    busy = start_worker("--study", name, url=storage_url, **fast)
+    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
+    elsewhere = start_worker(url=storage_url, HPO_SESSION_MODULES="experiments", **fast)
+
+    def status() -> dict[str, dict[str, object]]:
+        out = run_cli("hpo-inspect", "--workers", "--format", "json", url=storage_url, **fast)
+        return {w["worker"].split(":")[1]: w for w in json.loads(out.stdout)}
+
+    wait_until("both registered, one skipping", lambda: len(status()) == 2 and bool(
+        status()[str(elsewhere.pid)]["cannot_serve"]))  # fmt: skip
+    rows = status()
+    mine, other = rows[str(busy.pid)], rows[str(elsewhere.pid)]
+    assert mine["state"] == other["state"] == "live"
+    assert mine["running"] == [f"{name}#0"] and mine["serves"] == name
+    assert other["running"] == [] and other["serves"] == "all open studies"
+    assert "outside the allowed prefixes (experiments)" in str(other["cannot_serve"][name])
+    table = run_cli("hpo-inspect", "--workers", url=storage_url, **fast).stdout
+    assert "2 live, 0 lost worker(s)" in table and f"{name}#0" in table
+    busy.send_signal(signal.SIGKILL)  # lost: its row stays, no longer refreshed
+    wait_until("the killed worker shown lost", lambda: status()[str(busy.pid)]["state"] == "lost")
+    elsewhere.send_signal(signal.SIGTERM)  # a clean stop removes its row
+    assert elsewhere.wait(timeout=60) == 0
+    assert list(status()) == [str(busy.pid)]

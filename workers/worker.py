@@ -25,6 +25,7 @@ from hpo_framework.serving import (
     CannotServeHere,
     Heartbeat,
     InvalidStudy,
+    Presence,
     ProcessExecutor,
     Registry,
     StorageError,
@@ -101,8 +102,11 @@ class Worker:
             storage = self._wait_for_schema()
             if storage is None:
                 return 0
-            with Heartbeat(storage) as heartbeat:
+            presence = Presence(storage.engine, self.id, self.study_filter)
+            presence.register()
+            with Heartbeat(storage, presence) as heartbeat:
                 self._loop(storage, heartbeat)
+            presence.leave()
             log.info("worker %s: stopped", self.id)
             return 0
         except ColdShutdown:
