@@ -28,7 +28,7 @@ TOP_KEYS = ("study", "session", "storage", "static", "search_space", "enqueue")
 STUDY_KEYS = (
     "name", "direction", "directions", "n_trials", "timeout", "max_failed_trials",
     "sampler", "pruner", "heartbeat_interval", "grace_period", "max_retries", "trial_timeout",
-    "stop_when",
+    "stop_when", "on_done", "on_failed",
 )  # fmt: skip
 DIRECTIONS = ("minimize", "maximize")
 #: ``package.module:function``; the function's name is public (no leading underscore).
@@ -79,6 +79,8 @@ class StudySpec:
     max_retries: int
     trial_timeout: float | None = None
     stop_when: StopWhen = field(default_factory=StopWhen)
+    on_done: str | None = None  # a URL or a command (hooks)
+    on_failed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -304,6 +306,15 @@ def _parse_study(raw: Any, check: Checker, space: SearchSpace) -> StudySpec:
     assert max_retries is not None
     trial_timeout = _optional_number(raw, "trial_timeout", check, None)
     stop_when = _parse_stop_when(raw.get("stop_when"), check.at("stop_when"), len(directions))
+    hooks = {}
+    for key in ("on_done", "on_failed"):
+        hook = raw.get(key)
+        usable = isinstance(hook, str) and hook.strip() and len(hook) <= 2000
+        if hook is not None and not usable:
+            check.at(key).fail(
+                f"must be a URL (http:// or https://) or a shell command, got {describe(hook)}"
+            )
+        hooks[key] = hook
 
     sampler = _parse_sampler(raw.get("sampler"), check.at("sampler"), len(directions), space)
     pruner = _parse_pruner(raw.get("pruner"), check.at("pruner"), len(directions))
@@ -311,7 +322,7 @@ def _parse_study(raw: Any, check: Checker, space: SearchSpace) -> StudySpec:
         name=name, directions=tuple(directions), n_trials=n_trials, timeout=timeout,
         max_failed_trials=max_failed, sampler=sampler, pruner=pruner,
         heartbeat_interval=float(heartbeat), grace_period=float(grace), max_retries=max_retries,
-        trial_timeout=trial_timeout, stop_when=stop_when,
+        trial_timeout=trial_timeout, stop_when=stop_when, **hooks,
     )  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from hpo_framework.exceptions import (
     StudyExistsError,
     StudyNotFoundError,
 )
+from hpo_framework.hooks import fire_if_ended, rearm
 from hpo_framework.operations import LIMITS, compatible_trials, identity, set_limits
 from hpo_framework.registry import OPEN, PAUSED, STOPPED, Registry, StudyRecord
 from hpo_framework.session import import_session
@@ -146,6 +147,7 @@ def _resume(
         for change in set_limits(storage, name, limits):
             log.info("study %r: %s", name, change)
     registry.reopen(name, config.study.timeout)
+    rearm(storage, existing.study_id)
     log.info("resuming study %r in %s", name, where)
     return registry.get(name)
 
@@ -197,7 +199,11 @@ def stop_study(storage: optuna.storages.RDBStorage, name: str) -> bool:
     """Workers take no new trial of it; running trials finish. False if it was not open."""
     registry = Registry(storage.engine)
     registry.get(name)  # raises StudyNotFoundError
-    return registry.move(name, OPEN, STOPPED) or registry.move(name, PAUSED, STOPPED)
+    stopped = registry.move(name, OPEN, STOPPED) or registry.move(name, PAUSED, STOPPED)
+    if stopped:  # with nothing running, nobody else will see it end
+        record = registry.get(name)
+        fire_if_ended(storage, record, Config.stored(name, record.config).study)
+    return stopped
 
 
 def delete_study(storage: optuna.storages.RDBStorage, name: str) -> None:

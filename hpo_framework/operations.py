@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from hpo_framework._checks import Checker
 from hpo_framework.config import Config
 from hpo_framework.exceptions import OperationError
+from hpo_framework.hooks import rearm
 from hpo_framework.registry import (
     FAILED,
     OPEN,
@@ -116,6 +117,8 @@ def set_limits(
                 f"n_trials {budget} is below the {claimed.scalar_one()} trials of study "
                 f"{name!r} that finished or are running"
             )
+    if {"n_trials", "timeout"} & set(limits):
+        rearm(storage, record.study_id)  # a done study may go on: its hook may fire again
     return changes
 
 
@@ -163,6 +166,7 @@ def move(
     if not registry.move(name, record.state, to, **extra):
         raise OperationError(f"study {name!r} changed state meanwhile; look again (hpo-inspect)")
     if operation == "reopen":
+        rearm(storage, record.study_id)
         history = storage.get_study_user_attrs(record.study_id).get(REOPENED_ATTR, [])
         history.append(
             {

@@ -31,6 +31,7 @@ from hpo_framework.config import Config
 from hpo_framework.exceptions import StorageError, TrialLost, TrialPruned
 from hpo_framework.executor import InProcessExecutor, ProcessExecutor, describe_error
 from hpo_framework.heartbeat import Heartbeat
+from hpo_framework.hooks import fire_if_ended
 from hpo_framework.optuna_tables import has_waiting_trials
 from hpo_framework.param_sampler import merge
 from hpo_framework.recovery import Sweeper
@@ -309,6 +310,9 @@ class StudyHandle:
             )
             if self.config.study.stop_when:
                 self._apply_stop_rules(trial.number)
+        spec = self.config.study
+        if spec.on_done or spec.on_failed:
+            self._fire_hook_if_ended()
         value = "-" if values is None else ",".join(f"{v:.6g}" for v in values)
         fields = {
             "study": self.name, "trial": trial.number, "state": state.name, "values": values,
@@ -320,6 +324,15 @@ class StudyHandle:
             f" error={error}" if error else "", extra={"hpo": fields},
         )  # fmt: skip
         return outcome
+
+    def _fire_hook_if_ended(self) -> None:
+        """``on_done``/``on_failed`` if this trial was the study's last (see ``hooks``)."""
+        try:
+            record = with_db_retry(lambda: self.registry.by_id(self.record.study_id), "reading")
+            if record is not None:
+                fire_if_ended(self.storage, record, self.config.study)
+        except Exception as e:  # a hook never takes a worker down
+            log.warning("study=%s hook not fired: %s", self.name, e)
 
     def _apply_stop_rules(self, number: int) -> None:
         """Stop the study if ``study.stop_when`` is met now (the first worker to see it wins)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import optuna
@@ -265,3 +267,59 @@ def test_inspect_workers_shows_live_and_lost_workers_and_what_they_run(
     elsewhere.send_signal(signal.SIGTERM)  # a clean stop removes its row
     assert elsewhere.wait(timeout=60) == 0
     assert list(status()) == [str(busy.pid)]
+
+
+def test_on_done_runs_once_per_end_and_again_after_the_budget_is_raised(
+    storage_url: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "done.jsonl"
+    hook = f"cat >> {out}; echo >> {out}"
+    name = create(tmp_path, storage_url, study_={"n_trials": 4, "on_done": hook})
+    allow = {"HPO_ALLOW_HOOK_COMMANDS": "1"}
+    pool = start_worker("--processes", "2", "--idle-exit", "2", url=storage_url, **allow)
+    assert pool.wait(timeout=120) == 0
+    (event,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert event["event"] == "done" and event["study"] == name
+    assert event["counts"]["COMPLETE"] == 4 and event["state"] == "done"
+    assert coordinator(storage_url, "set", name, "--n-trials", "6")[0] == 0  # armed again
+    pool = start_worker("--processes", "2", "--idle-exit", "2", url=storage_url, **allow)
+    assert pool.wait(timeout=120) == 0
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [e["counts"]["COMPLETE"] for e in events] == [4, 6]
+
+
+def test_on_failed_posts_to_a_url_and_commands_need_the_hosts_consent(
+    storage_url: str, tmp_path: Path
+) -> None:
+    received: list[dict[str, object]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        name = create(
+            tmp_path, storage_url, session="tests.sessions:raises",
+            study_={"n_trials": 4, "max_failed_trials": 2, "on_failed": url,
+                    "on_done": f"touch {tmp_path / 'never'}"},
+        )  # fmt: skip
+        log = tmp_path / "w.log"
+        assert start_worker("--idle-exit", "1", url=storage_url, log=log).wait(timeout=120) == 0
+    finally:
+        server.shutdown()
+    (event,) = received
+    assert event["event"] == "failed" and event["study"] == name and event["state"] == "failed"
+    # stop: nothing runs, so the stop itself ends the study; its command needs consent
+    assert coordinator(storage_url, "reopen", name)[0] == 0
+    stopped = run_cli("hpo-coordinator", "stop", name, url=storage_url)
+    assert stopped.returncode == 0
+    assert "on_done not run: commands run only where HPO_ALLOW_HOOK_COMMANDS=1" in stopped.stderr
+    assert not (tmp_path / "never").exists()
