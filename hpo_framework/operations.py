@@ -85,16 +85,31 @@ def set_limits(
             f"cannot change {', '.join(sorted(unknown))}: only {', '.join(LIMITS)}"
         )
     registry = Registry(storage.engine)
+    for _ in range(_OPTIMISTIC_TRIES):
+        changes = _write_limits(storage, registry, name, limits)
+        if changes is not None:
+            return changes
+    raise OperationError(f"study {name!r} kept changing meanwhile; try again")
+
+
+#: How often ``set`` reads the study again when another operator changed it meanwhile.
+_OPTIMISTIC_TRIES = 5
+
+
+def _write_limits(
+    storage: optuna.storages.RDBStorage, registry: Registry, name: str, limits: Mapping[str, Any]
+) -> list[Change] | None:
+    """One read-change-write of the stored config, conditional on it being unchanged since
+    the read; None if another operator changed it first (read it again)."""
     record = registry.get(name)
     raw = json.loads(json.dumps(record.config))  # a deep copy
-    study = raw.setdefault("study", {})
     before = Config.stored(name, record.config).study
     changes = [
         Change(k, getattr(before, k), v) for k, v in limits.items() if getattr(before, k) != v
     ]
     if not changes:
         return []
-    study.update(limits)
+    raw.setdefault("study", {}).update(limits)
     config = Config.from_mapping(raw, f"study {name!r}")  # every value checked as in a file
     budget = config.budget
     c = hpo_studies.c
@@ -107,14 +122,19 @@ def set_limits(
     if "timeout" in limits:
         timeout = config.study.timeout
         values["deadline"] = None if timeout is None else registry.clock + timeout
-    stmt = hpo_studies.update().where(c.study_id == record.study_id).values(**values)
+    unchanged = sa.and_(c.study_id == record.study_id, c.config_hash == record.config_hash)
+    stmt = hpo_studies.update().where(unchanged).values(**values)
     if budget is not None:  # never below the tickets taken: those trials run or ran
         stmt = stmt.where(c.claimed <= budget)
     with storage.engine.begin() as conn:
         if conn.execute(stmt).rowcount != 1:
-            claimed = conn.execute(sa.select(c.claimed).where(c.study_id == record.study_id))
+            now = conn.execute(
+                sa.select(c.claimed, c.config_hash).where(c.study_id == record.study_id)
+            ).one()
+            if now.config_hash != record.config_hash:
+                return None
             raise OperationError(
-                f"n_trials {budget} is below the {claimed.scalar_one()} trials of study "
+                f"n_trials {budget} is below the {now.claimed} trials of study "
                 f"{name!r} that finished or are running"
             )
     if {"n_trials", "timeout"} & set(limits):

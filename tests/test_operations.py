@@ -14,6 +14,9 @@ import optuna
 import yaml
 
 from hpo_framework import run_hpo
+from hpo_framework.operations import set_limits
+from hpo_framework.registry import Registry
+from hpo_framework.storage import open_storage
 from tests import sessions
 from tests.conftest import make_config, run_cli, start_worker, write_config
 from tests.pool_helpers import counts, create, trials, wait_until
@@ -323,3 +326,29 @@ def test_on_failed_posts_to_a_url_and_commands_need_the_hosts_consent(
     assert stopped.returncode == 0
     assert "on_done not run: commands run only where HPO_ALLOW_HOOK_COMMANDS=1" in stopped.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_two_operators_setting_different_limits_at_once_both_land(
+    storage_url: str, tmp_path: Path
+) -> None:
+    name = create(tmp_path, storage_url, study_={"n_trials": 2})
+    storage = open_storage(storage_url, create_schema=False)
+    for round_ in range(5):
+        barrier = threading.Barrier(2)
+
+        def change(limits: dict[str, int], barrier: threading.Barrier) -> None:
+            barrier.wait()
+            set_limits(storage, name, limits)
+
+        threads = [
+            threading.Thread(target=change, args=({"n_trials": 10 + round_}, barrier)),
+            threading.Thread(target=change, args=({"max_retries": round_}, barrier)),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        record = Registry(storage.engine).get(name)
+        assert record.budget == 10 + round_
+        assert record.config["study"]["n_trials"] == 10 + round_
+        assert record.config["study"]["max_retries"] == round_
