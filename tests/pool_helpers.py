@@ -23,6 +23,18 @@ def create(tmp_path: Path, url: str, name: str = "pool", **overrides: Any) -> st
     return result.stdout.splitlines()[-1]
 
 
+def create_sleepy(tmp_path: Path, url: str, sleep_s: float, n_trials: int) -> str:
+    """A study of ``tests.sessions:sleepy``; each trial leaves a ``started-*`` file in
+    ``tmp_path`` as it starts (see :func:`wait_for_a_trial`)."""
+    static = {"sleep_s": sleep_s, "dir": str(tmp_path)}
+    study = {"n_trials": n_trials}
+    return create(tmp_path, url, session="tests.sessions:sleepy", static=static, study_=study)
+
+
+def wait_for_a_trial(tmp_path: Path) -> None:
+    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
+
+
 def trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
     storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
     try:

@@ -19,7 +19,7 @@ from hpo_framework.registry import Registry
 from hpo_framework.storage import open_storage
 from tests import sessions
 from tests.conftest import make_config, run_cli, start_worker, write_config
-from tests.pool_helpers import counts, create, trials, wait_until
+from tests.pool_helpers import counts, create, create_sleepy, trials, wait_for_a_trial, wait_until
 
 
 def coordinator(url: str, *args: str) -> tuple[int, str]:
@@ -66,12 +66,9 @@ def test_set_changes_the_limits_of_a_live_study(storage_url: str, tmp_path: Path
 def test_pause_lets_running_trials_finish_and_resume_goes_on(
     storage_url: str, tmp_path: Path
 ) -> None:
-    name = create(
-        tmp_path, storage_url, session="tests.sessions:sleepy",
-        static={"sleep_s": 1, "dir": str(tmp_path)}, study_={"n_trials": 5},
-    )  # fmt: skip
+    name = create_sleepy(tmp_path, storage_url, 1, 5)
     worker = start_worker(url=storage_url)
-    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
+    wait_for_a_trial(tmp_path)
     assert coordinator(storage_url, "pause", name)[0] == 0
     wait_until("the running trial to finish", lambda: counts(storage_url, name)["RUNNING"] == 0)
     done, started = finished(storage_url, name), len(list(tmp_path.glob("started-*")))
@@ -243,12 +240,9 @@ def test_inspect_workers_shows_live_and_lost_workers_and_what_they_run(
     storage_url: str, tmp_path: Path
 ) -> None:
     fast = {"HPO_PRESENCE_INTERVAL": "0.5"}  # lost after 1.5 s without a refresh
-    name = create(
-        tmp_path, storage_url, session="tests.sessions:sleepy",
-        static={"sleep_s": 60, "dir": str(tmp_path)}, study_={"n_trials": 1},
-    )  # fmt: skip
+    name = create_sleepy(tmp_path, storage_url, 60, 1)
     busy = start_worker("--study", name, url=storage_url, **fast)
-    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
+    wait_for_a_trial(tmp_path)
     elsewhere = start_worker(url=storage_url, HPO_SESSION_MODULES="experiments", **fast)
 
     def status() -> dict[str, dict[str, object]]:

@@ -11,7 +11,15 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from tests.conftest import run_cli, start_worker
-from tests.pool_helpers import counts, create, kill_a_worker_mid_trial, trials, wait_until
+from tests.pool_helpers import (
+    counts,
+    create,
+    create_sleepy,
+    kill_a_worker_mid_trial,
+    trials,
+    wait_for_a_trial,
+    wait_until,
+)
 
 
 def test_workers_wait_for_the_schema_then_run_the_exact_budget(
@@ -52,12 +60,9 @@ def test_a_killed_worker_loses_no_trial(pg_driver_url: str, tmp_path: Path) -> N
 
 
 def test_first_sigterm_finishes_the_trial_and_exits_0(pg_url: str, tmp_path: Path) -> None:
-    name = create(
-        tmp_path, pg_url, session="tests.sessions:sleepy",
-        static={"sleep_s": 1.5, "dir": str(tmp_path)}, study_={"n_trials": 5},
-    )  # fmt: skip
+    name = create_sleepy(tmp_path, pg_url, 1.5, 5)
     worker = start_worker(url=pg_url, log=tmp_path / "w.log")
-    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
+    wait_for_a_trial(tmp_path)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
     c = counts(pg_url, name)
@@ -67,12 +72,9 @@ def test_first_sigterm_finishes_the_trial_and_exits_0(pg_url: str, tmp_path: Pat
 def test_second_sigterm_fails_the_trial_requeues_it_and_exits_at_once(
     pg_url: str, tmp_path: Path
 ) -> None:
-    name = create(
-        tmp_path, pg_url, session="tests.sessions:sleepy",
-        static={"sleep_s": 30, "dir": str(tmp_path)}, study_={"n_trials": 1},
-    )  # fmt: skip
+    name = create_sleepy(tmp_path, pg_url, 30, 1)
     worker = start_worker(url=pg_url, log=tmp_path / "w.log")
-    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
+    wait_for_a_trial(tmp_path)
     started = _stop_twice(worker, tmp_path / "w.log")
     assert worker.wait(timeout=10) == 1
     assert time.monotonic() - started < 5
@@ -93,12 +95,9 @@ def _stop_twice(worker: subprocess.Popen[str], log: Path) -> float:
 
 def test_second_sigterm_exits_at_once_with_the_database_gone(private_pg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     url = private_pg.url
-    create(
-        tmp_path, url, session="tests.sessions:sleepy",
-        static={"sleep_s": 60, "dir": str(tmp_path)}, study_={"n_trials": 1},
-    )  # fmt: skip
+    create_sleepy(tmp_path, url, 60, 1)
     worker = start_worker(url=url, log=tmp_path / "w.log")
-    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
+    wait_for_a_trial(tmp_path)
     private_pg.stop()  # the trial's failure cannot be recorded: another worker's sweep will
     started = _stop_twice(worker, tmp_path / "w.log")
     assert worker.wait(timeout=30) == 1, (tmp_path / "w.log").read_text()
@@ -201,12 +200,9 @@ def test_workers_with_different_session_modules_share_a_study(pg_url: str, tmp_p
 def test_stop_lets_running_trials_finish_and_takes_no_new_ones(
     pg_url: str, tmp_path: Path
 ) -> None:
-    name = create(
-        tmp_path, pg_url, session="tests.sessions:sleepy",
-        static={"sleep_s": 1.0, "dir": str(tmp_path)}, study_={"n_trials": 50},
-    )  # fmt: skip
+    name = create_sleepy(tmp_path, pg_url, 1.0, 50)
     worker = start_worker("--idle-exit", "2", url=pg_url)
-    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
+    wait_for_a_trial(tmp_path)
     result = run_cli("hpo-coordinator", "stop", name, url=pg_url)
     assert result.stdout == f"study '{name}' stopped; running trials will finish\n"
     assert worker.wait(timeout=30) == 0

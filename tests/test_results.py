@@ -22,7 +22,7 @@ from hpo_framework.inspection import summarize
 from hpo_framework.storage import open_storage
 from tests import sessions
 from tests.conftest import BIN, ROOT, cli_env, make_config, run_cli, start_worker, write_config
-from tests.pool_helpers import create, wait_until
+from tests.pool_helpers import create, create_sleepy, wait_for_a_trial
 
 SPACE = {
     "x": {"type": "float", "low": -5.0, "high": 5.0},
@@ -146,12 +146,9 @@ def test_watch_follows_a_running_study_until_done(sqlite_url: str, tmp_path: Pat
 def test_watch_of_a_stopped_study_waits_for_its_running_trials(
     sqlite_url: str, tmp_path: Path
 ) -> None:
-    name = create(
-        tmp_path, sqlite_url, session="tests.sessions:sleepy",
-        static={"sleep_s": 3, "dir": str(tmp_path)}, study_={"n_trials": 20},
-    )  # fmt: skip
+    name = create_sleepy(tmp_path, sqlite_url, 3, 20)
     worker = start_worker(url=sqlite_url)
-    wait_until("a trial to start", lambda: any(tmp_path.glob("started-*")))
+    wait_for_a_trial(tmp_path)
     watching = subprocess.Popen(
         [str(BIN / "hpo-inspect"), name, "--watch", "--top", "3"], cwd=ROOT,
         env=cli_env(sqlite_url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
