@@ -26,6 +26,7 @@ _EXPORTS = {
     "StudyNotFoundError": "hpo_framework.exceptions",
     "TrialPruned": "hpo_framework.exceptions",
     "report": "hpo_framework.reporting",
+    "trial": "hpo_framework.reporting",
     "run_hpo": "hpo_framework.runner",
     "resolve_storage_url": "hpo_framework.storage",
     "unflatten": "hpo_framework.param_sampler",
@@ -45,6 +46,7 @@ __all__ = [
     "report",
     "resolve_storage_url",
     "run_hpo",
+    "trial",
     "unflatten",
 ]
 
@@ -60,7 +62,7 @@ if TYPE_CHECKING:
         TrialPruned,
     )
     from hpo_framework.param_sampler import unflatten
-    from hpo_framework.reporting import report
+    from hpo_framework.reporting import report, trial
     from hpo_framework.runner import run_hpo
     from hpo_framework.storage import resolve_storage_url
 

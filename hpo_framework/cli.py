@@ -27,7 +27,14 @@ from hpo_framework.cli_options import (
 from hpo_framework.config import load_config, read_yaml_file
 from hpo_framework.coordinator import check_config, create_study, delete_study, stop_study
 from hpo_framework.exceptions import ConfigError, StorageError
-from hpo_framework.inspection import STATES, list_studies, summarize, worker_status
+from hpo_framework.inspection import (
+    STATES,
+    best_config,
+    list_studies,
+    summarize,
+    trial_detail,
+    worker_status,
+)
 from hpo_framework.operations import enqueue_points, move, retry_failed, set_limits
 from hpo_framework.storage import (
     check_url,
@@ -350,14 +357,37 @@ def dashboard(host: str, port: int, storage: str | None) -> None:
     "--workers", "show_workers", is_flag=True,
     help="The workers instead: live and lost, what each runs, which studies it skips and why.",
 )  # fmt: skip
+@click.option(
+    "--trial", "trial_number", type=click.IntRange(min=0), metavar="N",
+    help="Trial N of STUDY in full: cfg, values, intermediate values, attributes, attempts.",
+)  # fmt: skip
+@click.option(
+    "--best-config", "best_config_path", type=click.Path(dir_okay=False), metavar="FILE",
+    help="Write the best trial's complete cfg (static and searched, nested) as YAML.",
+)  # fmt: skip
 @storage_option
 @translate_errors
 def inspect_command(
     study: str | None, fmt: str, top: int, output: str | None, plot_dir: str | None,
-    watch: bool, show_workers: bool, storage: str | None,
+    watch: bool, show_workers: bool, trial_number: int | None, best_config_path: str | None,
+    storage: str | None,
 ) -> None:  # fmt: skip
     """Summarize every study, or one STUDY in detail, from the database."""
     rdb = _open(storage)
+    if (trial_number is not None or best_config_path) and study is None:
+        raise click.UsageError("--trial and --best-config need a STUDY")
+    if best_config_path:
+        cfg = best_config(rdb, study or "")
+        Path(best_config_path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+        click.echo(f"wrote {best_config_path}: the complete cfg of the best trial of {study!r}")
+        return
+    if trial_number is not None:
+        detail = trial_detail(rdb, study or "", trial_number)
+        if fmt == "json":
+            _emit(json.dumps(detail, indent=2, default=str) + "\n", output)
+        else:
+            _emit(_trial_text(detail), output)
+        return
     if show_workers:
         if study or plot_dir or watch:
             raise click.UsageError("--workers takes no STUDY, --plot or --watch")
@@ -444,6 +474,34 @@ def _print_study_list(rows: list[dict[str, Any]], console: Console) -> None:
             str(r["running"]), str(r["failed"]),
         )  # fmt: skip
     console.print(table)
+
+
+def _trial_text(d: dict[str, Any]) -> str:
+    """One trial as lines a person reads; the JSON format has the same fields."""
+    values = _fmt(d["values"])
+    duration = "-" if d["duration_s"] is None else f"{d['duration_s']:.2f}s"
+    lines = [
+        f"trial {d['number']}  state {d['state']}  value {values}  worker {d['worker']}  "
+        f"duration {duration}",
+        f"attempt {d['attempt']}"
+        + (f" (of trial {d['retry_of']})" if d["retry_of"] is not None else "")
+        + (f"  copied from {d['copied_from']}" if d["copied_from"] else ""),
+        "cfg:",
+        *("  " + line for line in yaml.safe_dump(d["cfg"], sort_keys=False).splitlines()),
+    ]
+    if d["intermediate_values"]:
+        steps = " ".join(f"{k}:{v:.6g}" for k, v in d["intermediate_values"].items())
+        lines.append(f"intermediate values: {steps}")
+    for key, value in d["attributes"].items():
+        lines.append(f"{key}: {json.dumps(value)}")
+    if len(d["attempts"]) > 1:
+        tried = ", ".join(f"#{a['number']} {a['state']}" for a in d["attempts"])
+        lines.append(f"attempts of this point: {tried}")
+    if d["error"]:
+        lines.append(f"error: {d['error']}")
+    if d["traceback"]:
+        lines += ["traceback:", *("  " + line for line in d["traceback"].splitlines())]
+    return "\n".join(lines) + "\n"
 
 
 def _emit_workers(rows: list[dict[str, Any]], fmt: str, output: str | None) -> None:

@@ -12,9 +12,10 @@ leads its own process group, so a terminal's Ctrl-C reaches only the supervisor 
 The protocol, over a socket pair (pickled tuples), supervisor -> executor:
 
 - ``("check", ref, allowed)``: import the session here -> ``("ok",)`` or ``("error", text)``
-- ``("run", ref, allowed, cfg, n_objectives)`` -> any number of ``("report", value, step)``,
-  each answered with ``("continue",)``, ``("prune", message)`` or ``("lost",)``, then one
-  :class:`SessionResult`.
+- ``("run", ref, allowed, cfg, n_objectives, info)`` -> any number of
+  ``("report", value, step)`` and ``("attr", key, value)`` (``trial().log``/``set_attr``),
+  each answered with ``("continue",)``, ``("prune", message)``, ``("lost",)`` or
+  ``("error", text)``, then one :class:`SessionResult`.
 
 ``run_hpo`` with a session that cannot be imported by reference (a closure, a lambda, a
 function of ``__main__``) uses :class:`InProcessExecutor`, the same calls in its own process.
@@ -34,7 +35,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from numbers import Real
@@ -269,7 +270,7 @@ class ProcessExecutor:
         assert conn is not None
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            conn.send(("run", ref, self.allowed, cfg, n_objectives))
+            conn.send(("run", ref, self.allowed, cfg, n_objectives, dict(link.info)))
             while True:
                 wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
                 if wait <= 0:
@@ -280,7 +281,7 @@ class ProcessExecutor:
                 message = conn.recv()
                 if isinstance(message, SessionResult):
                     return message
-                conn.send(_answer(link, message[1], message[2]))
+                conn.send(_answer(link, message))
         except (EOFError, OSError):
             return SessionResult("failed", error=self._death())
         except BaseException:  # a cold stop of the worker: the session goes with the trial
@@ -352,9 +353,13 @@ class ProcessExecutor:
         self._conn, self._proc = None, None
 
 
-def _answer(link: TrialLink, value: float, step: int) -> tuple[Any, ...]:
+def _answer(link: TrialLink, message: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The supervisor's answer to a ``("report", value, step)`` or ``("attr", key, value)``."""
     try:
-        link.report(value, step)
+        if message[0] == "attr":
+            link.set_attr(message[1], message[2])
+        else:
+            link.report(message[1], message[2])
     except TrialPruned as e:
         return ("prune", str(e))
     except TrialLost as e:
@@ -367,11 +372,18 @@ def _answer(link: TrialLink, value: float, step: int) -> tuple[Any, ...]:
 class _PipeLink:
     """The executor's side of ``report``: ask the supervisor, which owns the Optuna trial."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, info: Mapping[str, Any]) -> None:
         self.conn = conn
+        self.info = info
 
     def report(self, value: float, step: int) -> None:
-        self.conn.send(("report", value, step))
+        self._ask(("report", value, step))
+
+    def set_attr(self, key: str, value: Any) -> None:
+        self._ask(("attr", key, value))
+
+    def _ask(self, message: tuple[Any, ...]) -> None:
+        self.conn.send(message)
         answer = self.conn.recv()
         if answer[0] == "prune":
             raise TrialPruned(answer[1])
@@ -403,13 +415,13 @@ def _serve(conn: Connection) -> None:
             except SessionError as e:
                 conn.send(("error", str(e)))
             continue
-        _, ref, allowed, cfg, n_objectives = message
+        _, ref, allowed, cfg, n_objectives, info = message
         try:
             fn = load(ref, allowed)
         except SessionError as e:
             conn.send(SessionResult("failed", error=str(e)))
             continue
-        conn.send(call_session(fn, cfg, _PipeLink(conn), n_objectives))
+        conn.send(call_session(fn, cfg, _PipeLink(conn, info), n_objectives))
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:

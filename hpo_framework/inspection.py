@@ -12,6 +12,8 @@ import sqlalchemy as sa
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo_framework.config import Config
+from hpo_framework.exceptions import HPOError, StudyNotFoundError
 from hpo_framework.optuna_tables import (
     studies,
     study_user_attrs,
@@ -19,7 +21,7 @@ from hpo_framework.optuna_tables import (
     trial_values,
     trials,
 )
-from hpo_framework.param_sampler import unflatten
+from hpo_framework.param_sampler import merge, unflatten
 from hpo_framework.presence import LOST_AFTER_S
 from hpo_framework.registry import (
     OPEN,
@@ -30,10 +32,15 @@ from hpo_framework.registry import (
     hpo_tickets,
     hpo_workers,
 )
+from hpo_framework.reporting import RESERVED_ATTRS
 from hpo_framework.trial_attrs import (
+    ATTEMPT_ATTR,
     CANNOT_SERVE_PREFIX,
+    COPIED_FROM_ATTR,
     ERROR_ATTR,
     REOPENED_ATTR,
+    RETRY_OF_ATTR,
+    TRACEBACK_ATTR,
     WORKER_ATTR,
     cannot_serve,
     trial_summary,
@@ -280,3 +287,55 @@ def worker_status(storage: optuna.storages.RDBStorage) -> list[dict[str, Any]]:
         }  # fmt: skip
         for r in rows
     ]
+
+
+def trial_detail(storage: optuna.storages.RDBStorage, name: str, number: int) -> dict[str, Any]:
+    """One trial in full (``hpo-inspect NAME --trial N``): its ``cfg`` as the session got it,
+    values, intermediate values, the session's own attributes, its attempts and its error."""
+    record = Registry(storage.engine).get(name)
+    t = trials.c
+    with storage.engine.connect() as conn:
+        trial_id = conn.execute(
+            sa.select(t.trial_id).where(t.study_id == record.study_id, t.number == number)
+        ).scalar()
+    if trial_id is None:
+        raise StudyNotFoundError(f"study {name!r} has no trial {number}")
+    trial = storage.get_trial(int(trial_id))
+    attrs = dict(trial.user_attrs)
+    root = attrs.get(RETRY_OF_ATTR, trial.number)
+    same_point = storage.get_all_trials(record.study_id, deepcopy=False)
+    attempts = [
+        {"number": x.number, "state": x.state.name, "error": x.user_attrs.get(ERROR_ATTR)}
+        for x in same_point
+        if x.number == root or x.user_attrs.get(RETRY_OF_ATTR) == root
+    ]
+    static = Config.stored(name, record.config).static
+    return {
+        **trial_summary(trial),
+        "params_nested": unflatten(trial.params),
+        "cfg": merge(static, unflatten(trial.params)),
+        "intermediate_values": {str(k): v for k, v in sorted(trial.intermediate_values.items())},
+        "attempt": attrs.get(ATTEMPT_ATTR, 0),
+        "attempts": attempts,
+        "copied_from": attrs.get(COPIED_FROM_ATTR),
+        "traceback": attrs.get(TRACEBACK_ATTR),
+        "completed": trial.datetime_complete,
+        "attributes": {k: v for k, v in attrs.items() if k not in RESERVED_ATTRS},
+    }
+
+
+def best_config(storage: optuna.storages.RDBStorage, name: str) -> dict[str, Any]:
+    """The complete ``cfg`` (static and searched values, nested) of the study's best trial:
+    what to train the final model with."""
+    record = Registry(storage.engine).get(name)
+    directions = storage.get_study_directions(record.study_id)
+    if len(directions) > 1:
+        raise HPOError(
+            f"study {name!r} has several directions and no single best trial; "
+            "hpo-inspect NAME --trial N --format json shows any trial's cfg"
+        )
+    best, _ = _ranked_complete(storage, record.study_id, directions, 1)
+    if not best:
+        raise HPOError(f"study {name!r} has no completed trial yet")
+    static = Config.stored(name, record.config).static
+    return merge(static, unflatten(best[0].params))

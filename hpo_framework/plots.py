@@ -72,6 +72,8 @@ def _plots(
         "parallel_coordinate": (parallel_title, "plot_parallel_coordinate", parallel),
         "slice": ("Slice", "plot_slice", {}),
     }  # fmt: skip
+    if any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+        plots["intermediate"] = ("Intermediate values", "plot_intermediate_values", {})
     pair = _contour_pair(complete)
     if pair is not None:
         plots["contour"] = (f"Contour ({pair[0]} × {pair[1]})", "plot_contour", {"params": pair})

@@ -8,6 +8,8 @@ from optuna.trial import FrozenTrial
 
 #: User attributes every trial carries (shown by hpo-inspect and optuna-dashboard).
 WORKER_ATTR, ERROR_ATTR = "worker", "error"
+#: The last lines of the traceback of a session that raised (hpo-inspect --trial shows it).
+TRACEBACK_ATTR = "traceback"
 RETRY_OF_ATTR, ATTEMPT_ATTR = "retry_of", "attempt"
 #: A trial copied into a new study by ``create --from OLD``: ``"OLD#number"``.
 COPIED_FROM_ATTR = "copied_from"

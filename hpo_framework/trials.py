@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -40,7 +41,13 @@ from hpo_framework.settle import Ledger, settle_failure
 from hpo_framework.stopping import stop_reason
 from hpo_framework.storage import with_db_retry, without_waiting
 from hpo_framework.tickets import Tickets
-from hpo_framework.trial_attrs import ERROR_ATTR, TICKET_ATTR, WORKER_ATTR
+from hpo_framework.trial_attrs import (
+    ATTEMPT_ATTR,
+    ERROR_ATTR,
+    TICKET_ATTR,
+    TRACEBACK_ATTR,
+    WORKER_ATTR,
+)
 from hpo_framework.trial_store import TrialStore, create_trial_once
 
 log = logging.getLogger("hpo.trial")
@@ -50,11 +57,19 @@ _POP_ROUNDS = 5
 
 
 class OptunaLink:
-    """``report`` on an Optuna trial of this process, with the database retried."""
+    """``report`` and ``trial()`` on an Optuna trial of this process, the database retried."""
 
-    def __init__(self, trial: optuna.Trial, n_objectives: int) -> None:
+    def __init__(self, trial: optuna.Trial, n_objectives: int, info: dict[str, Any]) -> None:
         self.trial = trial
         self.n_objectives = n_objectives
+        self.info = info
+
+    def set_attr(self, key: str, value: Any) -> None:
+        trial = self.trial
+        try:
+            with_db_retry(lambda: trial.set_user_attr(key, value), "recording an attribute")
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise TrialLost(f"trial {trial.number} was failed by another worker") from None
 
     def report(self, value: float, step: int) -> None:
         trial = self.trial
@@ -252,9 +267,13 @@ class StudyHandle:
         except Exception as e:  # a sampler that cannot sample this space: this trial fails
             return self._finish(ticket, trial, TrialState.FAIL, None, started, describe_error(e))
         cfg = merge(self.config.static, params)
+        info = {
+            "study": self.name, "number": trial.number, "worker": self.worker_id,
+            "attempt": int(trial.user_attrs.get(ATTEMPT_ATTR, 0)),
+        }  # fmt: skip
         try:
             result = self.executor.run(
-                self.record.session_ref or "", cfg, OptunaLink(trial, self.n_objectives),
+                self.record.session_ref or "", cfg, OptunaLink(trial, self.n_objectives, info),
                 self.n_objectives, self.config.study.trial_timeout,
             )  # fmt: skip
         except BaseException as e:  # the worker stops cold, or run_hpo's Ctrl-C: fail, re-queue
@@ -280,7 +299,9 @@ class StudyHandle:
                 "study=%s trial=%d session failed: %s%s", self.name, trial.number, error,
                 f"\n{result.traceback}" if result.traceback else "",
             )  # fmt: skip
-        outcome = self._finish(ticket, trial, TrialState.FAIL, None, started, error)
+        outcome = self._finish(
+            ticket, trial, TrialState.FAIL, None, started, error, result.traceback
+        )
         if result.fatal:
             with_db_retry(lambda: self.registry.set_state(self.name, "failed", error), "stop")
             return TrialOutcome(**{**outcome.__dict__, "fatal": True})
@@ -294,9 +315,12 @@ class StudyHandle:
         values: list[float] | None,
         started: float,
         error: str | None,
+        tb: str | None = None,
     ) -> TrialOutcome:
         duration = time.monotonic() - started
-        kept = with_db_retry(lambda: self._tell(trial, state, values, error), "saving a result")
+        kept = with_db_retry(
+            lambda: self._tell(trial, state, values, error, tb), "saving a result"
+        )
         outcome = TrialOutcome(self.name, trial.number, state, values, duration, error)
         if not kept:
             return self._dropped(trial, started)
@@ -360,12 +384,19 @@ class StudyHandle:
         return TrialOutcome(self.name, trial.number, TrialState.FAIL, None, duration, "lost")
 
     def _tell(
-        self, trial: optuna.Trial, state: TrialState, values: list[float] | None, error: str | None
+        self,
+        trial: optuna.Trial,
+        state: TrialState,
+        values: list[float] | None,
+        error: str | None,
+        tb: str | None = None,
     ) -> bool:
         """Record the result; False if the trial had been finished by someone else (stale)."""
         try:
             if error is not None:
                 self.store.set_trial_user_attr(trial._trial_id, ERROR_ATTR, error[:2000])
+            if tb:
+                self.store.set_trial_user_attr(trial._trial_id, TRACEBACK_ATTR, tb[-8000:])
             try:
                 self.study.tell(trial, values, state=state)
             except RuntimeError as e:

@@ -200,3 +200,20 @@ def killed_like_oom(cfg: dict[str, Any]) -> float:
     import signal
 
     return _misbehave_if_negative(cfg, lambda: os.kill(os.getpid(), signal.SIGKILL))
+
+
+def uses_the_trial_context(cfg: dict[str, Any]) -> float:
+    """Records a metric and what it knows of its trial; returns the trial's number."""
+    from hpo_framework import trial
+
+    t = trial()
+    t.log(accuracy=0.75)
+    t.set_attr("seen", {"study": t.study, "attempt": t.attempt, "worker": t.worker})
+    return float(t.number if t.number is not None else -1)
+
+
+def sets_a_reserved_attr(cfg: dict[str, Any]) -> float:
+    from hpo_framework import trial
+
+    trial().set_attr("worker", "me")
+    return 0.0

@@ -14,6 +14,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import optuna
 import pytest
+import yaml
 
 from hpo_framework import run_hpo
 from hpo_framework.config import load_config
@@ -250,3 +251,41 @@ def test_inspect_ranks_in_the_database_as_optuna_does(
     assert summary["workers"] == {"w1": 6, "unknown": 1}
     assert "trials" not in summary
     storage.engine.dispose()
+
+
+def test_one_trial_in_full_and_the_best_config(sqlite_url: str, tmp_path: Path) -> None:
+    space = {"x": {"type": "float", "low": 0.5, "high": 5.0},
+             "model": {"hidden": {"type": "int", "low": 1, "high": 4}}}  # fmt: skip
+    name = create(
+        tmp_path, sqlite_url, session="tests.sessions:uses_the_trial_context",
+        search_space=space, static={"epochs": 3}, study_={"n_trials": 3},
+    )  # fmt: skip
+    assert start_worker("--idle-exit", "1", url=sqlite_url).wait(timeout=120) == 0
+    out = run_cli("hpo-inspect", name, "--trial", "1", "--format", "json", url=sqlite_url)
+    detail = json.loads(out.stdout)
+    assert detail["number"] == 1 and detail["state"] == "COMPLETE" and detail["values"] == [1.0]
+    assert detail["cfg"] == {"epochs": 3, **detail["params_nested"]}
+    assert set(detail["cfg"]["model"]) == {"hidden"} and detail["attempt"] == 0
+    # what the session recorded through hpo_framework.trial(), beside the framework's own
+    assert detail["attributes"] == {
+        "accuracy": 0.75, "seen": {"study": name, "attempt": 0, "worker": detail["worker"]}
+    }  # fmt: skip
+    text = run_cli("hpo-inspect", name, "--trial", "1", url=sqlite_url).stdout
+    assert "trial 1  state COMPLETE  value 1" in text and "accuracy: 0.75" in text
+    best = tmp_path / "best.yaml"
+    result = run_cli("hpo-inspect", name, "--best-config", str(best), url=sqlite_url)
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(best.read_text())
+    assert cfg["epochs"] == 3 and set(cfg) == {"epochs", "x", "model"}  # trial 0 scored 0.0
+    missing = run_cli("hpo-inspect", name, "--trial", "9", url=sqlite_url)
+    assert missing.returncode == 1 and missing.stderr == f"Error: study {name!r} has no trial 9\n"
+
+
+def test_plot_draws_the_intermediate_values_a_session_reports(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'steps.db'}"
+    config = make_config(search_space=SPACE, study_={"n_trials": 4})
+    run_hpo(sessions.reports_steps, write_config(tmp_path / "c.yaml", config), url)
+    result = run_cli("hpo-inspect", "test-study", "--plot", str(tmp_path / "p"), url=url)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "p" / "intermediate.png").stat().st_size > 10_000
+    assert "Intermediate values" in (tmp_path / "p" / "index.html").read_text()

@@ -29,9 +29,15 @@ from tests.conftest import make_config
 class Link:
     """Answers ``report`` like the supervisor would: prune or lose the trial at a step."""
 
+    info = {"study": "s", "number": 7, "attempt": 1, "worker": "host:1"}
+
     def __init__(self, prune_at: int | None = None, lost_at: int | None = None) -> None:
         self.steps: list[tuple[int, float]] = []
+        self.attrs: dict[str, object] = {}
         self.prune_at, self.lost_at = prune_at, lost_at
+
+    def set_attr(self, key: str, value: object) -> None:
+        self.attrs[key] = value
 
     def report(self, value: float, step: int) -> None:
         self.steps.append((step, value))
@@ -56,6 +62,18 @@ def test_reports_cross_the_process_boundary(executor: ProcessExecutor) -> None:
     assert link.steps[0] == (0, 2.0)
 
 
+def test_the_trial_context_crosses_the_process_boundary(executor: ProcessExecutor) -> None:
+    link = Link()
+    result = executor.run("tests.sessions:uses_the_trial_context", {"x": 1.0}, link, 1, None)
+    assert (result.kind, result.values) == ("done", [7.0])  # trial().number
+    assert link.attrs == {
+        "accuracy": 0.75, "seen": {"study": "s", "attempt": 1, "worker": "host:1"}
+    }  # fmt: skip
+    bad = executor.run("tests.sessions:sets_a_reserved_attr", {}, link, 1, None)
+    assert bad.kind == "failed"
+    assert bad.error == "ValueError: trial().set_attr: 'worker' is the framework's own attribute"
+
+
 def test_prune_and_lost_answers_stop_the_session(executor: ProcessExecutor) -> None:
     pruned = Link(prune_at=3)
     result = executor.run("tests.sessions:reports_steps", {"x": 1.0}, pruned, 1, None)
@@ -66,7 +84,7 @@ def test_prune_and_lost_answers_stop_the_session(executor: ProcessExecutor) -> N
 
 
 def test_a_report_the_supervisor_cannot_save_fails_the_trial(executor: ProcessExecutor) -> None:
-    class Broken:
+    class Broken(Link):
         def report(self, value: float, step: int) -> None:
             raise RuntimeError("database unavailable while reporting a step")
 
