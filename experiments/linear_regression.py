@@ -1,7 +1,9 @@
 """Example experiment: PyTorch linear (or one-hidden-layer) regression on synthetic data.
 
 Everything about data, model and training lives here; the framework only passes ``cfg`` in
-and takes the validation MSE out. ``report`` makes per-epoch pruning possible.
+and takes the validation MSE out. ``report`` makes per-epoch pruning possible; ``checkpoint``
+lets a retried trial carry on from its last epoch (with ``checkpoints:`` in config.yaml; without
+it, save does nothing and load returns None).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpo_framework import report
+from hpo_framework import checkpoint, report
 
 
 def make_data(
@@ -53,8 +55,14 @@ def single_session(cfg: dict[str, Any]) -> float:
         )
     loss_fn = nn.MSELoss()
     batch_size = cfg["batch_size"]
-    val_mse = float("inf")
-    for epoch in range(cfg["epochs"]):
+    val_mse, first = float("inf"), 0
+    saved = checkpoint.load()  # the state of an earlier attempt of this trial, if any
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+        first, val_mse = saved["epoch"], saved["val_mse"]
+    for epoch in range(first, cfg["epochs"]):
         model.train()
         order = torch.randperm(len(x_train), device=device)
         for start in range(0, len(x_train), batch_size):
@@ -66,6 +74,10 @@ def single_session(cfg: dict[str, Any]) -> float:
         model.eval()
         with torch.no_grad():
             val_mse = loss_fn(model(x_val), y_val).item()
+        checkpoint.save(
+            {"model": model.state_dict(), "optimizer": opt.state_dict(),
+             "rng": torch.get_rng_state(), "epoch": epoch + 1, "val_mse": val_mse}
+        )  # fmt: skip
         report(val_mse, epoch)  # lets the pruner stop a hopeless trial early
     return val_mse
 

@@ -24,7 +24,7 @@ from hpo_framework.algorithms import check_pruner, check_sampler
 from hpo_framework.exceptions import ConfigError
 from hpo_framework.param_sampler import SearchSpace, flatten
 
-TOP_KEYS = ("study", "session", "storage", "static", "search_space", "enqueue")
+TOP_KEYS = ("study", "session", "storage", "static", "search_space", "enqueue", "checkpoints")
 STUDY_KEYS = (
     "name", "direction", "directions", "n_trials", "timeout", "max_failed_trials",
     "sampler", "pruner", "heartbeat_interval", "grace_period", "max_retries", "trial_timeout",
@@ -52,6 +52,14 @@ class SamplerSpec:
 class PrunerSpec:
     name: str = "none"
     options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """``checkpoints:``: where sessions' checkpoints live, and how many finished ones stay."""
+
+    dir: str  # a directory every worker of the study sees (a shared volume)
+    keep_best: int = 0  # checkpoints of the best N finished trials stay; the others go
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,7 @@ class Config:
     search_space: SearchSpace
     enqueue: tuple[Mapping[str, Any], ...]  # flat {dotted name: value}
     raw: Mapping[str, Any]
+    checkpoints: CheckpointSpec | None = None
 
     @property
     def hash(self) -> str:
@@ -255,7 +264,20 @@ def _parse(raw: Any, root: Checker) -> Config:
     return Config(
         source=root.source, study=study, session=session, storage=storage,
         static=static, search_space=space, enqueue=points, raw=raw,
+        checkpoints=_parse_checkpoints(raw.get("checkpoints"), root.at("checkpoints")),
     )  # fmt: skip
+
+
+def _parse_checkpoints(raw: Any, check: Checker) -> CheckpointSpec | None:
+    if raw is None:
+        return None
+    check.mapping(raw)
+    check.known_keys(raw, ("dir", "keep_best"))
+    where = raw.get("dir")
+    if not isinstance(where, str) or not where.strip() or _CONTROL.search(where):
+        check.at("dir").fail(f"must be a directory path, got {describe(where)}")
+    keep = _optional_int(raw, "keep_best", check, 0, minimum=0)
+    return CheckpointSpec(dir=where, keep_best=keep or 0)
 
 
 def _parse_study(raw: Any, check: Checker, space: SearchSpace) -> StudySpec:

@@ -91,6 +91,12 @@ class TrialContext:
             self._link.set_attr(key, value)
 
 
+def current_info() -> Mapping[str, Any]:
+    """The running trial's ``info`` (empty outside a trial)."""
+    link = _current.get()
+    return {} if link is None else link.info
+
+
 def trial() -> TrialContext:
     """The trial this session call runs: number, attempt, worker, study, ``log``, ``set_attr``."""
     return TrialContext(_current.get())

@@ -15,13 +15,16 @@ lost.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -44,6 +47,7 @@ from hpo_framework.tickets import Tickets
 from hpo_framework.trial_attrs import (
     ATTEMPT_ATTR,
     ERROR_ATTR,
+    RETRY_OF_ATTR,
     TICKET_ATTR,
     TRACEBACK_ATTR,
     WORKER_ATTR,
@@ -81,6 +85,11 @@ class OptunaLink:
             raise TrialLost(f"trial {trial.number} was failed by another worker") from None
         if with_db_retry(trial.should_prune, "asking the pruner"):
             raise TrialPruned(f"trial {trial.number} pruned at step {step} (value {value:g})")
+
+
+def _point_of(user_attrs: dict[str, Any], number: int) -> int:
+    """The point a trial evaluates, named by the first trial of its retries."""
+    return int(user_attrs.get(RETRY_OF_ATTR, number))
 
 
 @dataclass(frozen=True)
@@ -270,6 +279,7 @@ class StudyHandle:
         info = {
             "study": self.name, "number": trial.number, "worker": self.worker_id,
             "attempt": int(trial.user_attrs.get(ATTEMPT_ATTR, 0)),
+            "checkpoint": self._checkpoint_of(_point_of(trial.user_attrs, trial.number)),
         }  # fmt: skip
         try:
             result = self.executor.run(
@@ -332,6 +342,8 @@ class StudyHandle:
                 lambda: self.tickets.settle(ticket, self.worker_id, returned=False, failure=False),
                 "settling a ticket",
             )
+            if self.config.checkpoints is not None:
+                self._clean_checkpoints(_point_of(trial.user_attrs, trial.number))
             if self.config.study.stop_when:
                 self._apply_stop_rules(trial.number)
         spec = self.config.study
@@ -348,6 +360,51 @@ class StudyHandle:
             f" error={error}" if error else "", extra={"hpo": fields},
         )  # fmt: skip
         return outcome
+
+    # --- checkpoints (hpo_framework.checkpoint) ------------------------------------------------
+
+    def _checkpoint_dir(self) -> Path | None:
+        spec = self.config.checkpoints
+        if spec is None:
+            return None
+        return Path(os.path.abspath(spec.dir)) / f"study-{self.record.study_id}"
+
+    def _checkpoint_of(self, point: int) -> str | None:
+        """The checkpoint file of a point (the first trial of its retries), for the session."""
+        folder = self._checkpoint_dir()
+        if folder is None:
+            return None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            log.warning("study=%s checkpoints off for this trial: %s", self.name, e)
+            return None
+        return str(folder / f"point-{point}.pkl")
+
+    def _clean_checkpoints(self, point: int) -> None:
+        """A finished point's checkpoint goes, unless it is among the ``keep_best`` best;
+        kept ones that fell out of the best go too."""
+        spec, folder = self.config.checkpoints, self._checkpoint_dir()
+        assert spec is not None and folder is not None
+        doomed = {point}
+        if spec.keep_best and self.n_objectives == 1:
+            finished = with_db_retry(
+                lambda: self.store.get_all_trials(
+                    self.record.study_id, deepcopy=False,
+                    states=(TrialState.COMPLETE, TrialState.PRUNED),
+                ),
+                "reading the finished trials",
+            )  # fmt: skip
+            sign = -1.0 if self.config.study.directions[0] == "maximize" else 1.0
+            complete = [t for t in finished if t.state == TrialState.COMPLETE]
+            best = sorted(complete, key=lambda t: (sign * t.values[0], t.number))
+            keep = {_point_of(t.user_attrs, t.number) for t in best[: spec.keep_best]}
+            doomed = {_point_of(t.user_attrs, t.number) for t in finished} - keep
+        elif spec.keep_best:
+            doomed = set()  # several objectives: no single "best"; all are kept
+        for p in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                (folder / f"point-{p}.pkl").unlink()
 
     def _fire_hook_if_ended(self) -> None:
         """``on_done``/``on_failed`` if this trial was the study's last (see ``hooks``)."""

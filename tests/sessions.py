@@ -217,3 +217,21 @@ def sets_a_reserved_attr(cfg: dict[str, Any]) -> float:
 
     trial().set_attr("worker", "me")
     return 0.0
+
+
+def checkpointed(cfg: dict[str, Any]) -> float:
+    """20 epochs, saving its state after each and carrying on from a checkpoint when there is
+    one; leaves a file ``epoch-<attempt>-<epoch>`` per epoch it runs in cfg["dir"]."""
+    import math
+
+    from hpo_framework import checkpoint, trial
+
+    state = checkpoint.load() or {"epoch": 0, "total": 0.0}
+    attempt = trial().attempt
+    for epoch in range(state["epoch"], 20):
+        state["total"] += math.sin(cfg["x"] * (epoch + 1))
+        open(os.path.join(cfg["dir"], f"epoch-{attempt}-{epoch}"), "w").close()
+        state["epoch"] = epoch + 1
+        checkpoint.save(state)
+        time.sleep(cfg["epoch_s"])
+    return float(state["total"])

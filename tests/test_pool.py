@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from tests.conftest import run_cli, start_worker
@@ -292,3 +295,26 @@ def test_a_worker_killed_between_claim_and_trial_leaks_no_ticket(
         assert conn.execute(sa.text("select count(*) from hpo_tickets")).scalar_one() == 0
     engine.dispose()
     assert "failed: worker dead:1 lost (no heartbeat for 60" in log.read_text()
+
+
+def test_a_retry_carries_on_from_the_checkpoint_of_a_killed_worker(
+    pg_url: str, tmp_path: Path
+) -> None:
+    create(
+        tmp_path, pg_url, session="tests.sessions:checkpointed", enqueue=[{"x": 0.7}],
+        static={"dir": str(tmp_path), "epoch_s": 0.2}, study_={"n_trials": 1},
+        checkpoints={"dir": str(tmp_path / "ckpt")},
+    )  # fmt: skip
+    victim = start_worker(url=pg_url)
+    wait_until("epoch 5 of the first attempt", lambda: (tmp_path / "epoch-0-5").exists())
+    os.killpg(victim.pid, signal.SIGKILL)  # the executor dies with it (PR_SET_PDEATHSIG)
+    victim.wait(timeout=30)
+    reached = max(int(p.name.split("-")[2]) for p in tmp_path.glob("epoch-0-*"))
+    assert start_worker("--idle-exit", "2", url=pg_url).wait(timeout=180) == 0
+    retried = sorted(int(p.name.split("-")[2]) for p in tmp_path.glob("epoch-1-*"))
+    assert retried[0] in (reached, reached + 1) and retried[0] >= 5  # not from epoch 0
+    assert retried == list(range(retried[0], 20))
+    (done,) = [t for t in trials(pg_url, "pool") if t.state.name == "COMPLETE"]
+    uninterrupted = sum(math.sin(0.7 * (epoch + 1)) for epoch in range(20))
+    assert done.value == pytest.approx(uninterrupted, abs=1e-12)
+    assert list((tmp_path / "ckpt").rglob("*.pkl")) == []  # a finished point's checkpoint goes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +248,22 @@ def test_run_experiment_with_no_completed_trial_ends_in_one_line(tmp_path: Path)
     last = result.stderr.strip().splitlines()[-1]
     assert last == "error: study 'test-study' has no completed trial; see hpo-inspect"
     assert "Traceback" not in result.stderr
+
+
+def test_checkpoints_of_the_best_trials_stay(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    config = make_config(
+        session="tests.sessions:checkpointed", static={"dir": str(tmp_path), "epoch_s": 0},
+        study_={"n_trials": 4, "sampler": {"name": "random", "seed": 2}},
+        checkpoints={"dir": str(tmp_path / "ckpt"), "keep_best": 1},
+    )  # fmt: skip
+    study = run_hpo("tests.sessions:checkpointed", write_config(tmp_path / "c.yaml", config), url)
+    (kept,) = (tmp_path / "ckpt").rglob("*.pkl")
+    assert kept.name == f"point-{study.best_trial.number}.pkl"
+    with open(kept, "rb") as f:
+        assert pickle.load(f)["epoch"] == 20  # the best trial's last state, for a final run
+    # outside a trial, checkpoints do nothing
+    from hpo_framework import checkpoint
+
+    checkpoint.save({"epoch": 1})
+    assert checkpoint.load() is None
