@@ -408,7 +408,12 @@ def executor_hop(calls: int) -> dict[str, float]:
     from hpo_framework.executor import InProcessExecutor, ProcessExecutor
 
     class NoLink:
+        info: dict[str, object] = {}
+
         def report(self, value: float, step: int) -> None:
+            pass
+
+        def set_attr(self, key: str, value: object) -> None:
             pass
 
     ref, cfg = "experiments.benchmarks:quadratic", {"x": 1.0}
