@@ -101,7 +101,7 @@ def _console(stderr: bool = False) -> Console:
 @click.group(context_settings=CONTEXT)
 @version_option
 def coordinator() -> None:
-    """Create, list, stop and delete studies in the shared storage."""
+    """Create and run studies in the shared storage, and change them while they run."""
 
 
 @coordinator.command()

@@ -13,8 +13,9 @@ The protocol, over a socket pair (pickled tuples), supervisor -> executor:
 
 - ``("check", ref, allowed)``: import the session here -> ``("ok",)`` or ``("error", text)``
 - ``("run", ref, allowed, cfg, n_objectives, info)`` -> any number of
-  ``("report", value, step)`` and ``("attr", key, value)`` (``trial().log``/``set_attr``),
-  each answered with ``("continue",)``, ``("prune", message)``, ``("lost",)`` or
+  ``("report", value, step)``, ``("attr", key, value)`` (``trial().log``/``set_attr``) and
+  ``("suggest", kind, name, kwargs)`` (``trial().suggest_*``), each answered with
+  ``("continue",)``, ``("value", v)``, ``("prune", message)``, ``("lost",)`` or
   ``("error", text)``, then one :class:`SessionResult`.
 
 ``run_hpo`` with a session that cannot be imported by reference (a closure, a lambda, a
@@ -354,10 +355,14 @@ class ProcessExecutor:
 
 
 def _answer(link: TrialLink, message: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The supervisor's answer to a ``("report", value, step)`` or ``("attr", key, value)``."""
+    """The supervisor's answer to a ``("report", value, step)``, ``("attr", key, value)`` or
+    ``("suggest", kind, name, kwargs)`` (answered with ``("value", v)``)."""
+    what = {"attr": "trial().set_attr", "suggest": "trial().suggest"}.get(message[0], "report()")
     try:
         if message[0] == "attr":
             link.set_attr(message[1], message[2])
+        elif message[0] == "suggest":
+            return ("value", link.suggest(message[1], message[2], message[3]))
         else:
             link.report(message[1], message[2])
     except TrialPruned as e:
@@ -365,7 +370,7 @@ def _answer(link: TrialLink, message: tuple[Any, ...]) -> tuple[Any, ...]:
     except TrialLost as e:
         return ("lost", str(e))
     except Exception as e:  # e.g. the database gone for longer than the retry deadline
-        return ("error", f"report() failed: {describe_error(e)}")
+        return ("error", f"{what} failed: {describe_error(e)}")
     return ("continue",)
 
 
@@ -382,9 +387,14 @@ class _PipeLink:
     def set_attr(self, key: str, value: Any) -> None:
         self._ask(("attr", key, value))
 
-    def _ask(self, message: tuple[Any, ...]) -> None:
+    def suggest(self, kind: str, name: str, kwargs: Mapping[str, Any]) -> Any:
+        return self._ask(("suggest", kind, name, dict(kwargs)))
+
+    def _ask(self, message: tuple[Any, ...]) -> Any:
         self.conn.send(message)
         answer = self.conn.recv()
+        if answer[0] == "value":
+            return answer[1]
         if answer[0] == "prune":
             raise TrialPruned(answer[1])
         if answer[0] == "lost":

@@ -29,6 +29,9 @@ class TrialLink(Protocol):
     def set_attr(self, key: str, value: Any) -> None:
         """Record a user attribute of the trial; raise TrialLost if it was failed elsewhere."""
 
+    def suggest(self, kind: str, name: str, kwargs: Mapping[str, Any]) -> Any:
+        """Optuna's ``suggest_<kind>(name, **kwargs)`` on the running trial."""
+
 
 #: User attributes the framework writes itself; a session may not overwrite them.
 RESERVED_ATTRS = frozenset({"worker", "error", "traceback", "retry_of", "attempt", "copied_from"})
@@ -89,6 +92,34 @@ class TrialContext:
         json.dumps(value)  # a TypeError now, not in the worker
         if self._link is not None:
             self._link.set_attr(key, value)
+
+    # --- define-by-run: parameters the session asks for itself --------------------------------
+
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float:
+        """A float parameter sampled by the study's sampler, recorded and retried like the
+        ones of ``search_space:`` (outside a trial: ``low``)."""
+        return float(self._suggest("float", name, low, {"low": low, "high": high,
+                                                         "step": step, "log": log}))  # fmt: skip
+
+    def suggest_int(
+        self, name: str, low: int, high: int, *, step: int = 1, log: bool = False
+    ) -> int:
+        """An int parameter, as ``suggest_float`` (outside a trial: ``low``)."""
+        kwargs = {"low": low, "high": high, "step": step, "log": log}
+        return int(self._suggest("int", name, low, kwargs))
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        """One of ``choices`` (outside a trial: the first)."""
+        return self._suggest("categorical", name, list(choices)[0], {"choices": list(choices)})
+
+    def _suggest(self, kind: str, name: str, outside: Any, kwargs: dict[str, Any]) -> Any:
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"trial().suggest_{kind}: a name without dots, got {name!r}")
+        if self._link is None:
+            return outside
+        return self._link.suggest(kind, name, kwargs)
 
 
 def current_info() -> Mapping[str, Any]:

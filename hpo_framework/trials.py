@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -63,10 +63,23 @@ _POP_ROUNDS = 5
 class OptunaLink:
     """``report`` and ``trial()`` on an Optuna trial of this process, the database retried."""
 
-    def __init__(self, trial: optuna.Trial, n_objectives: int, info: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        trial: optuna.Trial,
+        n_objectives: int,
+        info: dict[str, Any],
+        searched: frozenset[str] = frozenset(),
+    ) -> None:
         self.trial = trial
         self.n_objectives = n_objectives
         self.info = info
+        self.searched = searched  # the names search_space: owns
+
+    def suggest(self, kind: str, name: str, kwargs: Mapping[str, Any]) -> Any:
+        if name in self.searched:
+            raise ValueError(f"{name!r} is a parameter of search_space:; it arrives in cfg")
+        suggest = getattr(self.trial, f"suggest_{kind}")
+        return with_db_retry(lambda: suggest(name, **kwargs), "sampling a parameter")
 
     def set_attr(self, key: str, value: Any) -> None:
         trial = self.trial
@@ -283,7 +296,9 @@ class StudyHandle:
         }  # fmt: skip
         try:
             result = self.executor.run(
-                self.record.session_ref or "", cfg, OptunaLink(trial, self.n_objectives, info),
+                self.record.session_ref or "", cfg, OptunaLink(
+                    trial, self.n_objectives, info, frozenset(self.config.search_space.names)
+                ),
                 self.n_objectives, self.config.study.trial_timeout,
             )  # fmt: skip
         except BaseException as e:  # the worker stops cold, or run_hpo's Ctrl-C: fail, re-queue

@@ -235,3 +235,18 @@ def checkpointed(cfg: dict[str, Any]) -> float:
         checkpoint.save(state)
         time.sleep(cfg["epoch_s"])
     return float(state["total"])
+
+
+def layers_by_run(cfg: dict[str, Any]) -> float:
+    """Optuna's classic loop: n_layers comes from search_space, each layer's units and the
+    activation are asked for by the session itself (define-by-run)."""
+    from hpo_framework import trial
+
+    t = trial()
+    units = [t.suggest_int(f"units_l{i}", 4, 64, log=True) for i in range(cfg["n_layers"])]
+    act = t.suggest_categorical("act", ["relu", "tanh"])
+    if cfg.get("fail_first") and t.attempt == 0:
+        raise RuntimeError("the first attempt of every point fails")
+    if cfg.get("ask_for") is not None:
+        t.suggest_int(cfg["ask_for"], 1, 3)
+    return float(sum(units)) / 100 + (0.5 if act == "tanh" else 0.0)

@@ -267,3 +267,34 @@ def test_checkpoints_of_the_best_trials_stay(tmp_path: Path) -> None:
 
     checkpoint.save({"epoch": 1})
     assert checkpoint.load() is None
+
+
+def test_a_session_may_ask_for_parameters_itself(storage_url: str, tmp_path: Path) -> None:
+    space = {"n_layers": {"type": "int", "low": 1, "high": 3}}
+    config = make_config(
+        session="tests.sessions:layers_by_run", search_space=space,
+        static={"fail_first": True}, study_={"n_trials": 4, "max_retries": 1},
+    )  # fmt: skip
+    study = run_hpo("tests.sessions:layers_by_run", write_config(tmp_path / "c.yaml", config),
+                    storage_url)  # fmt: skip
+    by_number = {t.number: t for t in study.trials}
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 4
+    for t in complete:
+        n = t.params["n_layers"]
+        assert set(t.params) == {"n_layers", "act", *(f"units_l{i}" for i in range(n))}
+        assert all(4 <= t.params[f"units_l{i}"] <= 64 for i in range(n))
+        # a retry asks again and gets the failed attempt's values: the same point
+        assert t.params == by_number[t.user_attrs["retry_of"]].params
+    # search_space: owns its names; asking for one fails the trial, saying so
+    asks = make_config(
+        session="tests.sessions:layers_by_run", search_space=space,
+        static={"ask_for": "n_layers"}, study_={"name": "asks", "n_trials": 1,
+                                               "max_failed_trials": 1},
+    )  # fmt: skip
+    failed = run_hpo("tests.sessions:layers_by_run", write_config(tmp_path / "a.yaml", asks),
+                     storage_url)  # fmt: skip
+    assert failed.trials[0].user_attrs["error"] == (
+        "trial().suggest failed: ValueError: 'n_layers' is a parameter of search_space:; "
+        "it arrives in cfg"
+    )
