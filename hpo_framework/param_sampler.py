@@ -8,6 +8,7 @@ group whose keys nest in ``cfg``. Inside Optuna a parameter's name is its dotted
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +41,9 @@ class Param:
 
     name: str
     distribution: BaseDistribution
-    #: Other parameters' names and the values that activate this one (all must match).
-    when: Mapping[str, tuple[Any, ...]]
+    #: Other parameters' names and what activates this one (all must match): the values it
+    #: may take, or comparisons (``{">=": 2}``).
+    when: Mapping[str, tuple[Any, ...] | Compare]
 
     @property
     def path(self) -> tuple[str, ...]:
@@ -49,8 +51,25 @@ class Param:
 
     def is_active(self, values: Mapping[str, Any]) -> bool:
         return all(
-            name in values and values[name] in allowed for name, allowed in self.when.items()
+            name in values
+            and (rule.holds(values[name]) if isinstance(rule, Compare) else values[name] in rule)
+            for name, rule in self.when.items()
         )
+
+
+_COMPARE = {
+    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "!=": operator.ne,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Compare:
+    """``when: {n_layers: {">=": 2}}``: comparisons that must all hold."""
+
+    ops: tuple[tuple[str, Any], ...]
+
+    def holds(self, value: Any) -> bool:
+        return all(_COMPARE[op](value, bound) for op, bound in self.ops)
 
 
 class SearchSpace:
@@ -291,16 +310,21 @@ def _numeric(kind: str, spec: Mapping[str, Any], check: Checker) -> BaseDistribu
     return FloatDistribution(float(low), float(high), log=log, step=step)
 
 
-def _parse_when(when: Any, check: Checker, earlier: list[Param]) -> dict[str, tuple[Any, ...]]:
+def _parse_when(
+    when: Any, check: Checker, earlier: list[Param]
+) -> dict[str, tuple[Any, ...] | Compare]:
     if when is None:
         return {}
     check.mapping(when)
     known = {p.name: p for p in earlier}
-    rule: dict[str, tuple[Any, ...]] = {}
+    rule: dict[str, tuple[Any, ...] | Compare] = {}
     for name, wanted in when.items():
         at = check.at(str(name))
         if name not in known:
             at.unknown(str(name), list(known), what="parameter (when: names one defined above)")
+        if isinstance(wanted, Mapping):
+            rule[name] = _parse_compare(wanted, at, known[name].distribution)
+            continue
         values = tuple(wanted) if isinstance(wanted, list) else (wanted,)
         if not values:
             at.fail("an empty list matches no value: give the values that enable this parameter")
@@ -312,6 +336,22 @@ def _parse_when(when: Any, check: Checker, earlier: list[Param]) -> dict[str, tu
                 )
         rule[name] = values
     return rule
+
+
+def _parse_compare(wanted: Mapping[Any, Any], at: Checker, d: BaseDistribution) -> Compare:
+    if not wanted:
+        at.fail("an empty mapping compares nothing: give e.g. {'>=': 2}")
+    ops = []
+    for op, bound in wanted.items():
+        if op not in _COMPARE:
+            at.fail(f"unknown comparison {op!r}; use one of {', '.join(_COMPARE)}")
+        ordered = op != "!="
+        if ordered and isinstance(d, CategoricalDistribution):
+            at.at(str(op)).fail("a categorical parameter has no order; list its values instead")
+        if ordered and not is_number(bound):
+            at.at(str(op)).fail(f"must be a number, got {describe(bound)}")
+        ops.append((str(op), bound))
+    return Compare(tuple(ops))
 
 
 def _suggest(trial: optuna.Trial, name: str, d: BaseDistribution) -> Any:

@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from hpo_framework import load_config, run_hpo
+from hpo_framework import ConfigError, load_config, run_hpo
 from hpo_framework.param_sampler import merge
 from tests import sessions
 from tests.conftest import make_config, write_config
@@ -130,3 +130,45 @@ def test_sampler_seed_makes_a_run_reproducible(tmp_path: Path) -> None:
 def test_load_config_exposes_flat_names_for_optuna(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path / "c.yaml", make_config(search_space=SPACE)))
     assert config.search_space.names[-1] == "model.head.kind"
+
+
+def test_when_compares_a_number(tmp_path: Path) -> None:
+    space = {
+        "n_layers": {"type": "int", "low": 1, "high": 4},
+        "units_l2": {"type": "int", "low": 4, "high": 64, "when": {"n_layers": {">=": 3}}},
+        "wide": {"type": "int", "low": 1, "high": 2,
+                 "when": {"n_layers": {">": 1, "!=": 4}}},
+    }  # fmt: skip
+    out = tmp_path / "cfgs.jsonl"
+    config = make_config(
+        session="tests.sessions:echo_cfg", static={"out": str(out)}, search_space=space,
+        study_={"n_trials": 30, "sampler": {"name": "random", "seed": 1}},
+    )  # fmt: skip
+    run_hpo(sessions.echo_cfg, write_config(tmp_path / "c.yaml", config),
+            f"sqlite:///{tmp_path / 'db'}")  # fmt: skip
+    cfgs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {c["n_layers"] for c in cfgs} == {1, 2, 3, 4}
+    for c in cfgs:
+        assert ("units_l2" in c) == (c["n_layers"] >= 3)
+        assert ("wide" in c) == (c["n_layers"] in (2, 3))
+
+
+@pytest.mark.parametrize(
+    ("when", "reason"),
+    [
+        ({"n_layers": {"=>": 2}}, "when.n_layers: unknown comparison '=>'; use one of <, <="),
+        ({"n_layers": {">": "two"}}, "when.n_layers.>: must be a number, got 'two'"),
+        ({"kind": {">": 1}}, "when.kind.>: a categorical parameter has no order"),
+        ({"n_layers": {}}, "when.n_layers: an empty mapping compares nothing"),
+    ],
+)
+def test_when_comparison_mistakes_are_one_line(tmp_path: Path, when: dict, reason: str) -> None:
+    space = {
+        "n_layers": {"type": "int", "low": 1, "high": 4},
+        "kind": {"type": "categorical", "choices": ["a", "b"]},
+        "x": {"type": "float", "low": 0.0, "high": 1.0, "when": when},
+    }
+    path = write_config(tmp_path / "c.yaml", make_config(search_space=space))
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert f"search_space.x.{reason}" in str(raised.value)
