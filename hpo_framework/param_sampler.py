@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,7 +148,7 @@ class SearchSpace:
     def check_point(self, point: Any, check: Checker) -> dict[str, Any]:
         """Check one ``enqueue:`` entry (nested, like ``cfg``); return it flat for Optuna."""
         check.mapping(point)
-        flat = flatten(point)
+        flat = flatten(_indexed(point))
         for name, value in flat.items():
             at = check.at(*name.split("."))
             if name not in self._by_name:
@@ -192,7 +192,9 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"model.hidden": 16}`` -> ``{"model": {"hidden": 16}}``."""
+    """``{"model.hidden": 16}`` -> ``{"model": {"hidden": 16}}``; a group whose keys are
+    ``0, 1, ...`` (a ``repeat:``) becomes a list: ``{"layers.0.units": 8}`` ->
+    ``{"layers": [{"units": 8}]}``."""
     tree: dict[str, Any] = {}
     for name, value in flat.items():
         *parents, leaf = name.split(".")
@@ -200,7 +202,24 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return tree
+    nested = _lists(tree)  # a dict: top-level names are never numbers
+    return nested if isinstance(nested, dict) else {"": nested}
+
+
+def _lists(tree: dict[str, Any]) -> Any:
+    out = {k: _lists(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    if out and all(k.isdigit() for k in out):
+        return [out[k] for k in sorted(out, key=int)]
+    return out
+
+
+def _indexed(point: Any) -> Any:
+    """The inverse for enqueued points: a list of groups becomes ``{"0": ..., "1": ...}``."""
+    if isinstance(point, list) and all(isinstance(x, Mapping) for x in point):
+        return {str(i): _indexed(x) for i, x in enumerate(point)}
+    if isinstance(point, Mapping):
+        return {k: _indexed(v) for k, v in point.items()}
+    return point
 
 
 def merge(static: Mapping[str, Any], sampled: Mapping[str, Any]) -> dict[str, Any]:
@@ -214,20 +233,62 @@ def merge(static: Mapping[str, Any], sampled: Mapping[str, Any]) -> dict[str, An
     return merged
 
 
-def _parse_group(tree: Mapping[str, Any], check: Checker, params: list[Param]) -> None:
+def _parse_group(
+    tree: Mapping[str, Any],
+    check: Checker,
+    params: list[Param],
+    outer: Sequence[Param] = (),
+) -> None:
+    """Parse a group into ``params``; ``when:`` may also name the ``outer`` parameters."""
     for key, node in tree.items():
         at = check.at(key)
-        if not isinstance(key, str) or not key or "." in key:
-            at.fail("parameter names must be non-empty strings without dots")
+        if not isinstance(key, str) or not key or "." in key or key.isdigit():
+            at.fail("parameter names must be non-empty strings without dots, not numbers")
         if isinstance(node, Mapping) and "type" in node:
-            params.append(_parse_param(node, at, params))
+            params.append(_parse_param(node, at, [*outer, *params]))
+        elif isinstance(node, Mapping) and "repeat" in node:
+            _parse_repeat(node, at, params)
         elif isinstance(node, Mapping) and node:
-            _parse_group(node, at, params)
+            _parse_group(node, at, params, outer)
         else:
             at.fail(
                 "expected a parameter (a mapping with 'type: float|int|categorical') "
                 f"or a group of parameters, got {describe(node)}"
             )
+
+
+def _parse_repeat(node: Mapping[str, Any], check: Checker, params: list[Param]) -> None:
+    """``layers: {repeat: {count: n_layers, max: 4, each: {...}}}``: the group ``each`` once
+    per layer, as ``layers.0.units``, ``layers.1.units``... (layer i exists when
+    ``n_layers > i``), which ``cfg`` receives as the list ``layers``."""
+    check.known_keys(node, ("repeat",))
+    at = check.at("repeat")
+    spec = node["repeat"]
+    at.mapping(spec)
+    at.known_keys(spec, ("count", "max", "each"))
+    ints = {p.name: p for p in params if isinstance(p.distribution, IntDistribution)}
+    count = spec.get("count")
+    if count not in ints:
+        at.at("count").unknown(str(count), list(ints), what="int parameter (defined above)")
+    high = ints[count].distribution.high  # type: ignore[attr-defined]
+    most = spec.get("max", high)
+    if not isinstance(most, int) or isinstance(most, bool) or most < high or most > 1000:
+        at.at("max").fail(f"must be an integer from {count}'s high ({high}) to 1000, got {most!r}")
+    each = spec.get("each")
+    if not isinstance(each, Mapping) or not each:
+        at.at("each").fail(f"must be a group of parameters, got {describe(each)}")
+    template: list[Param] = []
+    _parse_group(each, at.at("each"), template, params)
+    prefix = ".".join(at.at("each").path[1:]) + "."
+    group = ".".join(check.path[1:])
+    for i in range(most):
+        for p in template:
+            name = f"{group}.{i}.{p.name[len(prefix) :]}"
+            when: dict[str, tuple[Any, ...] | Compare] = {count: Compare(((">", i),))}
+            for other, rule in p.when.items():  # a sibling in `each` is this layer's one
+                inside = other.startswith(prefix)
+                when[f"{group}.{i}.{other[len(prefix) :]}" if inside else other] = rule
+            params.append(Param(name=name, distribution=p.distribution, when=when))
 
 
 def _parse_param(spec: Mapping[str, Any], check: Checker, earlier: list[Param]) -> Param:
@@ -242,7 +303,8 @@ def _parse_param(spec: Mapping[str, Any], check: Checker, earlier: list[Param]) 
         dist: BaseDistribution = _categorical(spec, check)
     else:
         dist = _numeric(kind, spec, check)
-    when = _parse_when(spec.get("when"), check.at("when"), earlier)
+    group = name.rpartition(".")[0]
+    when = _parse_when(spec.get("when"), check.at("when"), earlier, group + "." if group else "")
     return Param(name=name, distribution=dist, when=when)
 
 
@@ -311,15 +373,18 @@ def _numeric(kind: str, spec: Mapping[str, Any], check: Checker) -> BaseDistribu
 
 
 def _parse_when(
-    when: Any, check: Checker, earlier: list[Param]
+    when: Any, check: Checker, earlier: list[Param], group: str = ""
 ) -> dict[str, tuple[Any, ...] | Compare]:
+    """The rule of ``when:``; a name is a parameter's full dotted name, or a sibling's own
+    name in the same ``group`` (so ``each:`` of a ``repeat:`` can say ``when: {act: relu}``)."""
     if when is None:
         return {}
     check.mapping(when)
     known = {p.name: p for p in earlier}
     rule: dict[str, tuple[Any, ...] | Compare] = {}
-    for name, wanted in when.items():
-        at = check.at(str(name))
+    for given, wanted in when.items():
+        at = check.at(str(given))
+        name = given if given in known or f"{group}{given}" not in known else f"{group}{given}"
         if name not in known:
             at.unknown(str(name), list(known), what="parameter (when: names one defined above)")
         if isinstance(wanted, Mapping):

@@ -172,3 +172,54 @@ def test_when_comparison_mistakes_are_one_line(tmp_path: Path, when: dict, reaso
     with pytest.raises(ConfigError) as raised:
         load_config(path)
     assert f"search_space.x.{reason}" in str(raised.value)
+
+
+REPEATED = {
+    "n_layers": {"type": "int", "low": 1, "high": 3},
+    "layers": {"repeat": {"count": "n_layers", "each": {
+        "units": {"type": "int", "low": 4, "high": 64, "log": True},
+        "act": {"type": "categorical", "choices": ["relu", "tanh"]},
+        "slope": {"type": "float", "low": 0.0, "high": 0.3, "when": {"act": "relu"}},
+    }}},
+}  # fmt: skip
+
+
+def test_repeat_gives_cfg_a_list_of_n_layers(tmp_path: Path) -> None:
+    out = tmp_path / "cfgs.jsonl"
+    first = {"n_layers": 2, "layers": [{"units": 8, "act": "relu", "slope": 0.1},
+                                       {"units": 16, "act": "tanh"}]}  # fmt: skip
+    config = make_config(
+        session="tests.sessions:echo_cfg", static={"out": str(out)}, search_space=REPEATED,
+        study_={"n_trials": 25, "sampler": {"name": "random", "seed": 4}}, enqueue=[first],
+    )  # fmt: skip
+    study = run_hpo(sessions.echo_cfg, write_config(tmp_path / "c.yaml", config),
+                    f"sqlite:///{tmp_path / 'db'}")  # fmt: skip
+    cfgs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert cfgs[0] == {"out": str(out), **first}  # an enqueued point, given as a list
+    assert study.trials[0].params["layers.1.units"] == 16  # Optuna's flat names
+    assert {len(c["layers"]) for c in cfgs} == {1, 2, 3}
+    for c in cfgs:
+        assert len(c["layers"]) == c["n_layers"]
+        for layer in c["layers"]:
+            assert 4 <= layer["units"] <= 64
+            assert ("slope" in layer) == (layer["act"] == "relu")  # a sibling's when
+
+
+@pytest.mark.parametrize(
+    ("repeat", "reason"),
+    [
+        ({"count": "n", "each": {"u": {"type": "int", "low": 1, "high": 2}}},
+         "layers.repeat.count: unknown int parameter (defined above) 'n'"),
+        ({"count": "n_layers", "max": 2, "each": {"u": {"type": "int", "low": 1, "high": 2}}},
+         "layers.repeat.max: must be an integer from n_layers's high (3) to 1000, got 2"),
+        ({"count": "n_layers", "each": {}}, "layers.repeat.each: must be a group of parameters"),
+        ({"count": "n_layers", "each": {"u": {"type": "int", "low": 3, "high": 2}}},
+         "layers.repeat.each.u"),
+    ],
+)  # fmt: skip
+def test_repeat_mistakes_are_one_line(tmp_path: Path, repeat: dict, reason: str) -> None:
+    space = {"n_layers": {"type": "int", "low": 1, "high": 3}, "layers": {"repeat": repeat}}
+    path = write_config(tmp_path / "c.yaml", make_config(search_space=space))
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert f"search_space.{reason}" in str(raised.value)
