@@ -416,6 +416,12 @@ def executor_hop(calls: int) -> dict[str, float]:
         def set_attr(self, key: str, value: object) -> None:
             pass
 
+        def suggest(self, kind: str, name: str, kwargs: object) -> None:
+            pass
+
+        def constrain(self, key: str, value: float) -> None:
+            pass
+
     ref, cfg = "experiments.benchmarks:quadratic", {"x": 1.0}
     started = time.perf_counter()
     process = ProcessExecutor()

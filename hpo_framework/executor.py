@@ -14,7 +14,8 @@ The protocol, over a socket pair (pickled tuples), supervisor -> executor:
 - ``("check", ref, allowed)``: import the session here -> ``("ok",)`` or ``("error", text)``
 - ``("run", ref, allowed, cfg, n_objectives, info)`` -> any number of
   ``("report", value, step)``, ``("attr", key, value)`` (``trial().log``/``set_attr``) and
-  ``("suggest", kind, name, kwargs)`` (``trial().suggest_*``), each answered with
+  ``("suggest", kind, name, kwargs)`` (``trial().suggest_*``) and ``("constraint", key,
+  value)`` (``trial().set_constraint``), each answered with
   ``("continue",)``, ``("value", v)``, ``("prune", message)``, ``("lost",)`` or
   ``("error", text)``, then one :class:`SessionResult`.
 
@@ -357,10 +358,15 @@ class ProcessExecutor:
 def _answer(link: TrialLink, message: tuple[Any, ...]) -> tuple[Any, ...]:
     """The supervisor's answer to a ``("report", value, step)``, ``("attr", key, value)`` or
     ``("suggest", kind, name, kwargs)`` (answered with ``("value", v)``)."""
-    what = {"attr": "trial().set_attr", "suggest": "trial().suggest"}.get(message[0], "report()")
+    what = {
+        "attr": "trial().set_attr", "suggest": "trial().suggest",
+        "constraint": "trial().set_constraint",
+    }.get(message[0], "report()")  # fmt: skip
     try:
         if message[0] == "attr":
             link.set_attr(message[1], message[2])
+        elif message[0] == "constraint":
+            link.constrain(message[1], message[2])
         elif message[0] == "suggest":
             return ("value", link.suggest(message[1], message[2], message[3]))
         else:
@@ -389,6 +395,9 @@ class _PipeLink:
 
     def suggest(self, kind: str, name: str, kwargs: Mapping[str, Any]) -> Any:
         return self._ask(("suggest", kind, name, dict(kwargs)))
+
+    def constrain(self, key: str, value: float) -> None:
+        self._ask(("constraint", key, value))
 
     def _ask(self, message: tuple[Any, ...]) -> Any:
         self.conn.send(message)

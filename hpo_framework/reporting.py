@@ -32,6 +32,9 @@ class TrialLink(Protocol):
     def suggest(self, kind: str, name: str, kwargs: Mapping[str, Any]) -> Any:
         """Optuna's ``suggest_<kind>(name, **kwargs)`` on the running trial."""
 
+    def constrain(self, key: str, value: float) -> None:
+        """Optuna's ``set_constraint(key, value)`` on the running trial."""
+
 
 #: User attributes the framework writes itself; a session may not overwrite them.
 RESERVED_ATTRS = frozenset({"worker", "error", "traceback", "retry_of", "attempt", "copied_from"})
@@ -82,6 +85,15 @@ class TrialContext:
             if not math.isfinite(number):
                 raise ValueError(f"trial().log({key}=...): {value!r} is not a finite number")
             self.set_attr(key, number)
+
+    def set_constraint(self, key: str, value: float) -> None:
+        """Optuna's ``Trial.set_constraint``: the trial is feasible when every constraint value
+        is <= 0; samplers that handle constraints (tpe, nsga2, gp) steer by them. Once per key."""
+        number = float(value)
+        if math.isnan(number):
+            raise ValueError(f"trial().set_constraint({key!r}): NaN is not a constraint value")
+        if self._link is not None:
+            self._link.constrain(str(key), number)
 
     def set_attr(self, key: str, value: Any) -> None:
         """Record any JSON value as a user attribute of the trial."""

@@ -75,6 +75,13 @@ class OptunaLink:
         self.info = info
         self.searched = searched  # the names search_space: owns
 
+    def constrain(self, key: str, value: float) -> None:
+        trial = self.trial
+        try:
+            with_db_retry(lambda: trial.set_constraint(key, value), "recording a constraint")
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise TrialLost(f"trial {trial.number} was failed by another worker") from None
+
     def suggest(self, kind: str, name: str, kwargs: Mapping[str, Any]) -> Any:
         if name in self.searched:
             raise ValueError(f"{name!r} is a parameter of search_space:; it arrives in cfg")
@@ -294,12 +301,12 @@ class StudyHandle:
             "attempt": int(trial.user_attrs.get(ATTEMPT_ATTR, 0)),
             "checkpoint": self._checkpoint_of(_point_of(trial.user_attrs, trial.number)),
         }  # fmt: skip
+        searched = frozenset(self.config.search_space.names)
+        link = OptunaLink(trial, self.n_objectives, info, searched)
         try:
             result = self.executor.run(
-                self.record.session_ref or "", cfg, OptunaLink(
-                    trial, self.n_objectives, info, frozenset(self.config.search_space.names)
-                ),
-                self.n_objectives, self.config.study.trial_timeout,
+                self.record.session_ref or "", cfg, link, self.n_objectives,
+                self.config.study.trial_timeout,
             )  # fmt: skip
         except BaseException as e:  # the worker stops cold, or run_hpo's Ctrl-C: fail, re-queue
             why = str(e) or f"interrupted ({type(e).__name__})"

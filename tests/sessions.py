@@ -250,3 +250,11 @@ def layers_by_run(cfg: dict[str, Any]) -> float:
     if cfg.get("ask_for") is not None:
         t.suggest_int(cfg["ask_for"], 1, 3)
     return float(sum(units)) / 100 + (0.5 if act == "tanh" else 0.0)
+
+
+def constrained(cfg: dict[str, Any]) -> float:
+    """(x - 2)^2 with the constraint x <= 1 (as x - 1 <= 0), given through trial()."""
+    from hpo_framework import trial
+
+    trial().set_constraint("x_at_most_1", cfg["x"] - 1.0)
+    return float((cfg["x"] - 2) ** 2)

@@ -12,7 +12,13 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo_framework import ConfigError, StudyExistsError, report, resolve_storage_url, run_hpo
+from hpo_framework import (
+    ConfigError,
+    StudyExistsError,
+    report,
+    resolve_storage_url,
+    run_hpo,
+)
 from tests import sessions
 from tests.conftest import ROOT, cli_env, make_config, write_config
 
@@ -298,3 +304,20 @@ def test_a_session_may_ask_for_parameters_itself(storage_url: str, tmp_path: Pat
         "trial().suggest failed: ValueError: 'n_layers' is a parameter of search_space:; "
         "it arrives in cfg"
     )
+
+
+def test_constraints_reach_the_sampler(storage_url: str, tmp_path: Path) -> None:
+    config = make_config(
+        session="tests.sessions:constrained",
+        study_={"n_trials": 12,
+                "sampler": {"name": "tpe", "seed": 3, "options": {"n_startup_trials": 4}}},
+    )  # fmt: skip
+    study = run_hpo("tests.sessions:constrained", write_config(tmp_path / "c.yaml", config),
+                    storage_url)  # fmt: skip
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 12
+    for t in complete:  # Optuna's own constraints, which its samplers steer by
+        assert t.constraints == {"x_at_most_1": t.params["x"] - 1.0}
+    # TPE with constraints prefers the feasible side once it has seen both
+    later = [t.params["x"] <= 1.0 for t in complete[4:]]
+    assert sum(later) >= len(later) // 2
