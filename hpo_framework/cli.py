@@ -192,7 +192,10 @@ def stop(name: str, storage: str | None) -> None:
 
 def _limit(value: str) -> Any:
     """A limit as typed: a YAML scalar, with ``none`` for no limit (checked as in a config)."""
-    read = yaml.safe_load(value) if value.strip() else value
+    try:
+        read = yaml.safe_load(value) if value.strip() else value
+    except yaml.YAMLError:
+        return value  # checked as text: "must be an integer ..., got '[1'"
     return None if isinstance(read, str) and read.lower() in ("none", "null") else read
 
 
@@ -377,8 +380,16 @@ def inspect_command(
     if (trial_number is not None or best_config_path) and study is None:
         raise click.UsageError("--trial and --best-config need a STUDY")
     if best_config_path:
-        cfg = best_config(rdb, study or "")
-        Path(best_config_path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+        cfg, asked = best_config(rdb, study or "")
+        try:
+            Path(best_config_path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+        except OSError as e:
+            raise click.ClickException(f"cannot write {best_config_path}: {e.strerror}") from None
+        if asked:
+            click.echo(
+                f"note: the session asked for {', '.join(sorted(asked))} itself "
+                f"(trial().suggest_*); not in cfg: {json.dumps(asked)}", err=True,
+            )  # fmt: skip
         click.echo(f"wrote {best_config_path}: the complete cfg of the best trial of {study!r}")
         return
     if trial_number is not None:
@@ -489,6 +500,8 @@ def _trial_text(d: dict[str, Any]) -> str:
         "cfg:",
         *("  " + line for line in yaml.safe_dump(d["cfg"], sort_keys=False).splitlines()),
     ]
+    if d["asked"]:
+        lines.append(f"asked for by the session (not in cfg): {json.dumps(d['asked'])}")
     if d["intermediate_values"]:
         steps = " ".join(f"{k}:{v:.6g}" for k, v in d["intermediate_values"].items())
         lines.append(f"intermediate values: {steps}")

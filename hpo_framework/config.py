@@ -325,7 +325,8 @@ def _parse_study(raw: Any, check: Checker, space: SearchSpace) -> StudySpec:
             f"must be longer than heartbeat_interval ({heartbeat}), got {grace}"
         )
     max_retries = _optional_int(raw, "max_retries", check, defaults.MAX_RETRIES, minimum=0)
-    assert max_retries is not None
+    if max_retries is None:
+        check.at("max_retries").fail("must be an integer >= 0 (0: no retries), got null")
     trial_timeout = _optional_number(raw, "trial_timeout", check, None)
     stop_when = _parse_stop_when(raw.get("stop_when"), check.at("stop_when"), len(directions))
     hooks = {}

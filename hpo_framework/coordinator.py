@@ -146,7 +146,8 @@ def _resume(
         limits = {k: getattr(config.study, k) for k in LIMITS}
         for change in set_limits(storage, name, limits):
             log.info("study %r: %s", name, change)
-    registry.reopen(name, config.study.timeout)
+    if existing.state != PAUSED:  # a pause is lifted by resume only
+        registry.reopen(name, config.study.timeout)
     rearm(storage, existing.study_id)
     log.info("resuming study %r in %s", name, where)
     return registry.get(name)
@@ -201,8 +202,7 @@ def stop_study(storage: optuna.storages.RDBStorage, name: str) -> bool:
     registry.get(name)  # raises StudyNotFoundError
     stopped = registry.move(name, OPEN, STOPPED) or registry.move(name, PAUSED, STOPPED)
     if stopped:  # with nothing running, nobody else will see it end
-        record = registry.get(name)
-        fire_if_ended(storage, record, Config.stored(name, record.config).study)
+        fire_if_ended(storage, registry.get(name).study_id)
     return stopped
 
 

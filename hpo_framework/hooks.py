@@ -23,9 +23,8 @@ import urllib.request
 import optuna
 import sqlalchemy as sa
 
-from hpo_framework.config import StudySpec
 from hpo_framework.optuna_tables import study_user_attrs
-from hpo_framework.registry import FAILED, OPEN, STOPPED, StudyRecord
+from hpo_framework.registry import FAILED, OPEN, STOPPED, Registry, StudyRecord
 from hpo_framework.tickets import Tickets
 
 log = logging.getLogger("hpo.hooks")
@@ -35,24 +34,48 @@ HOOK_TIMEOUT_S = 60.0
 ALLOW_COMMANDS_ENV = "HPO_ALLOW_HOOK_COMMANDS"
 
 
-def ended(record: StudyRecord, tickets: Tickets) -> str | None:
-    """``"done"`` or ``"failed"`` once the study is over with nothing of it running; else None."""
+def ended(record: StudyRecord) -> str | None:
+    """``"done"`` or ``"failed"`` if the study is over, judged from its row alone (read after
+    seeing no ticket held: a ticket is returned in the same statement that gives its budget
+    back, so a failure that re-queues its point never looks like the end)."""
     if record.state == FAILED:
         return "failed"
     over = record.state == STOPPED or (
         record.state == OPEN
         and ((record.budget is not None and record.claimed >= record.budget) or record.timed_out)
     )
-    return "done" if over and tickets.held(record.study_id) == 0 else None
+    return "done" if over else None
 
 
-def fire_if_ended(
-    storage: optuna.storages.RDBStorage, record: StudyRecord, spec: StudySpec
-) -> None:
-    """Fire the study's hook if it has just ended and no process fired it yet."""
-    event = ended(record, Tickets(storage.engine))
-    hook = {"done": spec.on_done, "failed": spec.on_failed}.get(event or "")
+def hooks_of(record: StudyRecord) -> tuple[str | None, str | None]:
+    """The study's ``on_done`` and ``on_failed``, from its stored config."""
+    study = record.config.get("study") or {}
+    return study.get("on_done"), study.get("on_failed")
+
+
+def fire_if_ended(storage: optuna.storages.RDBStorage, study_id: int) -> None:
+    """Fire the study's hook if it has ended and no process fired it yet. Reads nothing more
+    than the study's row when the study has no hook."""
+    registry = Registry(storage.engine)
+    record = registry.by_id(study_id)
+    if record is None or hooks_of(record) == (None, None):
+        return
+    if record.state != FAILED:  # nothing may be running for "done": then read the row again
+        if Tickets(storage.engine).held(study_id) > 0:
+            return
+        record = registry.by_id(study_id)
+        if record is None:
+            return
+    event = ended(record)
+    on_done, on_failed = hooks_of(record)
+    hook = on_failed if event == "failed" else on_done
     if event is None or not hook:
+        return
+    if not _is_url(hook) and os.environ.get(ALLOW_COMMANDS_ENV) != "1":
+        log.warning(
+            "study=%s on_%s not run here: commands run only where %s=1 is set (a process "
+            "that has it may still run it)", record.name, event, ALLOW_COMMANDS_ENV,
+        )  # fmt: skip
         return
     at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     try:
@@ -72,6 +95,10 @@ def fire_if_ended(
     run_hook(hook, text, record.name, event)
 
 
+def _is_url(hook: str) -> bool:
+    return hook.startswith(("http://", "https://"))
+
+
 def rearm(storage: optuna.storages.RDBStorage, study_id: int) -> None:
     """The study goes on: its hook may fire again when it next ends."""
     a = study_user_attrs.c
@@ -82,19 +109,13 @@ def rearm(storage: optuna.storages.RDBStorage, study_id: int) -> None:
 def run_hook(hook: str, text: str, study: str, event: str) -> None:
     """POST ``text`` to a URL, or run a command with it on stdin; failures are logged."""
     try:
-        if hook.startswith(("http://", "https://")):
+        if _is_url(hook):
             request = urllib.request.Request(
                 hook, data=text.encode(), headers={"Content-Type": "application/json"},
                 method="POST",
             )  # fmt: skip
             with urllib.request.urlopen(request, timeout=HOOK_TIMEOUT_S) as response:
                 log.info("study=%s on_%s: POST %s: %d", study, event, hook, response.status)
-            return
-        if os.environ.get(ALLOW_COMMANDS_ENV) != "1":
-            log.warning(
-                "study=%s on_%s not run: commands run only where %s=1 is set",
-                study, event, ALLOW_COMMANDS_ENV,
-            )  # fmt: skip
             return
         done = subprocess.run(
             hook, shell=True, input=text, text=True, capture_output=True,  # noqa: S602
@@ -107,5 +128,5 @@ def run_hook(hook: str, text: str, study: str, event: str) -> None:
             )  # fmt: skip
         else:
             log.info("study=%s on_%s ran", study, event)
-    except (OSError, subprocess.TimeoutExpired) as e:
+    except (OSError, ValueError, subprocess.TimeoutExpired) as e:  # InvalidURL: a ValueError
         log.warning("study=%s on_%s failed: %s", study, event, e)

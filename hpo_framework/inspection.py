@@ -309,11 +309,12 @@ def trial_detail(storage: optuna.storages.RDBStorage, name: str, number: int) ->
         for x in same_point
         if x.number == root or x.user_attrs.get(RETRY_OF_ATTR) == root
     ]
-    static = Config.stored(name, record.config).static
+    cfg, asked = _cfg_of(Config.stored(name, record.config), trial.params)
     return {
         **trial_summary(trial),
         "params_nested": unflatten(trial.params),
-        "cfg": merge(static, unflatten(trial.params)),
+        "cfg": cfg,
+        "asked": asked,
         "intermediate_values": {str(k): v for k, v in sorted(trial.intermediate_values.items())},
         "attempt": attrs.get(ATTEMPT_ATTR, 0),
         "attempts": attempts,
@@ -324,9 +325,19 @@ def trial_detail(storage: optuna.storages.RDBStorage, name: str, number: int) ->
     }
 
 
-def best_config(storage: optuna.storages.RDBStorage, name: str) -> dict[str, Any]:
+def _cfg_of(config: Config, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``cfg`` a trial's session received (static and ``search_space:`` values, nested),
+    and the parameters the session asked for itself (``trial().suggest_*``), not in it."""
+    searched = {k: v for k, v in params.items() if k in config.search_space}
+    asked = {k: v for k, v in params.items() if k not in config.search_space}
+    return merge(config.static, unflatten(searched)), asked
+
+
+def best_config(
+    storage: optuna.storages.RDBStorage, name: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The complete ``cfg`` (static and searched values, nested) of the study's best trial:
-    what to train the final model with."""
+    what to train the final model with; and the values its session asked for itself."""
     record = Registry(storage.engine).get(name)
     directions = storage.get_study_directions(record.study_id)
     if len(directions) > 1:
@@ -337,5 +348,4 @@ def best_config(storage: optuna.storages.RDBStorage, name: str) -> dict[str, Any
     best, _ = _ranked_complete(storage, record.study_id, directions, 1)
     if not best:
         raise HPOError(f"study {name!r} has no completed trial yet")
-    static = Config.stored(name, record.config).static
-    return merge(static, unflatten(best[0].params))
+    return _cfg_of(Config.stored(name, record.config), best[0].params)

@@ -104,8 +104,10 @@ def _write_limits(
     record = registry.get(name)
     raw = json.loads(json.dumps(record.config))  # a deep copy
     before = Config.stored(name, record.config).study
-    changes = [
-        Change(k, getattr(before, k), v) for k, v in limits.items() if getattr(before, k) != v
+    changes = [  # a timeout counts from now: given again, it restarts
+        Change(k, getattr(before, k), v)
+        for k, v in limits.items()
+        if getattr(before, k) != v or (k == "timeout" and v is not None)
     ]
     if not changes:
         return []
@@ -211,13 +213,7 @@ def _budget_room(
     (PostgreSQL) until the block ends, so two operators never both fill the same room."""
     registry = Registry(storage.engine)
     record = registry.get(name)
-    with storage.engine.begin() as conn:
-        if storage.engine.dialect.name == "postgresql":
-            conn.execute(
-                sa.select(hpo_studies.c.study_id)
-                .where(hpo_studies.c.study_id == record.study_id)
-                .with_for_update()
-            )
+    with study_lock(storage.engine, record.study_id):
         record = registry.by_id(record.study_id) or record
         waiting = len(
             storage.get_all_trials(record.study_id, deepcopy=False, states=(TrialState.WAITING,))
@@ -280,6 +276,26 @@ def retry_failed(storage: optuna.storages.RDBStorage, name: str) -> tuple[int, i
     return len(chosen), len(pending)
 
 
+@contextlib.contextmanager
+def study_lock(engine: sa.Engine, study_id: int) -> Iterator[None]:
+    """Hold the study's ``hpo_studies`` row locked (PostgreSQL) while the block re-queues or
+    enqueues points through other connections, so two of them (an operator's
+    ``retry-failed`` and a worker settling a failure) never both re-queue one point. The
+    lock's own connection idles meanwhile: it may, for a minute. SQLite: no lock (one host)."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.begin() as conn:
+        conn.execute(sa.text("SET LOCAL idle_in_transaction_session_timeout = '60s'"))
+        conn.execute(sa.text("SET LOCAL lock_timeout = '60s'"))
+        conn.execute(
+            sa.select(hpo_studies.c.study_id)
+            .where(hpo_studies.c.study_id == study_id)
+            .with_for_update()
+        )
+        yield
+
+
 # --- branching --------------------------------------------------------------------------------
 
 
@@ -290,6 +306,8 @@ def compatible_trials(
     sampled, ready to add to its new study (``create --from OLD``): the same directions,
     each trial's parameters exactly those the new space has for that point, each value
     possible there. Their values are kept; they count towards the new budget."""
+    if config.study.sampler.name == "grid":  # its grid would not count the copies as visited
+        raise OperationError("create --from does not work with the grid sampler")
     registry = Registry(storage.engine)
     old = registry.get(old_name)
     directions = Config.stored(old_name, old.config).study.directions

@@ -268,7 +268,7 @@ def _parse_repeat(node: Mapping[str, Any], check: Checker, params: list[Param]) 
     at.known_keys(spec, ("count", "max", "each"))
     ints = {p.name: p for p in params if isinstance(p.distribution, IntDistribution)}
     count = spec.get("count")
-    if count not in ints:
+    if not isinstance(count, str) or count not in ints:
         at.at("count").unknown(str(count), list(ints), what="int parameter (defined above)")
     high = ints[count].distribution.high  # type: ignore[attr-defined]
     most = spec.get("max", high)

@@ -22,6 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo_framework.config import Config
+from hpo_framework.hooks import fire_if_ended, hooks_of
 from hpo_framework.registry import Registry, StudyRecord
 from hpo_framework.settle import Ledger, settle_failure
 from hpo_framework.storage import DB_HEALTH, with_db_retry
@@ -107,6 +108,11 @@ class Sweeper:
                 lambda: tickets.settle(ticket.ticket_id, me, returned=False, failure=False),
                 "settling a ticket",
             )
+        if hooks_of(record) != (None, None):  # the lost worker's trial may have been the last
+            try:
+                with_db_retry(lambda: fire_if_ended(self.storage, record.study_id), "a hook")
+            except Exception as e:  # a hook never takes the sweeping worker down
+                log.warning("study=%s hook not fired: %s", record.name, e)
 
     def _ledger(self, record: StudyRecord) -> Ledger:
         known = self.ledgers.get(record.study_id)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo_framework.operations import study_lock
 from hpo_framework.optuna_tables import trial_with_system_attr
 from hpo_framework.registry import OPEN, PAUSED, Registry, StudyRecord
 from hpo_framework.storage import with_db_retry
@@ -72,9 +73,10 @@ def requeue_once(ledger: Ledger, failed: FrozenTrial) -> None:
     )
 
     def requeue() -> None:
-        if trial_with_system_attr(ledger.storage.engine, REQUEUED_FROM_ATTR, failed._trial_id):
-            return  # an earlier try committed (its answer was lost), or a settler before us
-        create_trial_once(ledger.storage, ledger.study_id, retry)
+        with study_lock(ledger.storage.engine, ledger.study_id):  # retry-failed may be at it too
+            if trial_with_system_attr(ledger.storage.engine, REQUEUED_FROM_ATTR, failed._trial_id):
+                return  # an earlier try committed (its answer was lost), or a settler before us
+            create_trial_once(ledger.storage, ledger.study_id, retry)
 
     with_db_retry(requeue, "re-queueing a failed trial")
 

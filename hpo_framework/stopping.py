@@ -29,7 +29,14 @@ def stop_reason(
             return None
         sign = -1.0 if maximize else 1.0
         best = min(complete, key=lambda t: (sign * t.values[0], t.number))  # earliest of ties
-        since = sum(1 for t in finished if t.number > best.number)
+        # finished after it, by the clock: with several workers a trial numbered later may
+        # have finished before the best one did
+        done = best.datetime_complete
+        since = sum(
+            1 for t in finished
+            if t is not best and t.datetime_complete is not None and done is not None
+            and t.datetime_complete > done
+        )  # fmt: skip
         if since >= rule.patience:
             return (
                 f"stop_when.patience: {since} finished trials without improvement since "

@@ -336,6 +336,8 @@ class StudyHandle:
         )
         if result.fatal:
             with_db_retry(lambda: self.registry.set_state(self.name, "failed", error), "stop")
+            if self.config.study.on_failed:
+                self._fire_hook_if_ended()
             return TrialOutcome(**{**outcome.__dict__, "fatal": True})
         return outcome
 
@@ -431,9 +433,7 @@ class StudyHandle:
     def _fire_hook_if_ended(self) -> None:
         """``on_done``/``on_failed`` if this trial was the study's last (see ``hooks``)."""
         try:
-            record = with_db_retry(lambda: self.registry.by_id(self.record.study_id), "reading")
-            if record is not None:
-                fire_if_ended(self.storage, record, self.config.study)
+            with_db_retry(lambda: fire_if_ended(self.storage, self.record.study_id), "a hook")
         except Exception as e:  # a hook never takes a worker down
             log.warning("study=%s hook not fired: %s", self.name, e)
 

@@ -5,6 +5,7 @@ Each on SQLite and PostgreSQL, with real workers serving the study meanwhile."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -53,6 +54,17 @@ def test_set_changes_the_limits_of_a_live_study(storage_url: str, tmp_path: Path
         "study 'pool': max_failed_trials 10 -> 4",
         "study 'pool': max_retries 2 -> 0",
     ]  # fmt: skip (timeout was none already)
+    assert coordinator(storage_url, "set", name, "--timeout", "3600") == (
+        0, "study 'pool': timeout none -> 3600"
+    )  # fmt: skip
+    assert coordinator(storage_url, "set", name, "--timeout", "3600") == (  # restarts the clock
+        0, "study 'pool': timeout 3600.0 -> 3600"
+    )  # fmt: skip
+    status, out = coordinator(storage_url, "set", name, "--max-retries", "none")
+    assert status == 2 and out == (
+        "Error: study 'pool': study.max_retries: must be an integer >= 0 (0: no retries), got null"
+    )
+    assert coordinator(storage_url, "set", name, "--n-trials", "[1")[0] == 2
     assert coordinator(storage_url, "set", name, "--n-trials", "ten")[0] == 2
     assert coordinator(storage_url, "set", name, "--n-trials", "ten")[1].startswith(
         "Error: study 'pool': study.n_trials: "
@@ -78,6 +90,14 @@ def test_pause_lets_running_trials_finish_and_resume_goes_on(
     assert coordinator(storage_url, "reopen", name) == (
         2, "Error: cannot reopen study 'pool': it is paused: resume it"
     )  # fmt: skip
+    path = tmp_path / f"{abs(hash('pool'))}.yaml"  # the config create() wrote
+    assert coordinator(storage_url, "create", str(path), "--resume")[0] == 0
+    assert (
+        json.loads(run_cli("hpo-inspect", name, "--format", "json", url=storage_url).stdout)[
+            "state"
+        ]
+        == "paused"
+    )  # create --resume applies limits; only resume lifts a pause
     assert coordinator(storage_url, "resume", name) == (0, "study 'pool' resumed")
     wait_until("the budget", lambda: finished(storage_url, name) == 5, timeout=120)
     assert coordinator(storage_url, "resume", name) == (
@@ -227,6 +247,14 @@ def test_create_from_copies_the_trials_that_fit_the_new_space(
                                                                   "n_trials": 1}})  # fmt: skip
     status, out = coordinator(storage_url, "create", str(small), "--from", "test-study")
     assert status == 2 and "study.n_trials: 1 leaves no room for the" in out
+    grid = make_config(
+        study_={"name": "g", "sampler": "grid"},
+        search_space={"x": {"type": "float", "low": 0.0, "high": 5.0, "step": 1.0}},
+    )
+    path3 = write_config(tmp_path / "grid.yaml", grid)
+    assert coordinator(storage_url, "create", str(path3), "--from", "test-study") == (
+        2, "Error: create --from does not work with the grid sampler"
+    )  # fmt: skip
     two = make_config(study_={"name": "two", "direction": None,
                               "directions": ["minimize", "maximize"]})  # fmt: skip
     path2 = write_config(tmp_path / "two.yaml", two)
@@ -318,8 +346,25 @@ def test_on_failed_posts_to_a_url_and_commands_need_the_hosts_consent(
     assert coordinator(storage_url, "reopen", name)[0] == 0
     stopped = run_cli("hpo-coordinator", "stop", name, url=storage_url)
     assert stopped.returncode == 0
-    assert "on_done not run: commands run only where HPO_ALLOW_HOOK_COMMANDS=1" in stopped.stderr
+    assert "on_done not run here: commands run only where HPO_ALLOW_HOOK_COMMANDS=1" in (
+        stopped.stderr
+    )
     assert not (tmp_path / "never").exists()
+    # not claimed either: a process that may run commands still fires it, once
+    allowed = run_cli("hpo-coordinator", "stop", name, url=storage_url)
+    assert "was not open" in allowed.stdout
+    from hpo_framework.hooks import fire_if_ended
+    from hpo_framework.registry import Registry
+
+    storage = open_storage(storage_url, create_schema=False)
+    study_id = Registry(storage.engine).get(name).study_id
+    os.environ["HPO_ALLOW_HOOK_COMMANDS"] = "1"
+    try:
+        fire_if_ended(storage, study_id)
+        fire_if_ended(storage, study_id)
+    finally:
+        del os.environ["HPO_ALLOW_HOOK_COMMANDS"]
+    assert (tmp_path / "never").exists()
 
 
 def test_two_operators_setting_different_limits_at_once_both_land(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 from hpo_framework import (
@@ -20,7 +21,7 @@ from hpo_framework import (
     run_hpo,
 )
 from tests import sessions
-from tests.conftest import ROOT, cli_env, make_config, write_config
+from tests.conftest import ROOT, cli_env, make_config, run_cli, write_config
 
 
 def run(tmp_path: Path, session, url: str | None = None, **overrides) -> optuna.Study:  # type: ignore[no-untyped-def]
@@ -292,6 +293,12 @@ def test_a_session_may_ask_for_parameters_itself(storage_url: str, tmp_path: Pat
         assert all(4 <= t.params[f"units_l{i}"] <= 64 for i in range(n))
         # a retry asks again and gets the failed attempt's values: the same point
         assert t.params == by_number[t.user_attrs["retry_of"]].params
+    # the cfg the session got holds search_space: values only; what it asked for is apart
+    best = tmp_path / "best.yaml"
+    result = run_cli("hpo-inspect", "test-study", "--best-config", str(best), url=storage_url)
+    assert result.returncode == 0, result.stderr
+    assert set(yaml.safe_load(best.read_text())) == {"n_layers", "fail_first"}
+    assert "note: the session asked for act, units_l0" in result.stderr
     # search_space: owns its names; asking for one fails the trial, saying so
     asks = make_config(
         session="tests.sessions:layers_by_run", search_space=space,

@@ -210,3 +210,31 @@ def test_a_package_missing_on_this_host_is_the_hosts_problem(
     broken = type(handle.record)(**{**handle.record.__dict__, "config": {"study": {}}})
     with pytest.raises(InvalidStudy, match=r"study\.name"):
         load_for_serving(handle.storage, broken, executor, "test:1")
+
+
+def test_patience_counts_trials_finished_after_the_best_by_the_clock() -> None:
+    from datetime import datetime, timedelta
+
+    from optuna.distributions import FloatDistribution
+
+    from hpo_framework.config import StopWhen
+    from hpo_framework.stopping import stop_reason
+
+    start = datetime(2026, 1, 1)
+
+    def done(number: int, value: float, second: int) -> optuna.trial.FrozenTrial:
+        t = optuna.trial.create_trial(
+            value=value, params={"x": 0.0}, distributions={"x": FloatDistribution(0, 1)}
+        )
+        t.number, t.datetime_complete = number, start + timedelta(seconds=second)
+        return t
+
+    # trials 1..5 finished (pruned fast, say) before trial 0, which turned out best
+    fast = [done(n, 9.0, n) for n in range(1, 6)]
+    best = done(0, 1.0, 10)
+    rule = StopWhen(patience=3)
+    assert stop_reason(rule, False, [*fast, best], best) is None
+    later = [done(n, 5.0, 10 + n) for n in range(6, 9)]
+    assert stop_reason(rule, False, [*fast, best, *later], later[-1]) == (
+        "stop_when.patience: 3 finished trials without improvement since trial 0 (1)"
+    )
