@@ -76,11 +76,7 @@ class OptunaLink:
         self.searched = searched  # the names search_space: owns
 
     def constrain(self, key: str, value: float) -> None:
-        trial = self.trial
-        try:
-            with_db_retry(lambda: trial.set_constraint(key, value), "recording a constraint")
-        except optuna.exceptions.UpdateFinishedTrialError:
-            raise TrialLost(f"trial {trial.number} was failed by another worker") from None
+        self._write(lambda: self.trial.set_constraint(key, value), "recording a constraint")
 
     def suggest(self, kind: str, name: str, kwargs: Mapping[str, Any]) -> Any:
         if name in self.searched:
@@ -89,20 +85,20 @@ class OptunaLink:
         return with_db_retry(lambda: suggest(name, **kwargs), "sampling a parameter")
 
     def set_attr(self, key: str, value: Any) -> None:
-        trial = self.trial
+        self._write(lambda: self.trial.set_user_attr(key, value), "recording an attribute")
+
+    def _write(self, op: Callable[[], None], what: str) -> None:
+        """A write of the running trial; TrialLost if another worker failed it meanwhile."""
         try:
-            with_db_retry(lambda: trial.set_user_attr(key, value), "recording an attribute")
+            with_db_retry(op, what)
         except optuna.exceptions.UpdateFinishedTrialError:
-            raise TrialLost(f"trial {trial.number} was failed by another worker") from None
+            raise TrialLost(f"trial {self.trial.number} was failed by another worker") from None
 
     def report(self, value: float, step: int) -> None:
         trial = self.trial
         if self.n_objectives > 1:
             return
-        try:
-            with_db_retry(lambda: trial.report(value, step), "reporting a step")
-        except optuna.exceptions.UpdateFinishedTrialError:
-            raise TrialLost(f"trial {trial.number} was failed by another worker") from None
+        self._write(lambda: trial.report(value, step), "reporting a step")
         if with_db_retry(trial.should_prune, "asking the pruner"):
             raise TrialPruned(f"trial {trial.number} pruned at step {step} (value {value:g})")
 
