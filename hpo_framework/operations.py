@@ -31,6 +31,7 @@ from hpo_framework.registry import (
     Registry,
     StudyRecord,
     hpo_studies,
+    study_lock,
 )
 from hpo_framework.trial_attrs import (
     ATTEMPT_ATTR,
@@ -274,26 +275,6 @@ def retry_failed(storage: optuna.storages.RDBStorage, name: str) -> tuple[int, i
             )
             create_trial_once(storage, record.study_id, retry)
     return len(chosen), len(pending)
-
-
-@contextlib.contextmanager
-def study_lock(engine: sa.Engine, study_id: int) -> Iterator[None]:
-    """Hold the study's ``hpo_studies`` row locked (PostgreSQL) while the block re-queues or
-    enqueues points through other connections, so two of them (an operator's
-    ``retry-failed`` and a worker settling a failure) never both re-queue one point. The
-    lock's own connection idles meanwhile: it may, for a minute. SQLite: no lock (one host)."""
-    if engine.dialect.name != "postgresql":
-        yield
-        return
-    with engine.begin() as conn:
-        conn.execute(sa.text("SET LOCAL idle_in_transaction_session_timeout = '60s'"))
-        conn.execute(sa.text("SET LOCAL lock_timeout = '60s'"))
-        conn.execute(
-            sa.select(hpo_studies.c.study_id)
-            .where(hpo_studies.c.study_id == study_id)
-            .with_for_update()
-        )
-        yield
 
 
 # --- branching --------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ many workers race; a failed trial hands its ticket back so its parameters can ru
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -260,3 +261,23 @@ class Registry:
             )  # fmt: skip
             for r in rows
         ]
+
+
+@contextlib.contextmanager
+def study_lock(engine: sa.Engine, study_id: int) -> Iterator[None]:
+    """Hold the study's ``hpo_studies`` row locked (PostgreSQL) while the block re-queues or
+    enqueues points through other connections, so two of them (an operator's
+    ``retry-failed`` and a worker settling a failure) never both re-queue one point. The
+    lock's own connection idles meanwhile: it may, for a minute. SQLite: no lock (one host)."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.begin() as conn:
+        conn.execute(sa.text("SET LOCAL idle_in_transaction_session_timeout = '60s'"))
+        conn.execute(sa.text("SET LOCAL lock_timeout = '60s'"))
+        conn.execute(
+            sa.select(hpo_studies.c.study_id)
+            .where(hpo_studies.c.study_id == study_id)
+            .with_for_update()
+        )
+        yield

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo_framework.operations import study_lock
 from hpo_framework.optuna_tables import trial_with_system_attr
-from hpo_framework.registry import OPEN, PAUSED, Registry, StudyRecord
+from hpo_framework.registry import OPEN, PAUSED, Registry, StudyRecord, study_lock
 from hpo_framework.storage import with_db_retry
 from hpo_framework.tickets import Tickets
 from hpo_framework.trial_attrs import ATTEMPT_ATTR, REQUEUED_FROM_ATTR, RETRY_OF_ATTR
