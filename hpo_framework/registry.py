@@ -115,6 +115,11 @@ _TRIAL_INDEXES = {
 }
 
 
+def _lost_create_race(e: sa.exc.DatabaseError) -> bool:
+    text = str(e.orig).lower()
+    return "already exists" in text or "duplicate key" in text
+
+
 class Registry:
     """Reads and conditional writes of ``hpo_studies`` over one engine."""
 
@@ -130,7 +135,15 @@ class Registry:
     def create_table(self) -> None:
         """hpo's tables, and two indexes on Optuna's ``trials`` that keep a trial's start
         independent of the study's size (the waiting-trial probe and the next number)."""
-        metadata.create_all(self.engine)
+        for attempt in range(5):
+            try:
+                metadata.create_all(self.engine)
+                break
+            except sa.exc.DatabaseError as e:
+                # Two processes checked "missing" at once and the other created it first
+                # (SQLite: "already exists"; PostgreSQL: a duplicate type or relation).
+                if attempt == 4 or not _lost_create_race(e):
+                    raise
         for name, columns in _TRIAL_INDEXES.items():
             try:
                 create = f"CREATE INDEX IF NOT EXISTS {name} ON trials ({columns})"
