@@ -6,46 +6,42 @@ retry's ``load()`` returns the last state saved for that *point* (the retried pa
 the session carries on from there instead of from epoch 0. Outside a trial, or for a study
 without ``checkpoints:`` in its config, ``save`` does nothing and ``load`` returns None.
 
-Files live under ``checkpoints.dir`` (a directory every worker sees: a shared volume), one per
-point, written atomically (a temporary file, fsync, rename), so a kill mid-save leaves the
-previous checkpoint intact. The state is pickled: like ``torch.load``, load only checkpoints of
-a directory nobody untrusted can write. The worker removes the checkpoints of finished trials,
-except those of the best ``checkpoints.keep_best``.
+Checkpoints live in one of Optuna's artifact stores (``checkpoint_store``): a directory every
+worker sees (``checkpoints.dir``, a shared volume) or S3 and S3-compatible services
+(``checkpoints.s3``), one artifact per point, replaced whole by each save, so a kill mid-save
+leaves the previous checkpoint intact. The state is pickled: like ``torch.load``, load only
+checkpoints of a store nobody untrusted can write. The worker removes the checkpoints of
+finished trials, except those of the best ``checkpoints.keep_best``.
 """
 
 from __future__ import annotations
 
-import os
+import io
 import pickle
-from pathlib import Path
 from typing import Any
 
+from hpo_framework.checkpoint_store import ArtifactNotFound, open_store
 from hpo_framework.reporting import current_info
-
-
-def _target() -> Path | None:
-    where = current_info().get("checkpoint")
-    return None if where is None else Path(where)
 
 
 def save(state: Any) -> None:
     """Replace this trial's checkpoint with ``state`` (anything picklable: a dict of tensors,
     the epoch, the optimizer's state...)."""
-    target = _target()
+    target = current_info().get("checkpoint")
     if target is None:
         return
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    body = io.BytesIO(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+    open_store(target).write(target["id"], body)
 
 
 def load() -> Any | None:
     """The state last saved for this trial's point (by an earlier attempt), or None."""
-    target = _target()
-    if target is None or not target.exists():
+    target = current_info().get("checkpoint")
+    if target is None:
         return None
-    with open(target, "rb") as f:
-        return pickle.load(f)  # noqa: S301 (the study's own checkpoints; see the module doc)
+    try:
+        with open_store(target).open_reader(target["id"]) as f:
+            data = f.read()
+    except ArtifactNotFound:
+        return None
+    return pickle.loads(data)  # noqa: S301 (the study's own checkpoints; see the module doc)

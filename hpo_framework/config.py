@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import math
 import re
@@ -21,7 +22,7 @@ import yaml
 from hpo_framework import defaults
 from hpo_framework._checks import Checker, describe, is_number
 from hpo_framework.algorithms import check_pruner, check_sampler
-from hpo_framework.exceptions import ConfigError
+from hpo_framework.exceptions import ConfigError, MissingPackageError
 from hpo_framework.param_sampler import SearchSpace, flatten
 
 TOP_KEYS = ("study", "session", "storage", "static", "search_space", "enqueue", "checkpoints")
@@ -58,7 +59,9 @@ class PrunerSpec:
 class CheckpointSpec:
     """``checkpoints:``: where sessions' checkpoints live, and how many finished ones stay."""
 
-    dir: str  # a directory every worker of the study sees (a shared volume)
+    dir: str | None = None  # a directory every worker of the study sees (a shared volume)
+    s3: str | None = None  # or s3://bucket/prefix (S3 or an S3-compatible service)
+    endpoint_url: str | None = None  # the S3-compatible service's URL (MinIO...), if not AWS
     keep_best: int = 0  # checkpoints of the best N finished trials stay; the others go
 
 
@@ -272,12 +275,30 @@ def _parse_checkpoints(raw: Any, check: Checker) -> CheckpointSpec | None:
     if raw is None:
         return None
     check.mapping(raw)
-    check.known_keys(raw, ("dir", "keep_best"))
-    where = raw.get("dir")
-    if not isinstance(where, str) or not where.strip() or _CONTROL.search(where):
-        check.at("dir").fail(f"must be a directory path, got {describe(where)}")
+    check.known_keys(raw, ("dir", "s3", "endpoint_url", "keep_best"))
+    if ("dir" in raw) == ("s3" in raw):
+        check.fail("give either 'dir' (a shared directory) or 's3' (s3://bucket/prefix)")
+    for key in ("dir", "s3", "endpoint_url"):
+        value = raw.get(key)
+        if key in raw and (
+            not isinstance(value, str) or not value.strip() or _CONTROL.search(value)
+        ):
+            kind = {"dir": "a directory path", "s3": "an s3://bucket/prefix URL"}.get(key, "a URL")
+            check.at(key).fail(f"must be {kind}, got {describe(value)}")
+    s3, endpoint = raw.get("s3"), raw.get("endpoint_url")
+    if s3 is not None and (not s3.startswith("s3://") or not s3[5:].partition("/")[0]):
+        check.at("s3").fail(f"must be s3://bucket or s3://bucket/prefix, got {s3!r}")
+    if s3 is not None and importlib.util.find_spec("boto3") is None:
+        raise MissingPackageError(
+            check.source, check.at("s3").key,
+            "S3 checkpoints need the Python package 'boto3': pip install 'hpo[s3]'",
+        )  # fmt: skip
+    if endpoint is not None and s3 is None:
+        check.at("endpoint_url").fail("is for 's3' checkpoints only")
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        check.at("endpoint_url").fail(f"must be an http:// or https:// URL, got {endpoint!r}")
     keep = _optional_int(raw, "keep_best", check, 0, minimum=0)
-    return CheckpointSpec(dir=where, keep_best=keep or 0)
+    return CheckpointSpec(dir=raw.get("dir"), s3=s3, endpoint_url=endpoint, keep_best=keep or 0)
 
 
 def _parse_study(raw: Any, check: Checker, space: SearchSpace) -> StudySpec:

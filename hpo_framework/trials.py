@@ -18,18 +18,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from hpo_framework import checkpoint_store
 from hpo_framework.algorithms import build_pruner, build_sampler, worker_seed
 from hpo_framework.config import Config
 from hpo_framework.exceptions import StorageError, TrialLost, TrialPruned
@@ -383,29 +382,23 @@ class StudyHandle:
 
     # --- checkpoints (hpo_framework.checkpoint) ------------------------------------------------
 
-    def _checkpoint_dir(self) -> Path | None:
+    def _checkpoint_of(self, point: int) -> dict[str, str | None] | None:
+        """Where the session's process finds a point's checkpoint (the first trial of its
+        retries): the store's settings and the artifact's name."""
         spec = self.config.checkpoints
         if spec is None:
             return None
-        return Path(os.path.abspath(spec.dir)) / f"study-{self.record.study_id}"
-
-    def _checkpoint_of(self, point: int) -> str | None:
-        """The checkpoint file of a point (the first trial of its retries), for the session."""
-        folder = self._checkpoint_dir()
-        if folder is None:
-            return None
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            log.warning("study=%s checkpoints off for this trial: %s", self.name, e)
-            return None
-        return str(folder / f"point-{point}.pkl")
+        location = checkpoint_store.where(spec)
+        return {
+            **location,
+            "id": checkpoint_store.artifact_id(location, self.record.study_id, point),
+        }
 
     def _clean_checkpoints(self, point: int) -> None:
         """A finished point's checkpoint goes, unless it is among the ``keep_best`` best;
         kept ones that fell out of the best go too."""
-        spec, folder = self.config.checkpoints, self._checkpoint_dir()
-        assert spec is not None and folder is not None
+        spec = self.config.checkpoints
+        assert spec is not None
         doomed = {point}
         if spec.keep_best and self.n_objectives == 1:
             finished = with_db_retry(
@@ -422,9 +415,14 @@ class StudyHandle:
             doomed = {_point_of(t.user_attrs, t.number) for t in finished} - keep
         elif spec.keep_best:
             doomed = set()  # several objectives: no single "best"; all are kept
-        for p in doomed:
-            with contextlib.suppress(FileNotFoundError):
-                (folder / f"point-{p}.pkl").unlink()
+        location = checkpoint_store.where(spec)
+        try:
+            store = checkpoint_store.open_store(location)
+            for p in doomed:
+                with contextlib.suppress(checkpoint_store.ArtifactNotFound):
+                    store.remove(checkpoint_store.artifact_id(location, self.record.study_id, p))
+        except Exception as e:  # a store that is away costs disk space, never the trial
+            log.warning("study=%s checkpoints not cleaned up: %s", self.name, e)
 
     def _fire_hook_if_ended(self) -> None:
         """``on_done``/``on_failed`` if this trial was the study's last (see ``hooks``)."""

@@ -27,6 +27,8 @@ PG_ADMIN_URL = os.environ.get(
     "HPO_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 )
 BIN = Path(sys.executable).parent
+# The checkpoint stores' fixtures (a directory, or a bucket on a real S3-compatible server).
+pytest_plugins = ["tests.checkpoint_stores"]
 
 
 def _pg_available() -> str | None:

@@ -204,6 +204,29 @@ BAD_CONFIGS = [
         "'tag:yaml.org,2002:python/object/apply:os.system'",
         id="python-tag",
     ),
+    pytest.param(
+        make_config(checkpoints={"dir": "/c", "s3": "s3://b"}),
+        "config.yaml: checkpoints: give either 'dir' (a shared directory) or 's3' "
+        "(s3://bucket/prefix)",
+        id="checkpoints-dir-and-s3",
+    ),
+    pytest.param(
+        make_config(checkpoints={"s3": "bucket/prefix"}),
+        "config.yaml: checkpoints.s3: must be s3://bucket or s3://bucket/prefix, "
+        "got 'bucket/prefix'",
+        id="checkpoints-s3-not-a-url",
+    ),
+    pytest.param(
+        make_config(checkpoints={"dir": "/c", "endpoint_url": "http://minio:9000"}),
+        "config.yaml: checkpoints.endpoint_url: is for 's3' checkpoints only",
+        id="checkpoints-endpoint-without-s3",
+    ),
+    pytest.param(
+        make_config(checkpoints={"s3": "s3://b/p", "endpoint_url": "minio:9000"}),
+        "config.yaml: checkpoints.endpoint_url: must be an http:// or https:// URL, "
+        "got 'minio:9000'",
+        id="checkpoints-endpoint-not-http",
+    ),
 ]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests.checkpoint_stores import Store
 from tests.conftest import run_cli, start_worker
 from tests.pool_helpers import (
     counts,
@@ -298,23 +299,26 @@ def test_a_worker_killed_between_claim_and_trial_leaks_no_ticket(
 
 
 def test_a_retry_carries_on_from_the_checkpoint_of_a_killed_worker(
-    pg_url: str, tmp_path: Path
+    pg_url: str, tmp_path: Path, checkpoint_store: Store
 ) -> None:
     create(
         tmp_path, pg_url, session="tests.sessions:checkpointed", enqueue=[{"x": 0.7}],
         static={"dir": str(tmp_path), "epoch_s": 0.2}, study_={"n_trials": 1},
-        checkpoints={"dir": str(tmp_path / "ckpt")},
+        checkpoints=checkpoint_store.config,
     )  # fmt: skip
-    victim = start_worker(url=pg_url)
+    victim = start_worker(url=pg_url, **checkpoint_store.env)
     wait_until("epoch 5 of the first attempt", lambda: (tmp_path / "epoch-0-5").exists())
     os.killpg(victim.pid, signal.SIGKILL)  # the executor dies with it (PR_SET_PDEATHSIG)
     victim.wait(timeout=30)
     reached = max(int(p.name.split("-")[2]) for p in tmp_path.glob("epoch-0-*"))
-    assert start_worker("--idle-exit", "2", url=pg_url).wait(timeout=180) == 0
+    (saved,) = checkpoint_store.saved().values()
+    assert saved["epoch"] in (reached, reached + 1)  # the last save survived the kill
+    retry = start_worker("--idle-exit", "2", url=pg_url, **checkpoint_store.env)
+    assert retry.wait(timeout=180) == 0
     retried = sorted(int(p.name.split("-")[2]) for p in tmp_path.glob("epoch-1-*"))
-    assert retried[0] in (reached, reached + 1) and retried[0] >= 5  # not from epoch 0
+    assert retried[0] == saved["epoch"] and retried[0] >= 5  # not from epoch 0
     assert retried == list(range(retried[0], 20))
     (done,) = [t for t in trials(pg_url, "pool") if t.state.name == "COMPLETE"]
     uninterrupted = sum(math.sin(0.7 * (epoch + 1)) for epoch in range(20))
     assert done.value == pytest.approx(uninterrupted, abs=1e-12)
-    assert list((tmp_path / "ckpt").rglob("*.pkl")) == []  # a finished point's checkpoint goes
+    assert checkpoint_store.saved() == {}  # a finished point's checkpoint goes

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from hpo_framework import (
     run_hpo,
 )
 from tests import sessions
+from tests.checkpoint_stores import Store
 from tests.conftest import ROOT, cli_env, make_config, run_cli, write_config
 
 
@@ -257,18 +257,18 @@ def test_run_experiment_with_no_completed_trial_ends_in_one_line(tmp_path: Path)
     assert "Traceback" not in result.stderr
 
 
-def test_checkpoints_of_the_best_trials_stay(tmp_path: Path) -> None:
+def test_checkpoints_of_the_best_trials_stay(tmp_path: Path, checkpoint_store: Store) -> None:
     url = f"sqlite:///{tmp_path / 'c.db'}"
     config = make_config(
         session="tests.sessions:checkpointed", static={"dir": str(tmp_path), "epoch_s": 0},
         study_={"n_trials": 4, "sampler": {"name": "random", "seed": 2}},
-        checkpoints={"dir": str(tmp_path / "ckpt"), "keep_best": 1},
+        checkpoints={**checkpoint_store.config, "keep_best": 1},
     )  # fmt: skip
     study = run_hpo("tests.sessions:checkpointed", write_config(tmp_path / "c.yaml", config), url)
-    (kept,) = (tmp_path / "ckpt").rglob("*.pkl")
-    assert kept.name == f"point-{study.best_trial.number}.pkl"
-    with open(kept, "rb") as f:
-        assert pickle.load(f)["epoch"] == 20  # the best trial's last state, for a final run
+    # the best trial's last state, to train the final model from; the others are gone
+    assert checkpoint_store.saved() == {f"point-{study.best_trial.number}.pkl": {
+        "epoch": 20, "total": pytest.approx(study.best_value, abs=1e-12)
+    }}  # fmt: skip
     # outside a trial, checkpoints do nothing
     from hpo_framework import checkpoint
 

@@ -1,0 +1,85 @@
+"""Where checkpoints live: one of Optuna's artifact stores, chosen by ``checkpoints:``.
+
+``checkpoints.dir`` is a directory every worker sees (a shared volume); ``checkpoints.s3`` is
+``s3://bucket/prefix`` on S3 or any S3-compatible service (MinIO, Ceph, R2...), reached at
+``checkpoints.endpoint_url`` when given, with the credentials boto3 finds in the environment
+(``AWS_ACCESS_KEY_ID``... never in config.yaml). A checkpoint is one artifact per point, named
+``study-<id>/point-<n>.pkl``; a save replaces it whole or not at all: an S3 PUT is atomic, and
+the directory store writes a temporary file, fsyncs and renames (Optuna's own
+``FileSystemArtifactStore.write`` truncates the file in place, so a kill mid-save would tear it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore
+from optuna.artifacts.exceptions import ArtifactNotFound
+
+if TYPE_CHECKING:
+    from optuna.artifacts._protocol import ArtifactStore
+
+    from hpo_framework.config import CheckpointSpec
+
+__all__ = ["ArtifactNotFound", "AtomicFileSystemArtifactStore", "artifact_id", "open_store"]
+
+
+class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
+    """Optuna's directory store, with writes that replace an artifact atomically."""
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        target = self._get_filepath(artifact_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(content_body, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def where(spec: CheckpointSpec) -> dict[str, str | None]:
+    """The part of a ``CheckpointSpec`` a session's process needs to open the same store."""
+    return {"dir": spec.dir, "s3": spec.s3, "endpoint_url": spec.endpoint_url}
+
+
+def artifact_id(location: Mapping[str, str | None], study_id: int, point: int) -> str:
+    """The checkpoint's name in its store: under the S3 URL's prefix, if any."""
+    name = f"study-{study_id}/point-{point}.pkl"
+    s3 = location.get("s3")
+    if s3:
+        prefix = s3.removeprefix("s3://").partition("/")[2].strip("/")
+        return f"{prefix}/{name}" if prefix else name
+    return name
+
+
+def open_store(location: Mapping[str, str | None]) -> ArtifactStore:
+    """The artifact store ``location`` names (opened once per process)."""
+    return _open(location.get("dir"), location.get("s3"), location.get("endpoint_url"))
+
+
+@functools.lru_cache(maxsize=8)
+def _open(folder: str | None, s3: str | None, endpoint_url: str | None) -> ArtifactStore:
+    if folder is not None:
+        return AtomicFileSystemArtifactStore(Path(os.path.abspath(folder)))
+    assert s3 is not None
+    import boto3  # the config check made sure it is there (pip install 'hpo[s3]')
+    from botocore.config import Config
+
+    bucket = s3.removeprefix("s3://").partition("/")[0]
+    # botocore retries what is worth retrying (throttling, 5xx, dropped connections) with
+    # backoff; a missing bucket or a refused key is an error at once.
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        config=Config(retries={"mode": "standard", "max_attempts": 8}),
+    )
+    return Boto3ArtifactStore(bucket, client=client)
