@@ -12,6 +12,7 @@ the directory store writes a temporary file, fsyncs and renames (Optuna's own
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import shutil
 from collections.abc import Mapping
@@ -44,6 +45,13 @@ class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def remove(self, artifact_id: str) -> None:
+        """Remove the artifact and what writers killed mid-save left beside it."""
+        target = self._get_filepath(artifact_id)
+        for leftover in target.parent.glob(f"{glob.escape(target.name)}.tmp-*"):
+            leftover.unlink(missing_ok=True)
+        super().remove(artifact_id)
 
 
 def where(spec: CheckpointSpec) -> dict[str, str | None]:

@@ -63,6 +63,10 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_whole(tmp_path:
         state = pickle.loads(f.read())  # noqa: S301 (written by this test)
     assert state["n"] >= 3
     assert state["weights"] == bytes([state["n"] % 256]) * (16 << 20)
+    # the killed save's temporary file goes with the checkpoint
+    assert list((tmp_path / "study-1").glob("*.tmp-*"))
+    store.remove("study-1/point-0.pkl")
+    assert list((tmp_path / "study-1").iterdir()) == []
 
 
 def _s3_store(endpoint: str, bucket: str) -> Any:
