@@ -17,12 +17,14 @@ from typing import Any
 
 import optuna
 import sqlalchemy as sa
+from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
 
 from hpo_framework._checks import Checker
 from hpo_framework.config import Config
 from hpo_framework.exceptions import OperationError
 from hpo_framework.hooks import rearm
+from hpo_framework.param_sampler import SearchSpace
 from hpo_framework.registry import (
     FAILED,
     OPEN,
@@ -231,9 +233,10 @@ def enqueue_points(
     listed = points if isinstance(points, list) else [points]
     with _budget_room(storage, name) as (record, room):
         space = Config.stored(name, record.config).search_space
+        asked = _asked_distributions(storage, record.study_id, space)
         check = Checker(source)
         flat = [
-            space.check_point(p, check.at(str(i)) if isinstance(points, list) else check)
+            space.check_point(p, check.at(str(i)) if isinstance(points, list) else check, asked)
             for i, p in enumerate(listed)
         ]
         if room is not None and len(flat) > room:
@@ -245,6 +248,17 @@ def enqueue_points(
         for point in flat:
             study.enqueue_trial(dict(point), skip_if_exists=False)
     return len(flat)
+
+
+def _asked_distributions(
+    storage: optuna.storages.RDBStorage, study_id: int, space: SearchSpace
+) -> dict[str, BaseDistribution]:
+    """The parameters the study's session asked for itself, each with the distribution of the
+    last trial that asked for it (the ranges a session asks with may change with cfg)."""
+    asked: dict[str, BaseDistribution] = {}
+    for t in storage.get_all_trials(study_id, deepcopy=False):
+        asked.update((k, d) for k, d in t.distributions.items() if k not in space)
+    return asked
 
 
 def retry_failed(storage: optuna.storages.RDBStorage, name: str) -> tuple[int, int]:
@@ -291,17 +305,23 @@ def compatible_trials(
         raise OperationError("create --from does not work with the grid sampler")
     registry = Registry(storage.engine)
     old = registry.get(old_name)
-    directions = Config.stored(old_name, old.config).study.directions
+    old_config = Config.stored(old_name, old.config)
+    directions = old_config.study.directions
     if directions != config.study.directions:
         raise OperationError(
             f"cannot copy trials of study {old_name!r}: its directions "
             f"({', '.join(directions)}) are not {', '.join(config.study.directions)}"
         )
     copies = []
+    old_space = old_config.search_space
     for t in storage.get_all_trials(old.study_id, deepcopy=False, states=(TrialState.COMPLETE,)):
-        distributions = config.search_space.distributions_of(t.params)
+        # The old search_space: part must fit the new space; what the old session asked for
+        # itself keeps its recorded ranges (the new session asks the same way, or not at all).
+        searched = {k: v for k, v in t.params.items() if k in old_space}
+        distributions = config.search_space.distributions_of(searched)
         if distributions is None:
             continue
+        distributions.update((k, d) for k, d in t.distributions.items() if k not in old_space)
         copies.append(
             optuna.trial.create_trial(
                 params=dict(t.params),

@@ -24,6 +24,7 @@ from optuna.distributions import (
 from hpo_framework._checks import (
     Checker,
     describe,
+    did_you_mean,
     is_number,
     is_scalar,
 )
@@ -145,15 +146,31 @@ class SearchSpace:
                 )
         return grid
 
-    def check_point(self, point: Any, check: Checker) -> dict[str, Any]:
-        """Check one ``enqueue:`` entry (nested, like ``cfg``); return it flat for Optuna."""
+    def check_point(
+        self, point: Any, check: Checker, asked: Mapping[str, BaseDistribution] | None = None
+    ) -> dict[str, Any]:
+        """Check one enqueued point (nested, like ``cfg``); return it flat for Optuna.
+
+        ``asked``: the parameters the study's session has asked for itself (``trial().suggest_*``,
+        as its trials recorded them), which a point may give too; Optuna hands the value to the
+        session's ``suggest`` call (its ``enqueue_trial``'s fixed parameters)."""
         check.mapping(point)
         flat = flatten(_indexed(point))
+        asked = asked or {}
         for name, value in flat.items():
             at = check.at(*name.split("."))
-            if name not in self._by_name:
-                at.unknown(name.split(".")[-1], self._sibling_names(name))
-            d = self._by_name[name].distribution
+            if name in self._by_name:
+                d = self._by_name[name].distribution
+            elif name in asked:
+                d = asked[name]
+            else:
+                hint = "" if asked else (
+                    " (a parameter the session asks for itself can be enqueued with "
+                    "hpo-coordinator enqueue once a trial has asked for it)"
+                )  # fmt: skip
+                key = name.split(".")[-1]
+                known = [*self._sibling_names(name), *asked]
+                at.fail(f"unknown key '{key}'{did_you_mean(key, known)}{hint}")
             if not _contains(d, value):
                 at.fail(f"{describe(value)} is outside this parameter's range ({_range(d)})")
         return flat

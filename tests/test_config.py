@@ -161,7 +161,9 @@ BAD_CONFIGS = [
     ),
     pytest.param(
         make_config(enqueue=[{"y": 1.0}]),
-        "config.yaml: enqueue.0.y: unknown key 'y'; expected one of: x",
+        "config.yaml: enqueue.0.y: unknown key 'y'; expected one of: x (a parameter the "
+        "session asks for itself can be enqueued with hpo-coordinator enqueue once a trial "
+        "has asked for it)",
         id="enqueue-unknown-param",
     ),
     pytest.param(

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 
 from hpo_framework import run_hpo
@@ -162,6 +163,49 @@ def test_enqueue_points_after_create(storage_url: str, tmp_path: Path) -> None:
         {"x": -1.0, "model.hidden": params[1]["model.hidden"]},
     ]
     assert len(params) == 3
+
+
+def test_parameters_the_session_asks_for_are_enqueued_and_copied_like_yaml_ones(
+    storage_url: str, tmp_path: Path
+) -> None:
+    space = {"n_layers": {"type": "int", "low": 1, "high": 3}}
+    config = make_config(
+        session="tests.sessions:layers_by_run", search_space=space,
+        study_={"n_trials": 2, "sampler": {"name": "random", "seed": 3}},
+    )  # fmt: skip
+    path = write_config(tmp_path / "c.yaml", config)
+    run_hpo("tests.sessions:layers_by_run", path, storage_url)  # its trials asked units_l*, act
+    point = tmp_path / "point.yaml"
+    point.write_text("{n_layers: 2, units_l0: 8, units_l1: 64, act: tanh}\n")
+    assert coordinator(storage_url, "set", "test-study", "--n-trials", "3")[0] == 0
+    assert coordinator(storage_url, "enqueue", "test-study", str(point)) == (
+        0, "study 'test-study': enqueued 1 point(s)"
+    )  # fmt: skip
+    for text, error in [
+        ("{n_layers: 1, units_l0: 65}", "units_l0: 65 is outside this parameter's range (4..64)"),
+        ("{n_layers: 1, unit_l0: 8}", "unknown key 'unit_l0'; did you mean 'units_l0'?"),
+    ]:  # checked against the ranges the session asked with
+        point.write_text(text)
+        status, out = coordinator(storage_url, "enqueue", "test-study", str(point))
+        assert status == 2 and out.endswith(error), out
+    assert start_worker("--idle-exit", "1", url=storage_url).wait(timeout=120) == 0
+    last = trials(storage_url, "test-study")[-1]
+    assert last.params == {"n_layers": 2, "units_l0": 8, "units_l1": 64, "act": "tanh"}
+    assert last.value == pytest.approx(0.72 + 0.5)
+    # create --from keeps what the session asked for, with the ranges it asked with
+    new = make_config(
+        session="tests.sessions:layers_by_run", search_space=space,
+        study_={"name": "again", "n_trials": 5},
+    )  # fmt: skip
+    status, out = coordinator(
+        storage_url, "create", str(write_config(tmp_path / "n.yaml", new)), "--from", "test-study"
+    )  # fmt: skip
+    assert status == 0 and "3 trial(s) copied from 'test-study'" in out, out
+    copied = {t.user_attrs["copied_from"]: t for t in trials(storage_url, "again")}
+    original = trials(storage_url, "test-study")
+    assert {k: (t.params, t.distributions) for k, t in copied.items()} == {
+        f"test-study#{t.number}": (t.params, t.distributions) for t in original
+    }
 
 
 def test_run_runs_the_configs_session_in_this_process(tmp_path: Path) -> None:
