@@ -34,8 +34,11 @@ COPY experiments ./experiments
 COPY config.yaml run_experiment.py ./
 RUN pip install --no-deps . \
  && rm -rf build *.egg-info \
- && useradd --create-home --uid 10001 hpo
+ && useradd --create-home --uid 10001 hpo \
+ && install -d -o hpo -g hpo /checkpoints
 
+# /checkpoints: the compose volume that `checkpoints: {dir: /checkpoints}` shares among workers
+# (a new named volume takes this directory's owner, so the non-root user can write it).
 # experiments/ and config.yaml may be mounted read-only over these copies for development;
 # sessions are imported from the working directory first.
 USER hpo

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.conftest import ROOT, cli_env, free_port, run_cli
 from tests.pool_helpers import wait_until
@@ -206,6 +207,57 @@ def test_create_reads_any_config_in_the_project_folder(compose: Compose) -> None
         "experiments.linear_regression:single_session"
     )
     compose("run", "--rm", "coordinator", "stop", "second")  # nothing serves it here
+
+
+def test_a_killed_worker_container_s_trial_resumes_from_the_shared_checkpoint(
+    compose: Compose,
+) -> None:
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config["study"].update(
+        name="ckpt-check", n_trials=1, heartbeat_interval=1, grace_period=5,
+        pruner={"name": "none"},
+    )  # fmt: skip
+    # about a second per epoch: 80,000 training rows in batches of 16
+    config["static"].update(epochs=6, data={**config["static"]["data"], "n_samples": 100_000})
+    config["enqueue"] = [
+        {"lr": 0.001, "batch_size": 16, "optimizer": "adam", "weight_decay": 0.0,
+         "model": {"hidden": 16}},
+    ]  # fmt: skip
+    config["checkpoints"] = {"dir": "/checkpoints"}
+    path = ROOT / f".test-ckpt-{compose.project}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # when: names one above it
+    try:
+        compose("up", "-d", "--scale", "worker=1")
+        compose("run", "--rm", "coordinator", "create", path.name)
+    finally:
+        path.unlink()
+
+    def epochs_of(number: int) -> list[int]:
+        out = compose("run", "--rm", "inspect", "ckpt-check", "--trial", str(number),
+                      "--format", "json").stdout  # fmt: skip
+        return sorted(int(step) for step in json.loads(out)["intermediate_values"])
+
+    wait_until("two epochs of the first attempt", lambda: len(epochs_of(0)) >= 2, timeout=600)
+    compose("kill", "worker")  # SIGKILL: no trial is finished, no ticket handed back
+    reached = len(epochs_of(0))
+    assert reached < 6, "the trial ended before its worker was killed; make its epochs longer"
+    compose("up", "-d", "--scale", "worker=1")
+    wait_until(
+        "the retry to finish",
+        lambda: compose.summary("ckpt-check")["counts"]["COMPLETE"] == 1,
+        timeout=600, every=2,
+    )  # fmt: skip
+    trials = compose.summary("ckpt-check")["trials"]
+    (done,) = [t["number"] for t in trials if t["state"] == "COMPLETE"]
+    retried = epochs_of(done)
+    # the retry started where the killed attempt's last checkpoint left off (saved just before
+    # its epoch was reported, so one further if the kill fell in between), and ran the rest
+    assert retried[0] in (reached, reached + 1), (reached, retried)
+    assert retried == list(range(retried[0], 6))
+    left = compose("run", "--rm", "--entrypoint", "find", "worker", "/checkpoints",
+                   "-name", "*.pkl").stdout  # fmt: skip
+    assert left.strip() == ""  # a finished point's checkpoint goes
+    compose("stop", "worker")
 
 
 def test_dashboard_serves_the_studies_and_stops_on_sigterm(compose: Compose) -> None:
