@@ -258,3 +258,25 @@ def constrained(cfg: dict[str, Any]) -> float:
 
     trial().set_constraint("x_at_most_1", cfg["x"] - 1.0)
     return float((cfg["x"] - 2) ** 2)
+
+
+def example_interrupted(cfg: dict[str, Any]) -> float:
+    """The example session, whose first attempt dies right after epoch ``cfg["stop_at"]``
+    (its checkpoint saved): the retry must carry on from there."""
+    from experiments import linear_regression
+    from hpo_framework import trial
+
+    if trial().attempt > 0:
+        return linear_regression.single_session(cfg)
+    reported = linear_regression.report
+
+    def report(value: float, step: int) -> None:
+        reported(value, step)
+        if step == cfg["stop_at"]:
+            raise RuntimeError(f"interrupted after epoch {step}")
+
+    linear_regression.report = report  # type: ignore[assignment]
+    try:
+        return linear_regression.single_session(cfg)
+    finally:
+        linear_regression.report = reported

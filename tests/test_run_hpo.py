@@ -191,6 +191,29 @@ def test_linear_regression_example_beats_the_untrained_baseline(tmp_path: Path) 
     assert study.trials[0].params["optimizer"] == "adam"  # the enqueued warm start ran first
 
 
+def test_the_example_resumed_from_its_checkpoint_ends_as_an_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    from experiments.linear_regression import single_session
+    from hpo_framework import unflatten
+    from hpo_framework.param_sampler import merge
+
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config["session"] = "tests.sessions:example_interrupted"
+    config["study"].update(n_trials=1, max_retries=1, pruner={"name": "none"})
+    config["static"].update(epochs=12, stop_at=4)
+    config["checkpoints"] = {"dir": str(tmp_path / "ckpt")}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    study = run_hpo("tests.sessions:example_interrupted", path, f"sqlite:///{tmp_path / 'e.db'}")
+    first, retry = study.trials
+    assert first.state.name == "FAIL" and "interrupted after epoch 4" in first.user_attrs["error"]
+    assert sorted(retry.intermediate_values) == list(range(5, 12))  # epochs 0-4 not run again
+    # model, optimizer and random state all came back: the same score, to the last bit
+    cfg = merge(config["static"], unflatten(retry.params))
+    assert retry.value == single_session(cfg)
+
+
 def test_run_experiment_script_prints_the_best_parameters(tmp_path: Path) -> None:
     text = (
         (ROOT / "config.yaml")
