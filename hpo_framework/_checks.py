@@ -42,12 +42,19 @@ def describe(value: Any) -> str:
 class Checker:
     """A position in a config file: the file's name and a key path inside it."""
 
-    def __init__(self, source: str, path: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, source: str, path: tuple[str, ...] = (), *, host_checks: bool = True
+    ) -> None:
         self.source = source
         self.path = path
+        # Whether this host must be able to run the config (its packages, its consent to
+        # unpickling samplers): for a file being created or a study being served, not for a
+        # stored config that is only read (inspect, set, enqueue, the stale sweep).
+        self.host_checks = host_checks
 
     def at(self, *keys: str) -> Checker:
-        return Checker(self.source, self.path + tuple(str(k) for k in keys))
+        path = self.path + tuple(str(k) for k in keys)
+        return Checker(self.source, path, host_checks=self.host_checks)
 
     @property
     def key(self) -> str | None:

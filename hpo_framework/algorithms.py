@@ -50,14 +50,15 @@ def check_sampler(
     """Fail with a ConfigError unless ``build_sampler`` will work with these values."""
     if not isinstance(name, str) or name not in SAMPLERS:
         check.at("name").choice(name, SAMPLERS)
-    for module in _SAMPLER_NEEDS.get(name, ()):
-        if importlib.util.find_spec(module) is None:
-            raise MissingPackageError(
-                check.source, check.at("name").key,
-                f"the '{name}' sampler needs the Python package '{module}': "
-                "pip install 'hpo[samplers,examples]'",
-            )  # fmt: skip
-    if name in UNPICKLING_SAMPLERS and os.environ.get(defaults.ALLOW_PICKLE_ENV) != "1":
+    missing = [m for m in _SAMPLER_NEEDS.get(name, ()) if importlib.util.find_spec(m) is None]
+    if missing and check.host_checks:
+        raise MissingPackageError(
+            check.source, check.at("name").key,
+            f"the '{name}' sampler needs the Python package '{missing[0]}': "
+            "pip install 'hpo[samplers,examples]'",
+        )  # fmt: skip
+    unsafe = name in UNPICKLING_SAMPLERS and os.environ.get(defaults.ALLOW_PICKLE_ENV) != "1"
+    if unsafe and check.host_checks:
         raise UnsafeSamplerError(
             check.source, check.at("name").key,
             f"the '{name}' sampler keeps its state in the database as a pickle that every "
@@ -68,6 +69,8 @@ def check_sampler(
     if name in _SINGLE_OBJECTIVE and n_objectives > 1:
         check.at("name").fail(f"the '{name}' sampler supports a single direction only")
     _check_options(SAMPLERS[name], options, check.at("options"))
+    if missing:
+        return  # read on a host that could not run it: its options are checked where it runs
     try:
         build_sampler(name, None, options, space, check.source)
     except (TypeError, ValueError) as e:

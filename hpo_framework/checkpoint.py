@@ -16,12 +16,18 @@ finished trials, except those of the best ``checkpoints.keep_best``.
 
 from __future__ import annotations
 
-import io
 import pickle
+import tempfile
 from typing import Any
 
-from hpo_framework.checkpoint_store import ArtifactNotFound, open_store
+from hpo_framework.checkpoint_store import (
+    ArtifactNotFound,
+    AtomicFileSystemArtifactStore,
+    open_store,
+)
 from hpo_framework.reporting import current_info
+
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 def save(state: Any) -> None:
@@ -30,8 +36,15 @@ def save(state: Any) -> None:
     target = current_info().get("checkpoint")
     if target is None:
         return
-    body = io.BytesIO(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
-    open_store(target).write(target["id"], body)
+    store = open_store(target)
+    if isinstance(store, AtomicFileSystemArtifactStore):  # pickled straight into the file
+        store.write_with(target["id"], lambda f: pickle.dump(state, f, _PROTOCOL))
+        return
+    # Pickled into a temporary file (in memory up to 64 MB), then uploaded from there.
+    with tempfile.SpooledTemporaryFile(max_size=64 << 20) as body:
+        pickle.dump(state, body, _PROTOCOL)
+        body.seek(0)
+        store.write(target["id"], body)  # type: ignore[arg-type]
 
 
 def load() -> Any | None:

@@ -15,7 +15,8 @@ import functools
 import glob
 import os
 import shutil
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -34,17 +35,23 @@ class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
     """Optuna's directory store, with writes that replace an artifact atomically."""
 
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        self.write_with(artifact_id, lambda f: shutil.copyfileobj(content_body, f))
+
+    def write_with(self, artifact_id: str, fill: Callable[[BinaryIO], object]) -> None:
+        """Replace the artifact with what ``fill`` writes into a fresh file (a pickle goes
+        straight to disk, never whole into memory). The temporary file's name is unique even
+        among containers sharing the volume (their PIDs are not)."""
         target = self._get_filepath(artifact_id)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{target.name}.tmp-")
         try:
-            with open(tmp, "wb") as f:
-                shutil.copyfileobj(content_body, f)
+            with os.fdopen(fd, "wb") as f:
+                fill(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
         finally:
-            tmp.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)
 
     def remove(self, artifact_id: str) -> None:
         """Remove the artifact and what writers killed mid-save left beside it."""
@@ -55,8 +62,10 @@ class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
 
 
 def where(spec: CheckpointSpec) -> dict[str, str | None]:
-    """The part of a ``CheckpointSpec`` a session's process needs to open the same store."""
-    return {"dir": spec.dir, "s3": spec.s3, "endpoint_url": spec.endpoint_url}
+    """The part of a ``CheckpointSpec`` a session's process needs to open the same store (a
+    relative ``dir`` made absolute here, where the worker started, not where a session chdirs)."""
+    folder = None if spec.dir is None else os.path.abspath(spec.dir)
+    return {"dir": folder, "s3": spec.s3, "endpoint_url": spec.endpoint_url}
 
 
 def artifact_id(location: Mapping[str, str | None], study_id: int, point: int) -> str:
@@ -69,13 +78,17 @@ def artifact_id(location: Mapping[str, str | None], study_id: int, point: int) -
     return name
 
 
-def open_store(location: Mapping[str, str | None]) -> ArtifactStore:
-    """The artifact store ``location`` names (opened once per process)."""
-    return _open(location.get("dir"), location.get("s3"), location.get("endpoint_url"))
+def open_store(location: Mapping[str, str | None], *, patient: bool = True) -> ArtifactStore:
+    """The artifact store ``location`` names (opened once per process). ``patient``: a
+    session's save and load ride out a short outage of S3 (8 attempts with backoff); the
+    worker's clean-up (``patient=False``) tries twice and moves on."""
+    return _open(location.get("dir"), location.get("s3"), location.get("endpoint_url"), patient)
 
 
 @functools.lru_cache(maxsize=8)
-def _open(folder: str | None, s3: str | None, endpoint_url: str | None) -> ArtifactStore:
+def _open(
+    folder: str | None, s3: str | None, endpoint_url: str | None, patient: bool
+) -> ArtifactStore:
     if folder is not None:
         return AtomicFileSystemArtifactStore(Path(os.path.abspath(folder)))
     assert s3 is not None
@@ -85,9 +98,11 @@ def _open(folder: str | None, s3: str | None, endpoint_url: str | None) -> Artif
     bucket = s3.removeprefix("s3://").partition("/")[0]
     # botocore retries what is worth retrying (throttling, 5xx, dropped connections) with
     # backoff; a missing bucket or a refused key is an error at once.
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint_url,
-        config=Config(retries={"mode": "standard", "max_attempts": 8}),
-    )
-    return Boto3ArtifactStore(bucket, client=client)
+    config = Config(
+        retries={"mode": "standard", "max_attempts": 8 if patient else 2},
+        connect_timeout=10 if patient else 3, read_timeout=120 if patient else 10,
+    )  # fmt: skip
+    client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+    # The body handed to write() is a temporary file of checkpoint.save's own: no need for
+    # Optuna to copy it into memory first.
+    return Boto3ArtifactStore(bucket, client=client, avoid_buf_copy=True)

@@ -154,9 +154,11 @@ class Config:
         return Config.from_mapping(raw, f"{self.source} (with --set)")
 
     @classmethod
-    def stored(cls, study_name: str, raw: Any) -> Config:
-        """A study's config as stored in the database, checked again like a file."""
-        return cls.from_mapping(raw, f"study {study_name!r} (stored config)")
+    def stored(cls, study_name: str, raw: Any, *, serving: bool = False) -> Config:
+        """A study's config as stored in the database, checked again like a file; whether
+        this host has what running it takes is checked only when it is to be ``serving``."""
+        source = f"study {study_name!r} (stored config)"
+        return _parse(raw, Checker(source, host_checks=serving))
 
     @classmethod
     def from_mapping(cls, raw: Any, source: str) -> Config:
@@ -288,7 +290,7 @@ def _parse_checkpoints(raw: Any, check: Checker) -> CheckpointSpec | None:
     s3, endpoint = raw.get("s3"), raw.get("endpoint_url")
     if s3 is not None and (not s3.startswith("s3://") or not s3[5:].partition("/")[0]):
         check.at("s3").fail(f"must be s3://bucket or s3://bucket/prefix, got {s3!r}")
-    if s3 is not None and importlib.util.find_spec("boto3") is None:
+    if s3 is not None and check.host_checks and importlib.util.find_spec("boto3") is None:
         raise MissingPackageError(
             check.source, check.at("s3").key,
             "S3 checkpoints need the Python package 'boto3': pip install 'hpo[s3]'",

@@ -313,15 +313,16 @@ def compatible_trials(
             f"({', '.join(directions)}) are not {', '.join(config.study.directions)}"
         )
     copies = []
-    old_space = old_config.search_space
+    old_space, new_space = old_config.search_space, config.search_space
     for t in storage.get_all_trials(old.study_id, deepcopy=False, states=(TrialState.COMPLETE,)):
-        # The old search_space: part must fit the new space; what the old session asked for
-        # itself keeps its recorded ranges (the new session asks the same way, or not at all).
-        searched = {k: v for k, v in t.params.items() if k in old_space}
-        distributions = config.search_space.distributions_of(searched)
+        # The search_space: part (old or new: a parameter the old session asked for may have
+        # moved into YAML) must fit the new space; the rest, what the old session asked for
+        # itself, keeps its recorded ranges (the new session asks the same way, or not at all).
+        searched = {k: v for k, v in t.params.items() if k in old_space or k in new_space}
+        distributions = new_space.distributions_of(searched)
         if distributions is None:
             continue
-        distributions.update((k, d) for k, d in t.distributions.items() if k not in old_space)
+        distributions.update((k, d) for k, d in t.distributions.items() if k not in searched)
         copies.append(
             optuna.trial.create_trial(
                 params=dict(t.params),

@@ -74,7 +74,7 @@ def load_for_serving(
 ) -> StudyHandle:
     """The study, ready to run trials in this worker; InvalidStudy or CannotServeHere if not."""
     try:
-        config = Config.stored(record.name, record.config)
+        config = Config.stored(record.name, record.config, serving=True)
         if not record.session_ref:
             raise HPOError(f"study {record.name!r} has no session reference")
     except HostConfigError as e:  # e.g. no torch here for the gp sampler

@@ -159,6 +159,7 @@ class StudyHandle:
             f"loading study {record.name!r}",
         )
         self.n_objectives = len(spec.directions)
+        self._removed_points: set[int] = set()  # checkpoints this process has removed
         self.ledger = Ledger(
             storage, self.registry, self.tickets, record.study_id, record.name, spec.max_retries
         )
@@ -417,11 +418,12 @@ class StudyHandle:
             doomed = set()  # several objectives: no single "best"; all are kept
         location = checkpoint_store.where(spec)
         try:
-            store = checkpoint_store.open_store(location)
-            for p in doomed:
+            store = checkpoint_store.open_store(location, patient=False)
+            for p in sorted(doomed - self._removed_points):
                 with contextlib.suppress(checkpoint_store.ArtifactNotFound):
                     store.remove(checkpoint_store.artifact_id(location, self.record.study_id, p))
-        except Exception as e:  # a store that is away costs disk space, never the trial
+                self._removed_points.add(p)
+        except Exception as e:  # a store that is away costs space, never the trial (or time)
             log.warning("study=%s checkpoints not cleaned up: %s", self.name, e)
 
     def _fire_hook_if_ended(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import re
 import socket
 import subprocess
 import threading
@@ -39,19 +40,27 @@ class Store:
     _bucket: str | None = None
 
     def saved(self) -> dict[str, Any]:
+        """The checkpoints in the store by file name, each checked to lie where the README
+        says: ``study-<id>/point-<n>.pkl`` under the directory, or under the S3 URL's prefix."""
         if self._folder is not None:
-            return {
-                p.name: pickle.loads(p.read_bytes())  # noqa: S301 (the test's own files)
+            blobs = {
+                str(p.relative_to(self._folder)): p.read_bytes()
                 for p in self._folder.rglob("*.pkl")
             }
-        client = s3_client(self._endpoint)
-        listed = client.list_objects_v2(Bucket=self._bucket).get("Contents", [])
-        return {
-            item["Key"].rsplit("/", 1)[-1]: pickle.loads(  # noqa: S301
-                client.get_object(Bucket=self._bucket, Key=item["Key"])["Body"].read()
-            )
-            for item in listed
-        }
+        else:
+            client = s3_client(self._endpoint)
+            listed = client.list_objects_v2(Bucket=self._bucket).get("Contents", [])
+            prefix = self.config["s3"].split("/", 3)[3] + "/"
+            assert all(item["Key"].startswith(prefix) for item in listed), listed
+            blobs = {
+                item["Key"][len(prefix) :]: client.get_object(
+                    Bucket=self._bucket, Key=item["Key"]
+                )["Body"].read()
+                for item in listed
+            }
+        assert all(re.fullmatch(r"study-\d+/point-\d+\.pkl", name) for name in blobs), blobs
+        # the test's own files
+        return {n.split("/")[1]: pickle.loads(b) for n, b in blobs.items()}  # noqa: S301
 
 
 def s3_client(endpoint: str | None) -> Any:
@@ -120,6 +129,7 @@ class Relay:
         self._links: list[socket.socket] = []
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
+        self.hanging_up, self.hung_up = False, 0
         self._listen()
 
     @property
@@ -137,6 +147,10 @@ class Relay:
                 client, _ = listener.accept()
             except OSError:
                 return  # closed by an outage or close()
+            if self.hanging_up:
+                self.hung_up += 1
+                client.close()
+                continue
             server = socket.create_connection(("127.0.0.1", self.upstream))
             with self._lock:
                 self._links += [client, server]
@@ -173,6 +187,17 @@ class Relay:
         timer = threading.Timer(seconds, self._listen)
         timer.daemon = True
         timer.start()
+
+    def hang_up(self) -> None:
+        """From now on, close every connection as soon as it is made, counting them: each one
+        is an attempt of the client's."""
+        self.hanging_up = True
+        with self._lock:
+            links, self._links = self._links, []
+        for sock in links:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
     def close(self) -> None:
         self._cut()

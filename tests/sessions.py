@@ -226,6 +226,8 @@ def checkpointed(cfg: dict[str, Any]) -> float:
 
     from hpo_framework import checkpoint, trial
 
+    if cfg.get("chdir"):
+        os.chdir(cfg["chdir"])  # as Hydra does: checkpoints must not follow
     state = checkpoint.load() or {"epoch": 0, "total": 0.0}
     attempt = trial().attempt
     for epoch in range(state["epoch"], 20):
@@ -234,6 +236,7 @@ def checkpointed(cfg: dict[str, Any]) -> float:
         state["epoch"] = epoch + 1
         checkpoint.save(state)
         time.sleep(cfg["epoch_s"])
+    time.sleep(cfg.get("final_s", 0))
     return float(state["total"])
 
 

@@ -4,11 +4,14 @@ an S3 store rides out a short outage and refuses a missing bucket at once."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -16,16 +19,22 @@ from typing import Any
 
 import pytest
 
+from hpo_framework import run_hpo
 from hpo_framework.checkpoint_store import open_store
+from hpo_framework.config import Config, load_config
+from hpo_framework.exceptions import MissingPackageError
 from tests.checkpoint_stores import S3_ENV, Relay, s3_client
-from tests.conftest import ROOT, cli_env
+from tests.conftest import ROOT, cli_env, make_config, write_config
 from tests.pool_helpers import wait_until
 
 # Saves 16 MB states in a loop, each one's number in every byte, counting them in a file.
 _SAVER = """
 import io, pickle, sys
 from pathlib import Path
+from hpo_framework import run_hpo
 from hpo_framework.checkpoint_store import open_store
+from hpo_framework.config import Config, load_config
+from hpo_framework.exceptions import MissingPackageError
 store = open_store({"dir": sys.argv[1], "s3": None, "endpoint_url": None})
 count = Path(sys.argv[1]) / "saves"
 n = 0
@@ -37,6 +46,11 @@ while True:
 """
 
 
+def _state(pid: int) -> str:
+    """A process's state letter (``T``: stopped), from /proc."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
 def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_whole(tmp_path: Path) -> None:
     saver = subprocess.Popen(
         [sys.executable, "-c", _SAVER, str(tmp_path)], cwd=ROOT, env=cli_env(),
@@ -45,14 +59,19 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_whole(tmp_path:
     try:
         count, folder = tmp_path / "saves", tmp_path / "study-1"
         wait_until("three saves", lambda: count.exists() and int(count.read_text() or 0) >= 3)
-        # A save in progress: its temporary file is there (or, for a store that writes in
-        # place, the checkpoint is short). Kill the writer right then.
+        # Freeze the writer until it is caught mid-save (its temporary file there or, for a
+        # store that writes in place, the checkpoint short), then kill it right there.
         full = len(pickle.dumps({"n": 1, "weights": bytes(16 << 20)}))
-        wait_until(
-            "a save in progress",
-            lambda: any(folder.glob("*.tmp-*")) or (folder / "point-0.pkl").stat().st_size < full,
-            every=0.001,
-        )
+
+        def caught_mid_save() -> bool:
+            os.killpg(saver.pid, signal.SIGSTOP)
+            wait_until("the writer to stop", lambda: _state(saver.pid) == "T", every=0.001)
+            if any(folder.glob("*.tmp-*")) or (folder / "point-0.pkl").stat().st_size < full:
+                return True
+            os.killpg(saver.pid, signal.SIGCONT)
+            return False
+
+        wait_until("a save in progress", caught_mid_save, every=0.001)
         os.killpg(saver.pid, signal.SIGKILL)
     finally:
         if saver.poll() is None:
@@ -102,3 +121,108 @@ def test_an_s3_save_to_a_missing_bucket_fails_at_once(
     with pytest.raises(Exception, match="NoSuchBucket"):
         store.write("ckpt/a.pkl", io.BytesIO(b"state"))
     assert time.monotonic() - started < 10  # not retried like an outage
+
+
+def test_a_host_without_boto3_reads_an_s3_study_but_neither_creates_nor_serves_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(checkpoints={"s3": "s3://bucket/ckpt"})
+    path = write_config(tmp_path / "c.yaml", config)
+    monkeypatch.setitem(sys.modules, "boto3", None)  # what import finds on such a host
+    with pytest.raises(MissingPackageError) as refused:
+        load_config(path)
+    assert str(refused.value) == (
+        f"{path}: checkpoints.s3: S3 checkpoints need the Python package 'boto3': "
+        "pip install 'hpo[s3]'"
+    )
+    # inspect, set, enqueue and the stale sweep read the stored config on any host...
+    assert Config.stored("s", config).checkpoints.s3 == "s3://bucket/ckpt"  # type: ignore[union-attr]
+    # ...and a worker that would serve it says why it cannot, here
+    with pytest.raises(MissingPackageError):
+        Config.stored("s", config, serving=True)
+
+
+def test_a_relative_dir_is_the_workers_even_when_the_session_changes_directory(
+    tmp_path: Path,
+) -> None:
+    # Relative to where the worker started (the repository, as in every test); the session
+    # then moves elsewhere, as Hydra does, and the checkpoints must not follow it.
+    relative = f".test-ckpt-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "elsewhere").mkdir()
+    config = make_config(
+        session="tests.sessions:checkpointed",
+        static={"dir": str(tmp_path), "epoch_s": 0, "chdir": str(tmp_path / "elsewhere")},
+        study_={"n_trials": 2}, checkpoints={"dir": relative, "keep_best": 1},
+    )  # fmt: skip
+    path = write_config(tmp_path / "c.yaml", config)
+    try:
+        study = run_hpo("tests.sessions:checkpointed", path, f"sqlite:///{tmp_path / 'r.db'}")
+        kept = [p.relative_to(ROOT) for p in (ROOT / relative).rglob("*.pkl")]
+    finally:
+        shutil.rmtree(ROOT / relative, ignore_errors=True)
+    assert kept == [Path(f"{relative}/study-1/point-{study.best_trial.number}.pkl")]
+    assert list((tmp_path / "elsewhere").rglob("*")) == []
+
+
+def test_an_s3_outage_at_clean_up_costs_space_not_the_trial(
+    s3_endpoint: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"hpo-{uuid.uuid4().hex[:12]}"
+    client = s3_client(s3_endpoint)
+    client.create_bucket(Bucket=bucket)
+    relay = Relay(int(s3_endpoint.rsplit(":", 1)[1]))
+    config = make_config(
+        session="tests.sessions:checkpointed", enqueue=[{"x": 0.3}],
+        static={"dir": str(tmp_path), "epoch_s": 0.05, "final_s": 2},
+        study_={"n_trials": 1},
+        checkpoints={"s3": f"s3://{bucket}/c", "endpoint_url": relay.url},
+    )  # fmt: skip
+
+    def cut_after_the_last_save() -> None:  # the session then sleeps 2 s and returns
+        def last_saved() -> bool:
+            listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
+            if not listed:
+                return False
+            body = client.get_object(Bucket=bucket, Key=listed[0]["Key"])["Body"].read()
+            return bool(pickle.loads(body)["epoch"] == 20)  # noqa: S301 (the test's own)
+
+        wait_until("the last epoch's checkpoint", last_saved, every=0.05)
+        relay.hang_up()  # gone for good: the worker's clean-up finds nobody
+
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("hpo").addHandler(handler)
+    cutter = threading.Thread(target=cut_after_the_last_save)
+    cutter.start()
+    try:
+        path = write_config(tmp_path / "c.yaml", config)
+        study = run_hpo("tests.sessions:checkpointed", path, f"sqlite:///{tmp_path / 'o.db'}")
+    finally:
+        cutter.join(timeout=120)
+        relay.close()
+        logging.getLogger("hpo").removeHandler(handler)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+    assert any("checkpoints not cleaned up" in w for w in warnings), warnings
+    # two quick attempts (the HTTP pool may redial a dropped one once), not a session's eight
+    assert 2 <= relay.hung_up <= 3
+    assert len(client.list_objects_v2(Bucket=bucket)["Contents"]) == 1  # the space it costs
+
+
+def test_a_save_that_cannot_be_written_fails_the_trial_with_its_reason(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    config = make_config(
+        session="tests.sessions:checkpointed", static={"dir": str(tmp_path), "epoch_s": 0},
+        study_={"n_trials": 1, "max_retries": 0, "max_failed_trials": 1},
+        checkpoints={"dir": str(blocker)},
+    )  # fmt: skip
+    path = write_config(tmp_path / "c.yaml", config)
+    study = run_hpo("tests.sessions:checkpointed", path, f"sqlite:///{tmp_path / 'f.db'}")
+    (failed,) = study.trials
+    assert failed.state.name == "FAIL"
+    assert str(blocker) in failed.user_attrs["error"], failed.user_attrs["error"]

@@ -217,8 +217,8 @@ def test_a_killed_worker_container_s_trial_resumes_from_the_shared_checkpoint(
         name="ckpt-check", n_trials=1, heartbeat_interval=1, grace_period=5,
         pruner={"name": "none"},
     )  # fmt: skip
-    # about a second per epoch: 80,000 training rows in batches of 16
-    config["static"].update(epochs=6, data={**config["static"]["data"], "n_samples": 100_000})
+    # about a second per epoch here: 80,000 training rows in batches of 16
+    config["static"].update(epochs=20, data={**config["static"]["data"], "n_samples": 100_000})
     config["enqueue"] = [
         {"lr": 0.001, "batch_size": 16, "optimizer": "adam", "weight_decay": 0.0,
          "model": {"hidden": 16}},
@@ -240,7 +240,7 @@ def test_a_killed_worker_container_s_trial_resumes_from_the_shared_checkpoint(
     wait_until("two epochs of the first attempt", lambda: len(epochs_of(0)) >= 2, timeout=600)
     compose("kill", "worker")  # SIGKILL: no trial is finished, no ticket handed back
     reached = len(epochs_of(0))
-    assert reached < 6, "the trial ended before its worker was killed; make its epochs longer"
+    assert reached < 20, "the trial ended before its worker was killed; make its epochs longer"
     compose("up", "-d", "--scale", "worker=1")
     wait_until(
         "the retry to finish",
@@ -253,7 +253,7 @@ def test_a_killed_worker_container_s_trial_resumes_from_the_shared_checkpoint(
     # the retry started where the killed attempt's last checkpoint left off (saved just before
     # its epoch was reported, so one further if the kill fell in between), and ran the rest
     assert retried[0] in (reached, reached + 1), (reached, retried)
-    assert retried == list(range(retried[0], 6))
+    assert retried == list(range(retried[0], 20))
     left = compose("run", "--rm", "--entrypoint", "find", "worker", "/checkpoints",
                    "-name", "*.pkl").stdout  # fmt: skip
     assert left.strip() == ""  # a finished point's checkpoint goes

@@ -316,7 +316,8 @@ def test_a_retry_carries_on_from_the_checkpoint_of_a_killed_worker(
     retry = start_worker("--idle-exit", "2", url=pg_url, **checkpoint_store.env)
     assert retry.wait(timeout=180) == 0
     retried = sorted(int(p.name.split("-")[2]) for p in tmp_path.glob("epoch-1-*"))
-    assert retried[0] == saved["epoch"] and retried[0] >= 5  # not from epoch 0
+    # from the last checkpoint (an upload sent just before the kill may land after the look)
+    assert retried[0] in (reached, reached + 1) and retried[0] >= 5  # not from epoch 0
     assert retried == list(range(retried[0], 20))
     (done,) = [t for t in trials(pg_url, "pool") if t.state.name == "COMPLETE"]
     uninterrupted = sum(math.sin(0.7 * (epoch + 1)) for epoch in range(20))
