@@ -21,7 +21,7 @@ from hpo_framework.optuna_tables import (
     trial_values,
     trials,
 )
-from hpo_framework.param_sampler import merge, unflatten
+from hpo_framework.param_sampler import SearchSpace, merge, unflatten
 from hpo_framework.presence import LOST_AFTER_S
 from hpo_framework.registry import (
     OPEN,
@@ -154,7 +154,7 @@ def summarize(
         "budget": record.budget,
         "finished": counts["COMPLETE"] + counts["PRUNED"],
         "counts": {s: counts[s] for s in STATES},
-        "best": [_point(b) for b in best],
+        "best": [_point(b, _space_of(name, record)) for b in best],
         "top": [trial_summary(r) for r in ranked[:top]],
         "running": [trial_summary(r) for r in running],
         "workers": dict(workers.most_common()),
@@ -221,13 +221,20 @@ def _ranked_complete(
     return ranked[:1], ranked[:n]
 
 
-def _point(t: FrozenTrial) -> dict[str, Any]:
+def _point(t: FrozenTrial, space: SearchSpace | None) -> dict[str, Any]:
     """A best trial: ``params`` under Optuna's flat names (``model.hidden``), and
-    ``params_nested`` as the session's ``cfg`` nests them (``{"model": {"hidden": ...}}``)."""
-    return {
-        "number": t.number, "values": t.values, "params": t.params,
-        "params_nested": unflatten(t.params),
-    }  # fmt: skip
+    ``params_nested`` as the session's ``cfg`` nests them (``{"model": {"hidden": ...}}``,
+    list-valued choices as lists)."""
+    nested = unflatten(t.params if space is None else space.decode(t.params))
+    return {"number": t.number, "values": t.values, "params": t.params, "params_nested": nested}
+
+
+def _space_of(name: str, record: StudyRecord) -> SearchSpace | None:
+    """The study's search space, or None for a stored config this version cannot read."""
+    try:
+        return Config.stored(name, record.config).search_space
+    except HPOError:
+        return None
 
 
 def _duration_stats(durations: list[float]) -> dict[str, float | None]:
@@ -309,10 +316,11 @@ def trial_detail(storage: optuna.storages.RDBStorage, name: str, number: int) ->
         for x in same_point
         if x.number == root or x.user_attrs.get(RETRY_OF_ATTR) == root
     ]
-    cfg, asked = _cfg_of(Config.stored(name, record.config), trial.params)
+    config = Config.stored(name, record.config)
+    cfg, asked = _cfg_of(config, trial.params)
     return {
         **trial_summary(trial),
-        "params_nested": unflatten(trial.params),
+        "params_nested": unflatten(config.search_space.decode(trial.params)),
         "cfg": cfg,
         "asked": asked,
         "intermediate_values": {str(k): v for k, v in sorted(trial.intermediate_values.items())},
@@ -328,7 +336,9 @@ def trial_detail(storage: optuna.storages.RDBStorage, name: str, number: int) ->
 def _cfg_of(config: Config, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``cfg`` a trial's session received (static and ``search_space:`` values, nested),
     and the parameters the session asked for itself (``trial().suggest_*``), not in it."""
-    searched = {k: v for k, v in params.items() if k in config.search_space}
+    searched = config.search_space.decode(
+        {k: v for k, v in params.items() if k in config.search_space}
+    )
     asked = {k: v for k, v in params.items() if k not in config.search_space}
     return merge(config.static, unflatten(searched)), asked
 

@@ -7,6 +7,7 @@ group whose keys nest in ``cfg``. Inside Optuna a parameter's name is its dotted
 
 from __future__ import annotations
 
+import json
 import math
 import operator
 from collections.abc import Mapping, Sequence
@@ -45,6 +46,15 @@ class Param:
     #: Other parameters' names and what activates this one (all must match): the values it
     #: may take, or comparisons (``{">=": 2}``).
     when: Mapping[str, tuple[Any, ...] | Compare]
+    #: Its choices are lists or mappings (``[[64, 64], [128]]``), which Optuna cannot hold:
+    #: Optuna sees each as its JSON text, the session gets the list or mapping back.
+    encoded: bool = False
+
+    def to_optuna(self, value: Any) -> Any:
+        return encode_choice(value) if self.encoded else value
+
+    def from_optuna(self, value: Any) -> Any:
+        return json.loads(value) if self.encoded and isinstance(value, str) else value
 
     @property
     def path(self) -> tuple[str, ...]:
@@ -100,12 +110,20 @@ class SearchSpace:
         _parse_group(tree, check, params)
         return cls(params)
 
+    def decode(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """A trial's parameters as the session got them: list- and mapping-valued choices back
+        from the JSON text Optuna holds (the others, and unknown names, as they are)."""
+        by_name = self._by_name
+        return {k: by_name[k].from_optuna(v) if k in by_name else v for k, v in params.items()}
+
     def distributions_of(self, point: Mapping[str, Any]) -> dict[str, BaseDistribution] | None:
-        """The distributions of ``point`` (flat names) if this space could have sampled it:
-        every parameter active for it present with a possible value, and nothing else."""
+        """The distributions of ``point`` (flat names, values as Optuna holds them) if this
+        space could have sampled it: every parameter active for it present with a possible
+        value, and nothing else."""
         active: dict[str, BaseDistribution] = {}
+        decoded = self.decode(point)
         for p in self.params:
-            if p.is_active(point):
+            if p.is_active(decoded):
                 if p.name not in point or not _contains(p.distribution, point[p.name]):
                     return None
                 active[p.name] = p.distribution
@@ -116,7 +134,7 @@ class SearchSpace:
         flat: dict[str, Any] = {}
         for p in self.params:
             if p.is_active(flat):
-                flat[p.name] = _suggest(trial, p.name, p.distribution)
+                flat[p.name] = p.from_optuna(_suggest(trial, p.name, p.distribution))
         return unflatten(flat)
 
     def grid(self, check: Checker) -> dict[str, list[Any]]:
@@ -155,12 +173,15 @@ class SearchSpace:
         as its trials recorded them), which a point may give too; Optuna hands the value to the
         session's ``suggest`` call (its ``enqueue_trial``'s fixed parameters)."""
         check.mapping(point)
-        flat = flatten(_indexed(point))
+        encoded = {p.name for p in self.params if p.encoded}
+        flat = _flatten_point(_indexed(point, encoded), encoded)
         asked = asked or {}
         for name, value in flat.items():
             at = check.at(*name.split("."))
             if name in self._by_name:
-                d = self._by_name[name].distribution
+                param = self._by_name[name]
+                d, value = param.distribution, param.to_optuna(value)
+                flat[name] = value
             elif name in asked:
                 d = asked[name]
             else:
@@ -230,13 +251,33 @@ def _lists(tree: dict[str, Any]) -> Any:
     return out
 
 
-def _indexed(point: Any) -> Any:
-    """The inverse for enqueued points: a list of groups becomes ``{"0": ..., "1": ...}``."""
+def _indexed(point: Any, keep: frozenset[str] | set[str] = frozenset(), at: str = "") -> Any:
+    """The inverse for enqueued points: a list of groups becomes ``{"0": ..., "1": ...}``
+    (except the value of a parameter in ``keep``, whose choices are lists or mappings)."""
+    if at.rstrip(".") in keep:
+        return point
     if isinstance(point, list) and all(isinstance(x, Mapping) for x in point):
-        return {str(i): _indexed(x) for i, x in enumerate(point)}
+        return {str(i): _indexed(x, keep, f"{at}{i}.") for i, x in enumerate(point)}
     if isinstance(point, Mapping):
-        return {k: _indexed(v) for k, v in point.items()}
+        return {k: _indexed(v, keep, f"{at}{k}.") for k, v in point.items()}
     return point
+
+
+def _flatten_point(tree: Mapping[str, Any], keep: set[str], prefix: str = "") -> dict[str, Any]:
+    """``flatten``, stopping at the parameters in ``keep`` (their values are mappings)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value and name not in keep:
+            flat.update(_flatten_point(value, keep, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def encode_choice(value: Any) -> str:
+    """A list- or mapping-valued choice as Optuna holds it: its JSON text, keys sorted."""
+    return json.dumps(value, sort_keys=True)
 
 
 def merge(static: Mapping[str, Any], sampled: Mapping[str, Any]) -> dict[str, Any]:
@@ -305,7 +346,8 @@ def _parse_repeat(node: Mapping[str, Any], check: Checker, params: list[Param]) 
             for other, rule in p.when.items():  # a sibling in `each` is this layer's one
                 inside = other.startswith(prefix)
                 when[f"{group}.{i}.{other[len(prefix) :]}" if inside else other] = rule
-            params.append(Param(name=name, distribution=p.distribution, when=when))
+            params.append(Param(name=name, distribution=p.distribution, when=when,
+                                encoded=p.encoded))  # fmt: skip
 
 
 def _parse_param(spec: Mapping[str, Any], check: Checker, earlier: list[Param]) -> Param:
@@ -316,16 +358,19 @@ def _parse_param(spec: Mapping[str, Any], check: Checker, earlier: list[Param]) 
     name = ".".join(check.path[1:])
     if len(name) > MAX_PARAM_NAME:  # the width of Optuna's param_name column
         check.fail(f"the parameter's name is {len(name)} characters; at most {MAX_PARAM_NAME}")
+    encoded = False
     if kind == "categorical":
-        dist: BaseDistribution = _categorical(spec, check)
+        dist: BaseDistribution
+        dist, encoded = _categorical(spec, check)
     else:
         dist = _numeric(kind, spec, check)
     group = name.rpartition(".")[0]
     when = _parse_when(spec.get("when"), check.at("when"), earlier, group + "." if group else "")
-    return Param(name=name, distribution=dist, when=when)
+    return Param(name=name, distribution=dist, when=when, encoded=encoded)
 
 
-def _categorical(spec: Mapping[str, Any], check: Checker) -> CategoricalDistribution:
+def _categorical(spec: Mapping[str, Any], check: Checker) -> tuple[CategoricalDistribution, bool]:
+    """The distribution, and whether its choices are lists or mappings (held as JSON text)."""
     at = check.at("choices")
     choices = spec.get("choices")
     if choices is None:
@@ -334,6 +379,17 @@ def _categorical(spec: Mapping[str, Any], check: Checker) -> CategoricalDistribu
         at.fail(f"must be a list, got {describe(choices)}")
     if not choices:
         at.fail("must not be empty")
+    if any(isinstance(c, (list, Mapping)) for c in choices):
+        for i, choice in enumerate(choices):
+            if not _plain_data(choice):
+                at.at(str(i)).fail(
+                    "choices must be YAML scalars, or lists and mappings of them, got "
+                    f"{describe(choice)}"
+                )
+        texts = [encode_choice(c) for c in choices]
+        if len(set(texts)) != len(texts):
+            at.fail("choices must be unique")
+        return CategoricalDistribution(texts), True
     for i, choice in enumerate(choices):
         if not is_scalar(choice):
             at.at(str(i)).fail(f"choices must be YAML scalars, got {describe(choice)}")
@@ -346,7 +402,16 @@ def _categorical(spec: Mapping[str, Any], check: Checker) -> CategoricalDistribu
                 f"{' and '.join(sorted(names))} choices equal to {c!r} cannot be told apart "
                 "(YAML true == 1 == 1.0); quote one to make it a string"
             )
-    return CategoricalDistribution(choices)
+    return CategoricalDistribution(choices), False
+
+
+def _plain_data(value: Any) -> bool:
+    """Scalars, and lists and string-keyed mappings of them, nested: what JSON holds as is."""
+    if isinstance(value, list):
+        return all(_plain_data(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _plain_data(v) for k, v in value.items())
+    return is_scalar(value) and not (isinstance(value, float) and not math.isfinite(value))
 
 
 def _numeric(kind: str, spec: Mapping[str, Any], check: Checker) -> BaseDistribution:
@@ -411,10 +476,13 @@ def _parse_when(
         if not values:
             at.fail("an empty list matches no value: give the values that enable this parameter")
         for value in values:
-            if not _contains(known[name].distribution, value):
+            if not _contains(known[name].distribution, known[name].to_optuna(value)):
+                hint = "; a list choice goes inside the list of values: [[64, 64]]" if (
+                    known[name].encoded and not isinstance(value, (list, Mapping))
+                ) else ""  # fmt: skip
                 at.fail(
                     f"{describe(value)} is not a possible value "
-                    f"({_range(known[name].distribution)})"
+                    f"({_range(known[name].distribution)}){hint}"
                 )
         rule[name] = values
     return rule

@@ -223,3 +223,57 @@ def test_repeat_mistakes_are_one_line(tmp_path: Path, repeat: dict, reason: str)
     with pytest.raises(ConfigError) as raised:
         load_config(path)
     assert f"search_space.{reason}" in str(raised.value)
+
+
+LISTED = {
+    "hidden": {"type": "categorical", "choices": [[64, 64], [128], []]},
+    "opt": {"type": "categorical",
+            "choices": [{"name": "adam", "betas": [0.9, 0.99]}, {"name": "sgd"}]},
+    "dropout": {"type": "float", "low": 0.0, "high": 0.5, "when": {"hidden": [[64, 64]]}},
+}  # fmt: skip
+
+
+def test_list_and_mapping_choices_reach_cfg_as_lists_and_mappings(tmp_path: Path) -> None:
+    # Optuna holds scalars only; such a choice is its JSON text there, the list in cfg.
+    out = tmp_path / "cfgs.jsonl"
+    first = {"hidden": [128], "opt": {"name": "sgd"}}
+    config = make_config(
+        session="tests.sessions:echo_cfg", static={"out": str(out)}, search_space=LISTED,
+        study_={"n_trials": 16, "sampler": {"name": "random", "seed": 1}}, enqueue=[first],
+    )  # fmt: skip
+    url = f"sqlite:///{tmp_path / 'db'}"
+    study = run_hpo(sessions.echo_cfg, write_config(tmp_path / "c.yaml", config), url)
+    cfgs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert cfgs[0] == {"out": str(out), **first}  # an enqueued point gives them as they are
+    assert study.trials[0].params == {"hidden": "[128]", "opt": '{"name": "sgd"}'}
+    assert {json.dumps(c["hidden"]) for c in cfgs} == {"[64, 64]", "[128]", "[]"}
+    assert {c["opt"]["name"] for c in cfgs} == {"adam", "sgd"}
+    for c in cfgs:
+        assert ("dropout" in c) == (c["hidden"] == [64, 64])  # when: names a list choice
+    # what inspect shows and --best-config writes: the lists and mappings, as cfg had them
+    from hpo_framework.inspection import trial_detail
+    from hpo_framework.storage import open_storage
+
+    detail = trial_detail(open_storage(url, create_schema=False), "test-study", 0)
+    assert detail["cfg"] == {"out": str(out), **first} and detail["params_nested"] == first
+
+
+@pytest.mark.parametrize(
+    ("choices", "reason"),
+    [
+        ([[1, 2], [1, 2]], "choices: choices must be unique"),
+        ([[1], {"a": [1, {2: "b"}]}], "choices.1.a.1.2: keys must be strings, got 2"),
+        ([[1], {"a": [1, {"b": float("inf")}]}], "choices.1.a.1.b: must be a finite number"),
+    ],
+)  # fmt: skip
+def test_list_choice_mistakes_are_one_line(tmp_path: Path, choices: list, reason: str) -> None:
+    path = write_config(tmp_path / "c.yaml", make_config(search_space={
+        "h": {"type": "categorical", "choices": choices}}))  # fmt: skip
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert f"search_space.h.{reason}" in str(raised.value)
+    when = {**LISTED, "dropout": {**LISTED["dropout"], "when": {"hidden": [64, 64]}}}
+    path = write_config(tmp_path / "w.yaml", make_config(search_space=when))
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert str(raised.value).endswith("a list choice goes inside the list of values: [[64, 64]]")
