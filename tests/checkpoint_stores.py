@@ -174,6 +174,9 @@ class Relay:
                 self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             self._listener = None
+        self._drop_links()
+
+    def _drop_links(self) -> None:
         with self._lock:
             links, self._links = self._links, []
         for sock in links:
@@ -192,12 +195,7 @@ class Relay:
         """From now on, close every connection as soon as it is made, counting them: each one
         is an attempt of the client's."""
         self.hanging_up = True
-        with self._lock:
-            links, self._links = self._links, []
-        for sock in links:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+        self._drop_links()
 
     def close(self) -> None:
         self._cut()
