@@ -16,7 +16,9 @@ finished trials, except those of the best ``checkpoints.keep_best``.
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 import tempfile
 from typing import Any
 
@@ -53,8 +55,34 @@ def load() -> Any | None:
     if target is None:
         return None
     try:
-        with open_store(target).open_reader(target["id"]) as f:
-            data = f.read()
+        reader = open_store(target).open_reader(target["id"])
     except ArtifactNotFound:
         return None
-    return pickle.loads(data)  # noqa: S301 (the study's own checkpoints; see the module doc)
+    with reader as f:
+        # the study's own checkpoints; see the module doc
+        return pickle.loads(f.read())  # noqa: S301
+
+
+def save_file(path: str | os.PathLike[str]) -> None:
+    """Replace this trial's checkpoint with the file at ``path``: what ``torch.save`` or a
+    library's own ``save_model`` wrote. Pairs with :func:`load_file`, not with ``load``."""
+    target = current_info().get("checkpoint")
+    if target is None:
+        return
+    with open(path, "rb") as f:
+        open_store(target).write(target["id"], f)
+
+
+def load_file(path: str | os.PathLike[str]) -> bool:
+    """Write the file last saved with :func:`save_file` for this trial's point to ``path``;
+    False (and ``path`` untouched) when there is none."""
+    target = current_info().get("checkpoint")
+    if target is None:
+        return False
+    try:
+        reader = open_store(target).open_reader(target["id"])
+    except ArtifactNotFound:
+        return False
+    with reader as src, open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return True

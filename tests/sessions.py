@@ -221,20 +221,36 @@ def sets_a_reserved_attr(cfg: dict[str, Any]) -> float:
 
 def checkpointed(cfg: dict[str, Any]) -> float:
     """20 epochs, saving its state after each and carrying on from a checkpoint when there is
-    one; leaves a file ``epoch-<attempt>-<epoch>`` per epoch it runs in cfg["dir"]."""
+    one; leaves a file ``epoch-<attempt>-<epoch>`` per epoch it runs in cfg["dir"]. With
+    ``as_file``, the state goes through a JSON file (checkpoint.save_file / load_file); with
+    ``fail_at``, the first attempt fails after saving that epoch."""
+    import json
     import math
+    import tempfile
 
     from hpo_framework import checkpoint, trial
 
     if cfg.get("chdir"):
         os.chdir(cfg["chdir"])  # as Hydra does: checkpoints must not follow
-    state = checkpoint.load() or {"epoch": 0, "total": 0.0}
+    if cfg.get("as_file"):
+        local = os.path.join(tempfile.mkdtemp(), "state.json")
+        state = json.load(open(local)) if checkpoint.load_file(local) else None
+    else:
+        state = checkpoint.load()
+    state = state or {"epoch": 0, "total": 0.0}
     attempt = trial().attempt
     for epoch in range(state["epoch"], 20):
         state["total"] += math.sin(cfg["x"] * (epoch + 1))
         open(os.path.join(cfg["dir"], f"epoch-{attempt}-{epoch}"), "w").close()
         state["epoch"] = epoch + 1
-        checkpoint.save(state)
+        if cfg.get("as_file"):
+            with open(local, "w") as f:
+                json.dump(state, f)
+            checkpoint.save_file(local)
+        else:
+            checkpoint.save(state)
+        if attempt == 0 and epoch == cfg.get("fail_at"):
+            raise RuntimeError(f"failed after epoch {epoch}")
         time.sleep(cfg["epoch_s"])
     time.sleep(cfg.get("final_s", 0))
     return float(state["total"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -23,7 +24,7 @@ from hpo_framework import run_hpo
 from hpo_framework.checkpoint_store import open_store
 from hpo_framework.config import Config, load_config
 from hpo_framework.exceptions import MissingPackageError
-from tests.checkpoint_stores import S3_ENV, Relay, s3_client
+from tests.checkpoint_stores import S3_ENV, Relay, Store, s3_client
 from tests.conftest import ROOT, cli_env, make_config, write_config
 from tests.pool_helpers import wait_until
 
@@ -226,3 +227,21 @@ def test_a_save_that_cannot_be_written_fails_the_trial_with_its_reason(tmp_path:
     (failed,) = study.trials
     assert failed.state.name == "FAIL"
     assert str(blocker) in failed.user_attrs["error"], failed.user_attrs["error"]
+
+
+def test_a_file_saved_by_the_session_comes_back_to_its_retry(
+    tmp_path: Path, checkpoint_store: Store
+) -> None:
+    config = make_config(
+        session="tests.sessions:checkpointed", enqueue=[{"x": 0.4}],
+        static={"dir": str(tmp_path), "epoch_s": 0, "as_file": True, "fail_at": 7},
+        study_={"n_trials": 1, "max_retries": 1}, checkpoints=checkpoint_store.config,
+    )  # fmt: skip
+    path = write_config(tmp_path / "c.yaml", config)
+    study = run_hpo("tests.sessions:checkpointed", path, f"sqlite:///{tmp_path / 'f.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    retried = sorted(int(p.name.split("-")[2]) for p in tmp_path.glob("epoch-1-*"))
+    assert retried == list(range(8, 20))  # from the file saved after epoch 7
+    assert study.trials[1].value == pytest.approx(
+        sum(math.sin(0.4 * (epoch + 1)) for epoch in range(20)), abs=1e-12
+    )
