@@ -66,11 +66,10 @@ def load() -> Any | None:
 def save_file(path: str | os.PathLike[str]) -> None:
     """Replace this trial's checkpoint with the file at ``path``: what ``torch.save`` or a
     library's own ``save_model`` wrote. Pairs with :func:`load_file`, not with ``load``."""
-    target = current_info().get("checkpoint")
-    if target is None:
-        return
-    with open(path, "rb") as f:
-        open_store(target).write(target["id"], f)
+    with open(path, "rb") as f:  # a wrong path fails outside a trial too
+        target = current_info().get("checkpoint")
+        if target is not None:
+            open_store(target).write(target["id"], f)
 
 
 def load_file(path: str | os.PathLike[str]) -> bool:
@@ -83,6 +82,13 @@ def load_file(path: str | os.PathLike[str]) -> bool:
         reader = open_store(target).open_reader(target["id"])
     except ArtifactNotFound:
         return False
-    with reader as src, open(path, "wb") as dst:
-        shutil.copyfileobj(src, dst)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.tmp-")
+    try:  # a download broken midway leaves ``path`` as it was
+        with reader as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return True

@@ -146,6 +146,7 @@ def summarize(
     if unknown > 0:
         workers["unknown"] += unknown
     best, ranked = _ranked_complete(storage, study_id, directions, top)
+    space = _space_of(name, record) if best else None
     study_attrs = storage.get_study_user_attrs(study_id)
     summary = {
         "study": name,
@@ -154,7 +155,7 @@ def summarize(
         "budget": record.budget,
         "finished": counts["COMPLETE"] + counts["PRUNED"],
         "counts": {s: counts[s] for s in STATES},
-        "best": [_point(b, _space_of(name, record)) for b in best],
+        "best": [_point(b, space) for b in best],
         "top": [trial_summary(r) for r in ranked[:top]],
         "running": [trial_summary(r) for r in running],
         "workers": dict(workers.most_common()),

@@ -45,7 +45,7 @@ class Param:
     distribution: BaseDistribution
     #: Other parameters' names and what activates this one (all must match): the values it
     #: may take, or comparisons (``{">=": 2}``).
-    when: Mapping[str, tuple[Any, ...] | Compare]
+    when: Mapping[str, Rule]
     #: Its choices are lists or mappings (``[[64, 64], [128]]``), which Optuna cannot hold:
     #: Optuna sees each as its JSON text, the session gets the list or mapping back.
     encoded: bool = False
@@ -54,7 +54,12 @@ class Param:
         return encode_choice(value) if self.encoded else value
 
     def from_optuna(self, value: Any) -> Any:
-        return json.loads(value) if self.encoded and isinstance(value, str) else value
+        """A value as Optuna holds it, as the session gets it (a value that is not one of this
+        parameter's choices, e.g. an old study's, stays as it is)."""
+        d = self.distribution
+        if self.encoded and isinstance(d, CategoricalDistribution) and value in d.choices:
+            return json.loads(value)
+        return value
 
     @property
     def path(self) -> tuple[str, ...]:
@@ -63,7 +68,11 @@ class Param:
     def is_active(self, values: Mapping[str, Any]) -> bool:
         return all(
             name in values
-            and (rule.holds(values[name]) if isinstance(rule, Compare) else values[name] in rule)
+            and (
+                rule.holds(values[name])
+                if isinstance(rule, (Compare, OneOfEncoded))
+                else values[name] in rule
+            )
             for name, rule in self.when.items()
         )
 
@@ -81,6 +90,24 @@ class Compare:
 
     def holds(self, value: Any) -> bool:
         return all(_COMPARE[op](value, bound) for op, bound in self.ops)
+
+
+@dataclass(frozen=True)
+class OneOfEncoded:
+    """``when: {hidden: [[64, 64]]}`` on a parameter with list or mapping choices: compared
+    as JSON text, so that ``[1]``, ``[1.0]`` and ``[true]`` stay apart as Optuna keeps them."""
+
+    texts: frozenset[str]
+
+    def holds(self, value: Any) -> bool:
+        try:
+            return encode_choice(value) in self.texts
+        except (TypeError, ValueError):
+            return False
+
+
+#: What ``when:`` says of one parameter: the values it may take, or comparisons.
+Rule = tuple[Any, ...] | Compare | OneOfEncoded
 
 
 class SearchSpace:
@@ -180,8 +207,14 @@ class SearchSpace:
             at = check.at(*name.split("."))
             if name in self._by_name:
                 param = self._by_name[name]
-                d, value = param.distribution, param.to_optuna(value)
-                flat[name] = value
+                d, shown = param.distribution, _range(param.distribution, param.encoded)
+                given = repr(value) if isinstance(value, (list, Mapping)) else describe(value)
+                if param.encoded and not _plain_data(value):
+                    at.fail(f"{given} is outside this parameter's range ({shown})")
+                flat[name] = param.to_optuna(value)
+                if not _contains(d, flat[name]):
+                    at.fail(f"{given} is outside this parameter's range ({shown})")
+                continue
             elif name in asked:
                 d = asked[name]
             else:
@@ -342,7 +375,7 @@ def _parse_repeat(node: Mapping[str, Any], check: Checker, params: list[Param]) 
     for i in range(most):
         for p in template:
             name = f"{group}.{i}.{p.name[len(prefix) :]}"
-            when: dict[str, tuple[Any, ...] | Compare] = {count: Compare(((">", i),))}
+            when: dict[str, Rule] = {count: Compare(((">", i),))}
             for other, rule in p.when.items():  # a sibling in `each` is this layer's one
                 inside = other.startswith(prefix)
                 when[f"{group}.{i}.{other[len(prefix) :]}" if inside else other] = rule
@@ -456,14 +489,14 @@ def _numeric(kind: str, spec: Mapping[str, Any], check: Checker) -> BaseDistribu
 
 def _parse_when(
     when: Any, check: Checker, earlier: list[Param], group: str = ""
-) -> dict[str, tuple[Any, ...] | Compare]:
+) -> dict[str, Rule]:
     """The rule of ``when:``; a name is a parameter's full dotted name, or a sibling's own
     name in the same ``group`` (so ``each:`` of a ``repeat:`` can say ``when: {act: relu}``)."""
     if when is None:
         return {}
     check.mapping(when)
     known = {p.name: p for p in earlier}
-    rule: dict[str, tuple[Any, ...] | Compare] = {}
+    rule: dict[str, Rule] = {}
     for given, wanted in when.items():
         at = check.at(str(given))
         name = given if given in known or f"{group}{given}" not in known else f"{group}{given}"
@@ -482,8 +515,11 @@ def _parse_when(
                 ) else ""  # fmt: skip
                 at.fail(
                     f"{describe(value)} is not a possible value "
-                    f"({_range(known[name].distribution)}){hint}"
+                    f"({_range(known[name].distribution, known[name].encoded)}){hint}"
                 )
+        if known[name].encoded:
+            rule[name] = OneOfEncoded(frozenset(encode_choice(v) for v in values))
+            continue
         rule[name] = values
     return rule
 
@@ -523,9 +559,10 @@ def _contains(d: BaseDistribution, value: Any) -> bool:
     return bool(d._contains(d.to_internal_repr(value)))
 
 
-def _range(d: BaseDistribution) -> str:
+def _range(d: BaseDistribution, encoded: bool = False) -> str:
     if isinstance(d, CategoricalDistribution):
-        return f"choices {list(d.choices)}"
+        choices = [json.loads(str(c)) for c in d.choices] if encoded else list(d.choices)
+        return f"choices {choices}"
     assert isinstance(d, (FloatDistribution, IntDistribution))
     step = f", step {d.step}" if d.step not in (None, 1) else ""
     return f"{d.low}..{d.high}{step}"

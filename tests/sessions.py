@@ -226,15 +226,17 @@ def checkpointed(cfg: dict[str, Any]) -> float:
     ``fail_at``, the first attempt fails after saving that epoch."""
     import json
     import math
-    import tempfile
 
     from hpo_framework import checkpoint, trial
 
     if cfg.get("chdir"):
         os.chdir(cfg["chdir"])  # as Hydra does: checkpoints must not follow
     if cfg.get("as_file"):
-        local = os.path.join(tempfile.mkdtemp(), "state.json")
-        state = json.load(open(local)) if checkpoint.load_file(local) else None
+        local = os.path.join(cfg["dir"], f"state-{trial().number}.json")
+        state = None
+        if checkpoint.load_file(local):
+            with open(local) as f:
+                state = json.load(f)
     else:
         state = checkpoint.load()
     state = state or {"epoch": 0, "total": 0.0}

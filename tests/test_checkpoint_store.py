@@ -245,3 +245,12 @@ def test_a_file_saved_by_the_session_comes_back_to_its_retry(
     assert study.trials[1].value == pytest.approx(
         sum(math.sin(0.4 * (epoch + 1)) for epoch in range(20)), abs=1e-12
     )
+
+
+def test_save_file_of_a_missing_file_fails_outside_a_trial_too(tmp_path: Path) -> None:
+    from hpo_framework import checkpoint
+
+    with pytest.raises(FileNotFoundError):  # a dry run outside HPO finds the wrong path
+        checkpoint.save_file(tmp_path / "model.pt")
+    assert checkpoint.load_file(tmp_path / "model.pt") is False
+    assert not (tmp_path / "model.pt").exists()

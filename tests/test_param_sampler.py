@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import optuna
 import pytest
 
 from hpo_framework import ConfigError, load_config, run_hpo
+from hpo_framework._checks import Checker
 from hpo_framework.param_sampler import merge
 from tests import sessions
 from tests.conftest import make_config, write_config
@@ -277,3 +279,25 @@ def test_list_choice_mistakes_are_one_line(tmp_path: Path, choices: list, reason
     with pytest.raises(ConfigError) as raised:
         load_config(path)
     assert str(raised.value).endswith("a list choice goes inside the list of values: [[64, 64]]")
+
+
+def test_list_choices_keep_true_1_and_1_0_apart_and_refuse_what_json_cannot_hold(
+    tmp_path: Path,
+) -> None:
+    space = {
+        "arch": {"type": "categorical", "choices": [[1], [1.0], [True], "plain"]},
+        "extra": {"type": "float", "low": 0.0, "high": 1.0, "when": {"arch": [[1.0]]}},
+    }
+    loaded = load_config(write_config(tmp_path / "c.yaml", make_config(search_space=space)))
+    extra = loaded.search_space.params[1]
+    assert [extra.is_active({"arch": v}) for v in ([1], [1.0], [True])] == [False, True, False]
+    # an old study's value that is no choice here is no point of this space (create --from)
+    assert loaded.search_space.distributions_of({"arch": "relu"}) is None
+    assert loaded.search_space.distributions_of({"arch": '"plain"'}) is not None
+    # a point JSON cannot hold is refused in one line, naming the choices as written
+    with pytest.raises(ConfigError) as refused:
+        loaded.search_space.check_point({"arch": [datetime.date(2024, 1, 1)]}, Checker("p.yaml"))
+    assert str(refused.value).startswith(
+        "p.yaml: arch: [datetime.date(2024, 1, 1)] is outside this parameter's range "
+        "(choices [[1], [1.0], [True], 'plain'])"
+    ), str(refused.value)
