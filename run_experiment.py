@@ -3,14 +3,17 @@
 import sys
 
 from experiments.linear_regression import single_session
-from hpo_framework import HPOError, run_hpo, unflatten
+from hpo_framework import HPOError, load_config, run_hpo, unflatten
 
 if __name__ == "__main__":
+    path = sys.argv[1] if len(sys.argv) > 1 else "config.yaml"
     try:
-        study = run_hpo(single_session, sys.argv[1] if len(sys.argv) > 1 else "config.yaml")
+        study = run_hpo(single_session, path)
+        space = load_config(path).search_space
     except HPOError as e:
         sys.exit(f"error: {e}")
     if not any(t.state.name == "COMPLETE" for t in study.trials):
         sys.exit(f"error: study {study.study_name!r} has no completed trial; see hpo-inspect")
     print(f"best validation MSE {study.best_value:.6f} (trial {study.best_trial.number})")
-    print(f"best parameters {unflatten(study.best_params)}")  # nested, as cfg has them
+    # nested, as cfg has them (a list-valued choice as its list, not Optuna's JSON text)
+    print(f"best parameters {unflatten(space.decode(study.best_params))}")
