@@ -20,12 +20,14 @@ import os
 import pickle
 import shutil
 import tempfile
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from hpo_framework.checkpoint_store import (
     ArtifactNotFound,
     AtomicFileSystemArtifactStore,
     open_store,
+    replace_file,
 )
 from hpo_framework.reporting import current_info
 
@@ -51,12 +53,8 @@ def save(state: Any) -> None:
 
 def load() -> Any | None:
     """The state last saved for this trial's point (by an earlier attempt), or None."""
-    target = current_info().get("checkpoint")
-    if target is None:
-        return None
-    try:
-        reader = open_store(target).open_reader(target["id"])
-    except ArtifactNotFound:
+    reader = _reader()
+    if reader is None:
         return None
     with reader as f:
         # the study's own checkpoints; see the module doc
@@ -74,21 +72,22 @@ def save_file(path: str | os.PathLike[str]) -> None:
 
 def load_file(path: str | os.PathLike[str]) -> bool:
     """Write the file last saved with :func:`save_file` for this trial's point to ``path``;
-    False (and ``path`` untouched) when there is none."""
+    False (and ``path`` untouched) when there is none. A download broken midway leaves
+    ``path`` as it was."""
+    reader = _reader()
+    if reader is None:
+        return False
+    with reader as src:
+        replace_file(Path(os.path.abspath(path)), lambda dst: shutil.copyfileobj(src, dst))
+    return True
+
+
+def _reader() -> BinaryIO | None:
+    """This trial's checkpoint, open for reading; None outside a trial or before any save."""
     target = current_info().get("checkpoint")
     if target is None:
-        return False
+        return None
     try:
-        reader = open_store(target).open_reader(target["id"])
+        return open_store(target).open_reader(target["id"])
     except ArtifactNotFound:
-        return False
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.tmp-")
-    try:  # a download broken midway leaves ``path`` as it was
-        with reader as src, os.fdopen(fd, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return True
+        return None

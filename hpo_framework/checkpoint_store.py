@@ -28,7 +28,13 @@ if TYPE_CHECKING:
 
     from hpo_framework.config import CheckpointSpec
 
-__all__ = ["ArtifactNotFound", "AtomicFileSystemArtifactStore", "artifact_id", "open_store"]
+__all__ = [
+    "ArtifactNotFound",
+    "AtomicFileSystemArtifactStore",
+    "artifact_id",
+    "open_store",
+    "replace_file",
+]
 
 
 class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
@@ -38,20 +44,11 @@ class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
         self.write_with(artifact_id, lambda f: shutil.copyfileobj(content_body, f))
 
     def write_with(self, artifact_id: str, fill: Callable[[BinaryIO], object]) -> None:
-        """Replace the artifact with what ``fill`` writes into a fresh file (a pickle goes
-        straight to disk, never whole into memory). The temporary file's name is unique even
-        among containers sharing the volume (their PIDs are not)."""
+        """Replace the artifact with what ``fill`` writes (a pickle goes straight to disk,
+        never whole into memory)."""
         target = self._get_filepath(artifact_id)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{target.name}.tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                fill(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        replace_file(target, fill)
 
     def remove(self, artifact_id: str) -> None:
         """Remove the artifact and what writers killed mid-save left beside it."""
@@ -59,6 +56,21 @@ class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
         for leftover in target.parent.glob(f"{glob.escape(target.name)}.tmp-*"):
             leftover.unlink(missing_ok=True)
         super().remove(artifact_id)
+
+
+def replace_file(target: Path, fill: Callable[[BinaryIO], object]) -> None:
+    """Replace ``target`` with what ``fill`` writes into a fresh file beside it, whole or not
+    at all: a temporary file (its name unique even among containers sharing a volume, whose
+    PIDs are not), fsync, rename."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{target.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def where(spec: CheckpointSpec) -> dict[str, str | None]:
