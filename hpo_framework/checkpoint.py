@@ -9,17 +9,27 @@ without ``checkpoints:`` in its config, ``save`` does nothing and ``load`` retur
 Checkpoints live in one of Optuna's artifact stores (``checkpoint_store``): a directory every
 worker sees (``checkpoints.dir``, a shared volume) or S3 and S3-compatible services
 (``checkpoints.s3``), one artifact per point, replaced whole by each save, so a kill mid-save
-leaves the previous checkpoint intact. The state is pickled: like ``torch.load``, load only
-checkpoints of a store nobody untrusted can write. The worker removes the checkpoints of
-finished trials, except those of the best ``checkpoints.keep_best``.
+leaves the previous checkpoint intact.
+
+The state is pickled, and the study's config (which names the store) comes from the database:
+so each checkpoint ends with an HMAC-SHA256 of its bytes and its name under a key that only
+the workers hold (``host_policy.checkpoint_key``), checked before a byte is unpickled or handed
+to the session. A checkpoint that fails the check, or cannot be read (truncated, corrupt), is
+set aside as ``<name>.rejected`` with a warning naming it, and the point starts from scratch.
+The worker removes the checkpoints of finished trials, except those of the best
+``checkpoints.keep_best``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
+import logging
 import os
 import pickle
-import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -29,36 +39,43 @@ from hpo_framework.checkpoint_store import (
     open_store,
     replace_file,
 )
+from hpo_framework.host_policy import checkpoint_key
 from hpo_framework.reporting import current_info
 
+log = logging.getLogger("hpo.checkpoint")
+
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
+#: Each checkpoint ends with its MAC (32 bytes) and this mark.
+_MARK = b"hpo-ckpt-v1\n"
+_TRAILER = 32 + len(_MARK)
+_SPOOL = 64 << 20  # what a checkpoint may take in memory before it goes to a temporary file
 
 
 def save(state: Any) -> None:
     """Replace this trial's checkpoint with ``state`` (anything picklable: a dict of tensors,
     the epoch, the optimizer's state...)."""
     target = current_info().get("checkpoint")
-    if target is None:
-        return
-    store = open_store(target)
-    if isinstance(store, AtomicFileSystemArtifactStore):  # pickled straight into the file
-        store.write_with(target["id"], lambda f: pickle.dump(state, f, _PROTOCOL))
-        return
-    # Pickled into a temporary file (in memory up to 64 MB), then uploaded from there.
-    with tempfile.SpooledTemporaryFile(max_size=64 << 20) as body:
-        pickle.dump(state, body, _PROTOCOL)
-        body.seek(0)
-        store.write(target["id"], body)  # type: ignore[arg-type]
+    if target is not None:
+        _write(target, lambda f: pickle.dump(state, f, _PROTOCOL))
 
 
 def load() -> Any | None:
-    """The state last saved for this trial's point (by an earlier attempt), or None."""
-    reader = _reader()
-    if reader is None:
+    """The state last saved for this trial's point (by an earlier attempt), or None: also
+    when the checkpoint fails its check or cannot be unpickled (it is set aside, named in a
+    warning, and the point starts from scratch)."""
+    target = current_info().get("checkpoint")
+    if target is None:
         return None
-    with reader as f:
-        # the study's own checkpoints; see the module doc
-        return pickle.loads(f.read())  # noqa: S301
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL) as body:
+        if not _read_verified(target, body):  # type: ignore[arg-type]
+            return None
+        body.seek(0)
+        try:
+            # checked above: written by a worker holding this pool's key
+            return pickle.load(body)  # noqa: S301
+        except Exception as e:  # noqa: BLE001 - a class renamed since, a bug of a past save...
+            _set_aside(target, f"cannot be unpickled ({type(e).__name__}: {e})")
+            return None
 
 
 def save_file(path: str | os.PathLike[str]) -> None:
@@ -67,27 +84,113 @@ def save_file(path: str | os.PathLike[str]) -> None:
     with open(path, "rb") as f:  # a wrong path fails outside a trial too
         target = current_info().get("checkpoint")
         if target is not None:
-            open_store(target).write(target["id"], f)
+            _write(target, lambda dst: _copy(f, dst))
 
 
 def load_file(path: str | os.PathLike[str]) -> bool:
     """Write the file last saved with :func:`save_file` for this trial's point to ``path``;
-    False (and ``path`` untouched) when there is none. A download broken midway leaves
-    ``path`` as it was."""
-    reader = _reader()
-    if reader is None:
+    False (and ``path`` untouched) when there is none, or when it fails its check (set
+    aside, as for ``load``). A download broken midway leaves ``path`` as it was."""
+    target = current_info().get("checkpoint")
+    if target is None:
         return False
+    destination = Path(os.path.abspath(path))
+    verified = False
+
+    def fill(dst: BinaryIO) -> None:
+        nonlocal verified
+        verified = _read_verified(target, dst)
+        if not verified:
+            raise _Rejected  # replace_file leaves ``path`` as it was
+
+    with contextlib.suppress(_Rejected):
+        replace_file(destination, fill)
+    return verified
+
+
+class _Rejected(Exception):
+    """The checkpoint failed its check (already set aside and logged)."""
+
+
+def _mac(target: dict[str, str]) -> hmac.HMAC:
+    """The MAC of a checkpoint, begun with its name: one point's checkpoint cannot stand in
+    for another's."""
+    return hmac.new(checkpoint_key(), target["id"].encode() + b"\n", hashlib.sha256)
+
+
+def _write(target: dict[str, str], fill: Callable[[BinaryIO], object]) -> None:
+    """Replace the checkpoint with what ``fill`` writes, followed by its MAC."""
+    mac = _mac(target)
+
+    def signed(f: BinaryIO) -> None:
+        fill(_Signing(f, mac))  # type: ignore[arg-type]
+        f.write(mac.digest() + _MARK)
+
+    store = open_store(target)
+    if isinstance(store, AtomicFileSystemArtifactStore):  # straight into the file
+        store.write_with(target["id"], signed)
+        return
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL) as body:  # then uploaded from there
+        signed(body)  # type: ignore[arg-type]
+        body.seek(0)
+        store.write(target["id"], body)  # type: ignore[arg-type]
+
+
+class _Signing:
+    """A file to write that feeds the MAC what passes through it."""
+
+    def __init__(self, f: BinaryIO, mac: hmac.HMAC) -> None:
+        self._f, self._mac = f, mac
+
+    def write(self, data: bytes) -> int:
+        self._mac.update(data)
+        return self._f.write(data)
+
+
+def _read_verified(target: dict[str, str], dst: BinaryIO) -> bool:
+    """Copy the checkpoint's content (without its MAC) into ``dst``; True if it was there
+    and passed its check, False if there is none or it failed (then it is set aside)."""
+    try:
+        reader = open_store(target).open_reader(target["id"])
+    except ArtifactNotFound:
+        return False
+    mac, tail = _mac(target), b""
     with reader as src:
-        replace_file(Path(os.path.abspath(path)), lambda dst: shutil.copyfileobj(src, dst))
+        for chunk in _chunks(src):
+            held = tail + chunk  # the last bytes may be the trailer: held back until the end
+            out, tail = held[:-_TRAILER], held[-_TRAILER:]
+            mac.update(out)
+            dst.write(out)
+    if len(tail) < _TRAILER or not tail.endswith(_MARK):
+        _set_aside(target, "is not a checkpoint of this version whole (truncated or foreign)")
+        return False
+    if not hmac.compare_digest(tail[:32], mac.digest()):
+        _set_aside(target, "fails its MAC (not written with this pool's checkpoint key)")
+        return False
     return True
 
 
-def _reader() -> BinaryIO | None:
-    """This trial's checkpoint, open for reading; None outside a trial or before any save."""
-    target = current_info().get("checkpoint")
-    if target is None:
-        return None
+def _chunks(src: BinaryIO) -> Iterator[bytes]:
+    while chunk := src.read(1 << 20):
+        yield chunk
+
+
+def _copy(src: BinaryIO, dst: BinaryIO) -> None:
+    for chunk in _chunks(src):
+        dst.write(chunk)
+
+
+def _set_aside(target: dict[str, str], why: str) -> None:
+    """Move a checkpoint that cannot be used to ``<name>.rejected`` (for its operator to
+    look at; never read again), so the point starts from scratch."""
+    name = target["id"]
+    where = target.get("dir") or target.get("s3")
+    log.warning("checkpoint %s in %s %s: set aside as %s.rejected; the point starts from "
+                "scratch", name, where, why, name)  # fmt: skip
     try:
-        return open_store(target).open_reader(target["id"])
-    except ArtifactNotFound:
-        return None
+        store = open_store(target)
+        with store.open_reader(name) as f:
+            store.write(f"{name}.rejected", f)
+        store.remove(name)
+    except Exception as e:  # noqa: BLE001 - the trial goes on from scratch all the same
+        log.warning("checkpoint %s not set aside: %s", name, e)

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, BinaryIO
 from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 
+from hpo_framework.host_policy import checkpoint_location_refusal, s3_endpoint_refusal
+
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
 
@@ -93,8 +95,13 @@ def artifact_id(location: Mapping[str, str | None], study_id: int, point: int) -
 def open_store(location: Mapping[str, str | None], *, patient: bool = True) -> ArtifactStore:
     """The artifact store ``location`` names (opened once per process). ``patient``: a
     session's save and load ride out a short outage of S3 (8 attempts with backoff); the
-    worker's clean-up (``patient=False``) tries twice and moves on."""
-    return _open(location.get("dir"), location.get("s3"), location.get("endpoint_url"), patient)
+    worker's clean-up (``patient=False``) tries twice and moves on. A location this host's
+    operator has not allowed is refused here too, whoever asks (``host_policy``)."""
+    folder, s3, endpoint = location.get("dir"), location.get("s3"), location.get("endpoint_url")
+    refusal = s3_endpoint_refusal(endpoint) or checkpoint_location_refusal(folder, s3)
+    if refusal:
+        raise PermissionError(f"checkpoints: {refusal}")
+    return _open(folder, s3, endpoint, patient)
 
 
 @functools.lru_cache(maxsize=8)

@@ -22,7 +22,8 @@ import yaml
 from hpo_framework import defaults
 from hpo_framework._checks import Checker, describe, is_number
 from hpo_framework.algorithms import check_pruner, check_sampler
-from hpo_framework.exceptions import ConfigError, MissingPackageError
+from hpo_framework.exceptions import ConfigError, MissingPackageError, NotAllowedHereError
+from hpo_framework.host_policy import checkpoint_location_refusal, s3_endpoint_refusal
 from hpo_framework.param_sampler import SearchSpace, flatten
 
 TOP_KEYS = ("study", "session", "storage", "static", "search_space", "enqueue", "checkpoints")
@@ -300,6 +301,13 @@ def _parse_checkpoints(raw: Any, check: Checker) -> CheckpointSpec | None:
     if endpoint is not None and not endpoint.startswith(("http://", "https://")):
         check.at("endpoint_url").fail(f"must be an http:// or https:// URL, got {endpoint!r}")
     keep = _optional_int(raw, "keep_best", check, 0, minimum=0)
+    if check.host_checks:  # what this host's operator allows (the config may come from the db)
+        for key, refusal in (
+            ("endpoint_url", s3_endpoint_refusal(endpoint)),
+            ("s3" if s3 else "dir", checkpoint_location_refusal(raw.get("dir"), s3)),
+        ):
+            if refusal:
+                raise NotAllowedHereError(check.source, check.at(key).key, refusal)
     return CheckpointSpec(dir=raw.get("dir"), s3=s3, endpoint_url=endpoint, keep_best=keep or 0)
 
 

@@ -43,6 +43,12 @@ class UnsafeSamplerError(HostConfigError):
     whose operator has not said that only trusted parties can write the database."""
 
 
+class NotAllowedHereError(HostConfigError):
+    """Raised when the config asks for what this host's operator has not allowed: an S3
+    endpoint outside ``HPO_S3_ENDPOINTS``, a checkpoint location outside
+    ``HPO_CHECKPOINT_LOCATIONS`` (see ``host_policy``)."""
+
+
 class StorageError(HPOError):
     """Raised when the storage cannot be reached or used (bad URL, database gone too long)."""
 

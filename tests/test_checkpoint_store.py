@@ -24,7 +24,7 @@ from hpo_framework import run_hpo
 from hpo_framework.checkpoint_store import open_store
 from hpo_framework.config import Config, load_config
 from hpo_framework.exceptions import MissingPackageError
-from tests.checkpoint_stores import S3_ENV, Relay, Store, s3_client
+from tests.checkpoint_stores import S3_ENV, Relay, Store, s3_client, unpickle_checkpoint
 from tests.conftest import ROOT, cli_env, make_config, write_config
 from tests.pool_helpers import wait_until
 
@@ -89,7 +89,8 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_whole(tmp_path:
     assert list((tmp_path / "study-1").iterdir()) == []
 
 
-def _s3_store(endpoint: str, bucket: str) -> Any:
+def _s3_store(endpoint: str, bucket: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("HPO_S3_ENDPOINTS", endpoint)  # what the worker's operator allows
     return open_store({"dir": None, "s3": f"s3://{bucket}/ckpt", "endpoint_url": endpoint})
 
 
@@ -102,7 +103,7 @@ def test_an_s3_save_rides_out_a_short_outage_of_the_service(
     s3_client(s3_endpoint).create_bucket(Bucket=bucket)
     relay = Relay(int(s3_endpoint.rsplit(":", 1)[1]))
     try:
-        store = _s3_store(relay.url, bucket)
+        store = _s3_store(relay.url, bucket, monkeypatch)
         store.write("ckpt/a.pkl", io.BytesIO(b"before"))
         relay.outage(1.0)  # connections cut and refused for a second, then it is back
         store.write("ckpt/a.pkl", io.BytesIO(b"after"))
@@ -117,7 +118,7 @@ def test_an_s3_save_to_a_missing_bucket_fails_at_once(
 ) -> None:
     for key, value in S3_ENV.items():
         monkeypatch.setenv(key, value)
-    store = _s3_store(s3_endpoint, f"no-such-{uuid.uuid4().hex[:8]}")
+    store = _s3_store(s3_endpoint, f"no-such-{uuid.uuid4().hex[:8]}", monkeypatch)
     started = time.monotonic()
     with pytest.raises(Exception, match="NoSuchBucket"):
         store.write("ckpt/a.pkl", io.BytesIO(b"state"))
@@ -176,6 +177,7 @@ def test_an_s3_outage_at_clean_up_costs_space_not_the_trial(
     client = s3_client(s3_endpoint)
     client.create_bucket(Bucket=bucket)
     relay = Relay(int(s3_endpoint.rsplit(":", 1)[1]))
+    monkeypatch.setenv("HPO_S3_ENDPOINTS", relay.url)
     config = make_config(
         session="tests.sessions:checkpointed", enqueue=[{"x": 0.3}],
         static={"dir": str(tmp_path), "epoch_s": 0.05, "final_s": 2},
@@ -189,7 +191,7 @@ def test_an_s3_outage_at_clean_up_costs_space_not_the_trial(
             if not listed:
                 return False
             body = client.get_object(Bucket=bucket, Key=listed[0]["Key"])["Body"].read()
-            return bool(pickle.loads(body)["epoch"] == 20)  # noqa: S301 (the test's own)
+            return bool(unpickle_checkpoint(body)["epoch"] == 20)
 
         wait_until("the last epoch's checkpoint", last_saved, every=0.05)
         relay.hang_up()  # gone for good: the worker's clean-up finds nobody
