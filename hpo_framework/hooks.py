@@ -8,7 +8,12 @@ Which process fires is decided in the database: the first to insert the study's
 ``hpo:hook_fired`` attribute. Reopening the study, or raising its budget, arms it again.
 
 The config lives in the database, so a command would run whatever its writer wrote on every
-worker host: commands run only where ``HPO_ALLOW_HOOK_COMMANDS=1`` is set (URLs always).
+worker host, and a URL would make every host send the study's summary wherever its writer
+chose: commands run only where ``HPO_ALLOW_HOOK_COMMANDS=1`` is set, and URLs are POSTed only
+under one of the host's ``HPO_HOOK_URLS`` prefixes, with a short timeout, never following a
+redirect. A process that may not fire a hook does not claim it (another may); it says why
+once. The body is the summary as JSON, with a one-line ``text`` beside it, which chat
+webhooks (Slack, Mattermost, Teams...) show as the message.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ import json
 import logging
 import os
 import subprocess
+import urllib.error
 import urllib.request
+from typing import Any
 
 import optuna
 import sqlalchemy as sa
 
+from hpo_framework.host_policy import hook_url_refusal
 from hpo_framework.optuna_tables import study_user_attrs
 from hpo_framework.registry import FAILED, OPEN, STOPPED, Registry, StudyRecord
 from hpo_framework.tickets import Tickets
@@ -30,8 +38,10 @@ from hpo_framework.tickets import Tickets
 log = logging.getLogger("hpo.hooks")
 
 FIRED_ATTR = "hpo:hook_fired"
-HOOK_TIMEOUT_S = 60.0
+HOOK_TIMEOUT_S = 60.0  # a command's
+URL_TIMEOUT_S = 10.0  # a POST's: connect and each read
 ALLOW_COMMANDS_ENV = "HPO_ALLOW_HOOK_COMMANDS"
+_said: set[tuple[int, str, str]] = set()  # (study, event, hook) refused and said so already
 
 
 def ended(record: StudyRecord) -> str | None:
@@ -71,11 +81,14 @@ def fire_if_ended(storage: optuna.storages.RDBStorage, study_id: int) -> None:
     hook = on_failed if event == "failed" else on_done
     if event is None or not hook:
         return
-    if not _is_url(hook) and os.environ.get(ALLOW_COMMANDS_ENV) != "1":
-        log.warning(
-            "study=%s on_%s not run here: commands run only where %s=1 is set (a process "
-            "that has it may still run it)", record.name, event, ALLOW_COMMANDS_ENV,
-        )  # fmt: skip
+    refusal = _refusal(hook)
+    if refusal:
+        if (record.study_id, event, hook) not in _said:
+            _said.add((record.study_id, event, hook))
+            log.warning(
+                "study=%s on_%s not run here: %s (a process that may still runs it)",
+                record.name, event, refusal,
+            )  # fmt: skip
         return
     at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     try:
@@ -91,12 +104,50 @@ def fire_if_ended(storage: optuna.storages.RDBStorage, study_id: int) -> None:
         return  # another process fired it
     from hpo_framework.inspection import summarize  # the read side, only when a hook fires
 
-    text = json.dumps({"event": event, **summarize(storage, record.name)}, default=str)
-    run_hook(hook, text, record.name, event)
+    summary = summarize(storage, record.name)
+    body = {"text": one_line(event, summary), "event": event, **summary}
+    run_hook(hook, json.dumps(body, default=str), record.name, event)
 
 
 def _is_url(hook: str) -> bool:
     return hook.startswith(("http://", "https://"))
+
+
+def _refusal(hook: str) -> str | None:
+    """Why this process may not fire ``hook``, or None."""
+    if _is_url(hook):
+        return hook_url_refusal(hook)
+    if os.environ.get(ALLOW_COMMANDS_ENV) != "1":
+        return f"commands run only where {ALLOW_COMMANDS_ENV}=1 is set"
+    return None
+
+
+def one_line(event: str, summary: dict[str, Any]) -> str:
+    """The summary as a chat message: ``hpo: study 'x' done: 20/20 finished, 1 failed;
+    best 0.0123 (trial 7)``."""
+    counts = summary.get("counts", {})
+    budget = summary.get("budget")
+    text = (
+        f"hpo: study {summary.get('study')!r} {event}: {summary.get('finished', 0)}"
+        f"{'' if budget is None else f'/{budget}'} finished, {counts.get('FAIL', 0)} failed"
+    )
+    best = summary.get("best") or []
+    if len(best) == 1 and best[0].get("values"):
+        values = ", ".join(f"{v:.6g}" for v in best[0]["values"])
+        text += f"; best {values} (trial {best[0]['number']})"
+    if summary.get("study_error"):
+        text += f"; {summary['study_error']}"
+    return text
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx is the answer, not a new address to send the summary to."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def rearm(storage: optuna.storages.RDBStorage, study_id: int) -> None:
@@ -114,8 +165,14 @@ def run_hook(hook: str, text: str, study: str, event: str) -> None:
                 hook, data=text.encode(), headers={"Content-Type": "application/json"},
                 method="POST",
             )  # fmt: skip
-            with urllib.request.urlopen(request, timeout=HOOK_TIMEOUT_S) as response:
-                log.info("study=%s on_%s: POST %s: %d", study, event, hook, response.status)
+            try:
+                with _OPENER.open(request, timeout=URL_TIMEOUT_S) as response:
+                    status = response.status
+            except urllib.error.HTTPError as e:  # a redirect too: not followed
+                status = e.code
+                e.close()
+            level = logging.INFO if status < 300 else logging.WARNING
+            log.log(level, "study=%s on_%s: POST %s: %d", study, event, hook, status)
             return
         done = subprocess.run(
             hook, shell=True, input=text, text=True, capture_output=True,  # noqa: S602

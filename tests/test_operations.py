@@ -381,11 +381,14 @@ def test_on_failed_posts_to_a_url_and_commands_need_the_hosts_consent(
                     "on_done": f"touch {tmp_path / 'never'}"},
         )  # fmt: skip
         log = tmp_path / "w.log"
-        assert start_worker("--idle-exit", "1", url=storage_url, log=log).wait(timeout=120) == 0
+        worker = start_worker("--idle-exit", "1", url=storage_url, log=log, HPO_HOOK_URLS=url)
+        assert worker.wait(timeout=120) == 0
     finally:
         server.shutdown()
     (event,) = received
     assert event["event"] == "failed" and event["study"] == name and event["state"] == "failed"
+    # a line chat webhooks show as the message, beside the summary's fields
+    assert event["text"].startswith(f"hpo: study {name!r} failed: ") and "2 failed" in event["text"]
     # stop: nothing runs, so the stop itself ends the study; its command needs consent
     assert coordinator(storage_url, "reopen", name)[0] == 0
     stopped = run_cli("hpo-coordinator", "stop", name, url=storage_url)
