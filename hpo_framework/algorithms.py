@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 
 from hpo_framework import defaults
-from hpo_framework._checks import Checker, describe
+from hpo_framework._checks import Checker, describe, is_number
 from hpo_framework.exceptions import MissingPackageError, UnsafeSamplerError
 from hpo_framework.param_sampler import SearchSpace
 
@@ -42,6 +42,20 @@ _SINGLE_OBJECTIVE = {"cmaes", "gp"}
 UNPICKLING_SAMPLERS = {"cmaes"}
 # Options the framework sets itself; config.yaml may not pass them.
 _RESERVED = {"seed", "search_space"}
+#: The least value of numeric options whose constructor takes any number (Optuna checks the
+#: others itself): (minimum, whether the minimum itself is allowed). A value out of range
+#: passes the constructor and fails every trial later (``n_ei_candidates: -5``).
+_MINIMUM: dict[str, dict[str, tuple[float, bool]]] = {
+    "tpe": {
+        "n_startup_trials": (0, True), "n_ei_candidates": (1, True), "prior_weight": (0, False),
+    },
+    "cmaes": {"sigma0": (0, False), "n_startup_trials": (0, True), "popsize": (2, True)},
+    "gp": {"n_startup_trials": (0, True)},
+    "hyperband": {
+        "min_resource": (1, True), "max_resource": (1, True),
+        "reduction_factor": (2, True), "bootstrap_count": (0, True),
+    },
+}  # fmt: skip
 
 
 def check_sampler(
@@ -68,7 +82,7 @@ def check_sampler(
         )  # fmt: skip
     if name in _SINGLE_OBJECTIVE and n_objectives > 1:
         check.at("name").fail(f"the '{name}' sampler supports a single direction only")
-    _check_options(SAMPLERS[name], options, check.at("options"))
+    _check_options(SAMPLERS[name], options, check.at("options"), _MINIMUM.get(name, {}))
     if missing:
         return  # read on a host that could not run it: its options are checked where it runs
     try:
@@ -83,7 +97,10 @@ def check_pruner(name: Any, options: Mapping[str, Any], n_objectives: int, check
         check.at("name").choice(name, PRUNERS)
     if name != "none" and n_objectives > 1:
         check.at("name").fail("Optuna cannot prune multi-objective studies; use 'none'")
-    _check_options(PRUNERS[name], options, check.at("options"))
+    _check_options(PRUNERS[name], options, check.at("options"), _MINIMUM.get(name, {}))
+    low, high = options.get("min_resource"), options.get("max_resource")
+    if name == "hyperband" and isinstance(low, int) and isinstance(high, int) and low > high:
+        check.at("options", "max_resource").fail(f"must be >= min_resource ({low}), got {high}")
     try:
         build_pruner(name, options)
     except (TypeError, ValueError) as e:
@@ -113,7 +130,9 @@ def worker_seed(seed: int | None, worker_index: int) -> int | None:
     return (seed + 7919 * worker_index) % 2**32
 
 
-def _check_options(cls: Any, options: Mapping[str, Any], check: Checker) -> None:
+def _check_options(
+    cls: Any, options: Mapping[str, Any], check: Checker, minimum: Mapping[str, tuple[float, bool]]
+) -> None:
     params = inspect.signature(cls).parameters
     allowed = [p for p, v in params.items() if p not in _RESERVED and v.kind is not v.VAR_KEYWORD]
     for key in options:
@@ -122,9 +141,20 @@ def _check_options(cls: Any, options: Mapping[str, Any], check: Checker) -> None
         if key not in allowed:
             check.at(str(key)).unknown(str(key), allowed, what="option")
         wanted = _annotation(params[key].annotation)
-        problem = _type_problem(wanted, options[key])
+        problem = _type_problem(wanted, options[key]) or _range_problem(
+            options[key], minimum.get(key)
+        )
         if problem:
             check.at(str(key)).fail(problem)
+
+
+def _range_problem(value: Any, minimum: tuple[float, bool] | None) -> str | None:
+    if minimum is None or not is_number(value):
+        return None
+    least, inclusive = minimum
+    if value > least or (inclusive and value == least):
+        return None
+    return f"must be {'>=' if inclusive else '>'} {least:g}, got {describe(value)}"
 
 
 def _annotation(annotation: Any) -> str:
