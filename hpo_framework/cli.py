@@ -37,6 +37,7 @@ from hpo_framework.inspection import (
 )
 from hpo_framework.operations import enqueue_points, move, retry_failed, set_limits
 from hpo_framework.storage import (
+    cannot_open,
     check_url,
     open_storage,
     redact,
@@ -75,7 +76,7 @@ def _require_hpo_schema(url: str) -> None:
     try:
         found = schema_exists(url)
     except sqlalchemy.exc.SQLAlchemyError as e:
-        raise StorageError(f"cannot open storage {redact(url)}: {_first_line(e)}") from None
+        raise cannot_open(url, e, _first_line(e)) from None
     if not found:
         raise StorageError(f"no hpo studies in {redact(url)} (no hpo tables): {hint}")
 

@@ -118,12 +118,44 @@ _SECRET_QUERY = re.compile(r"([?&][^=&]*(?:password|passwd|pwd|secret|token)[^=&
 
 
 def redact(url: str) -> str:
-    """The URL as it may be printed: the password (also one in the query) replaced by ``***``."""
-    try:
-        text = make_url(url).render_as_string(hide_password=True)
-        return _SECRET_QUERY.sub(r"\1***", text)
-    except Exception:  # unparsable: show no more than the scheme, which holds no secret
-        return url.split("://", 1)[0] + "://..." if "@" in url else url
+    """The URL as it may be printed: the password (also one in the query) replaced by ``***``.
+
+    Everything between the user name's ``:`` and the *last* ``@`` is the password, so one
+    holding an unencoded ``@``, ``:`` or ``/`` is hidden whole too (a URL parser would split
+    it at its first ``@`` and print the rest as the host)."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, tail = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user}{':***' if colon else ''}@{tail}"
+    return _SECRET_QUERY.sub(r"\1***", f"{scheme}{sep}{rest}")
+
+
+def password_of(url: str) -> str | None:
+    """The password as written in the URL (see :func:`redact`), or None."""
+    _, sep, rest = url.partition("://")
+    userinfo = rest.rpartition("@")[0] if sep else ""
+    user, colon, password = userinfo.partition(":")
+    return password if colon and password else None
+
+
+def cannot_open(url: str, e: BaseException, reason: str) -> StorageError:
+    """ "cannot open storage URL: reason", the password hidden in both (a driver's message may
+    quote the part of a password it took for the host), and a hint when the password holds
+    characters that must be percent-encoded."""
+    password = password_of(url)
+    hint = ""
+    if password:
+        for piece in sorted({password, *re.split(r"[@:/]", password)}, key=len, reverse=True):
+            if len(piece) >= 3:
+                reason = reason.replace(piece, "***")
+        reason = re.sub(r"[^\s\"'@]+@", "***@", reason)  # "x@127.0.0.1": the password's end
+        if re.search(r"[@:/?#]", password):
+            hint = (
+                " (the password holds @, :, /, ? or #: percent-encode them in the URL, "
+                "@ as %40, : as %3A, / as %2F, ? as %3F, # as %23)"
+            )
+    return StorageError(f"cannot open storage {redact(url)}: {reason}{hint}")
 
 
 def check_url(url: str) -> str:
@@ -164,7 +196,7 @@ def open_storage(
             )
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
             if attempt == tries:
-                raise StorageError(f"cannot open storage {redact(url)}: {_reason(e)}") from e
+                raise cannot_open(url, e, _reason(e)) from e
             time.sleep(0.2 * attempt * random.random())
         except ImportError as e:
             raise StorageError(f"no database driver for {redact(url)}: {e}") from e
