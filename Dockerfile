@@ -9,8 +9,11 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # The experiment's own packages, e.g. --build-arg EXTRA_PACKAGES="scikit-learn==1.5.2 lightgbm"
 ARG EXTRA_PACKAGES=""
 
+# HPO_CHECKPOINT_KEY_FILE: the key of checkpoints' MACs, made on first use in the volume that
+# every worker sharing /checkpoints mounts, so they read each other's checkpoints (Security).
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    HPO_CHECKPOINT_KEY_FILE=/checkpoints/.hpo-checkpoint-key \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 

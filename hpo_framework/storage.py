@@ -144,26 +144,32 @@ def cannot_open(url: str, e: BaseException, reason: str) -> StorageError:
     quote the part of a password it took for the host), and a hint when the password holds
     characters that must be percent-encoded."""
     password = password_of(url)
-    hint = ""
     if password:
         for piece in sorted({password, *re.split(r"[@:/]", password)}, key=len, reverse=True):
             if len(piece) >= 3:
                 reason = reason.replace(piece, "***")
         reason = re.sub(r"[^\s\"'@]+@", "***@", reason)  # "x@127.0.0.1": the password's end
-        if re.search(r"[@:/?#]", password):
-            hint = (
-                " (the password holds @, :, /, ? or #: percent-encode them in the URL, "
-                "@ as %40, : as %3A, / as %2F, ? as %3F, # as %23)"
-            )
-    return StorageError(f"cannot open storage {redact(url)}: {reason}{hint}")
+    return StorageError(f"cannot open storage {redact(url)}: {reason}{_encoding_hint(url)}")
+
+
+def _encoding_hint(url: str) -> str:
+    """A hint for a password holding what a URL must percent-encode, or ""."""
+    if not re.search(r"[@:/?#]", password_of(url) or ""):
+        return ""
+    return (
+        " (the password holds @, :, /, ? or #: percent-encode them in the URL, "
+        "@ as %40, : as %3A, / as %2F, ? as %3F, # as %23)"
+    )
 
 
 def check_url(url: str) -> str:
     """The URL if it parses as a database URL; StorageError (password hidden) if not."""
     try:
         parsed = make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise StorageError(f"storage URL {redact(url)!r} is not a database URL") from None
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # ValueError: a port that is no number
+        raise StorageError(
+            f"storage URL {redact(url)!r} is not a database URL{_encoding_hint(url)}"
+        ) from None
     if parsed.drivername in ("postgres", "postgres+psycopg2"):
         raise StorageError(
             f"storage URL {redact(url)!r}: SQLAlchemy does not know 'postgres://'; "

@@ -457,3 +457,26 @@ def test_secrets_in_urls_are_never_printed_nor_stored(pg_url: str, tmp_path: Pat
     engine.dispose()
     assert "s3cret" not in stored and "u:***@db-host" in stored
     assert set(attrs) == {"hpo_session", "hpo_config_hash", "hpo_version"}
+
+
+@pytest.mark.parametrize(
+    ("password", "says"),
+    [
+        ("Secr3t@pa:ss/w0rd", "is not a database URL"),  # a parser splits it into a bad port
+        (
+            "Secr3t@pass/w0rd",
+            "cannot open storage postgresql+psycopg2://postgres:***@127.0.0.1:1/",
+        ),
+    ],
+)
+def test_a_password_with_unencoded_at_colon_or_slash_is_hidden_whole(
+    password: str, says: str
+) -> None:
+    url = f"postgresql+psycopg2://postgres:{password}@127.0.0.1:1/postgres"
+    result = run_cli("hpo-inspect", url=url, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert says in line and "postgres:***@127.0.0.1:1/postgres" in line
+    for piece in ("Secr3t", "pa:ss", "w0rd"):
+        assert piece not in line
+    assert "percent-encode them in the URL, @ as %40" in line

@@ -119,6 +119,30 @@ BAD_CONFIGS = [
         "did you mean 'n_startup_trials'?",
         id="unknown-sampler-option",
     ),
+    *[
+        pytest.param(
+            make_config(study_={part: {"name": name, "options": options}}),
+            f"config.yaml: study.{part}.options.{next(iter(options))}: {reason}",
+            id=f"out-of-range-{name}-{next(iter(options))}",
+        )
+        for part, name, options, reason in [
+            ("sampler", "tpe", {"n_ei_candidates": -5}, "must be >= 1, got -5"),
+            ("sampler", "tpe", {"n_startup_trials": -1}, "must be >= 0, got -1"),
+            ("sampler", "tpe", {"prior_weight": 0.0}, "must be > 0, got 0.0"),
+            ("sampler", "gp", {"n_startup_trials": -3}, "must be >= 0, got -3"),
+            ("pruner", "hyperband", {"reduction_factor": 1}, "must be >= 2, got 1"),
+            ("pruner", "hyperband", {"bootstrap_count": -1}, "must be >= 0, got -1"),
+        ]
+    ],
+    pytest.param(
+        make_config(
+            study_={
+                "pruner": {"name": "hyperband", "options": {"min_resource": 9, "max_resource": 3}}
+            }
+        ),
+        "config.yaml: study.pruner.options.max_resource: must be >= min_resource (9), got 3",
+        id="hyperband-resources-upside-down",
+    ),
     pytest.param(
         make_config(study_={"pruner": {"name": "medain"}}),
         "config.yaml: study.pruner.name: unknown value 'medain'; did you mean 'median'?",

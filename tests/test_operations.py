@@ -388,7 +388,9 @@ def test_on_failed_posts_to_a_url_and_commands_need_the_hosts_consent(
     (event,) = received
     assert event["event"] == "failed" and event["study"] == name and event["state"] == "failed"
     # a line chat webhooks show as the message, beside the summary's fields
-    assert event["text"].startswith(f"hpo: study {name!r} failed: ") and "2 failed" in event["text"]
+    assert (
+        event["text"].startswith(f"hpo: study {name!r} failed: ") and "2 failed" in event["text"]
+    )
     # stop: nothing runs, so the stop itself ends the study; its command needs consent
     assert coordinator(storage_url, "reopen", name)[0] == 0
     stopped = run_cli("hpo-coordinator", "stop", name, url=storage_url)
