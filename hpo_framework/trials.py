@@ -80,6 +80,8 @@ class OptunaLink:
     def suggest(self, kind: str, name: str, kwargs: Mapping[str, Any]) -> Any:
         if name in self.searched:
             raise ValueError(f"{name!r} is a parameter of search_space:; it arrives in cfg")
+        if kind not in ("int", "float", "categorical"):
+            raise ValueError(f"no suggest_{kind}; sessions ask with suggest_int/float/categorical")
         suggest = getattr(self.trial, f"suggest_{kind}")
         return with_db_retry(lambda: suggest(name, **kwargs), "sampling a parameter")
 
@@ -104,7 +106,8 @@ class OptunaLink:
 
 def _point_of(user_attrs: dict[str, Any], number: int) -> int:
     """The point a trial evaluates, named by the first trial of its retries."""
-    return int(user_attrs.get(RETRY_OF_ATTR, number))
+    point = user_attrs.get(RETRY_OF_ATTR, number)  # read from the database: an int or not used
+    return point if isinstance(point, int) and not isinstance(point, bool) else number
 
 
 @dataclass(frozen=True)

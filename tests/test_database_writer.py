@@ -172,6 +172,18 @@ def test_an_s3_endpoint_the_host_did_not_allow_is_never_contacted(
     assert f"endpoint '{listener.url}' is not among this host's HPO_S3_ENDPOINTS" in why
 
 
+def test_a_stored_storage_url_is_never_connected_to(
+    tmp_path: Path, storage_url: str, listener: _Listener
+) -> None:
+    name = create(tmp_path, storage_url, name="writer", study_={"n_trials": 2})
+    port = listener.url.rsplit(":", 1)[1]
+    _rewrite_stored_config(
+        storage_url, name, {"storage": f"postgresql+psycopg2://u@127.0.0.1:{port}/x"}
+    )
+    assert start_worker("--idle-exit", "1", url=storage_url).wait(timeout=120) == 0
+    assert counts(storage_url, name)["COMPLETE"] == 2 and listener.connections == 0
+
+
 def test_a_pickle_served_by_an_allowed_s3_endpoint_is_set_aside_unread(
     tmp_path: Path, sqlite_url: str, s3_endpoint: str
 ) -> None:
