@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -141,11 +142,28 @@ def create(
         f"study {record.name!r} ready in {redact(rdb.url)}: budget {budget}, "
         f"{len(config.enqueue)} enqueued point(s), {copied}session {record.session_ref}"
     )
+    summary = None
     if wait:
-        _print_summary(watch_study(rdb, record.name, _console(stderr=True)), stderr=True)
+        summary = watch_study(rdb, record.name, _console(stderr=True))
+        _print_summary(summary, stderr=True)
     else:  # the next step, as `wandb sweep` prints `wandb agent`
         click.echo(f"start workers: HPO_STORAGE={shlex.quote(redact(rdb.url))} hpo-worker")
     click.echo(record.name)
+    if summary is not None:
+        _exit_if_failed(summary)
+
+
+#: The exit status of ``run`` and ``create --wait`` for a study that ended failed.
+STUDY_FAILED_EXIT = 3
+
+
+def _exit_if_failed(summary: dict[str, Any]) -> None:
+    """Exit 3 when the study ended failed (``max_failed_trials``, a broken contract), so a
+    script or CI can tell it from a study that finished."""
+    if summary["state"] == "failed":
+        reason = summary.get("study_error") or "see its failed trials (hpo-inspect)"
+        click.echo(f"Error: study {summary['study']!r} failed: {reason}", err=True)
+        sys.exit(STUDY_FAILED_EXIT)
 
 
 @coordinator.command()
@@ -304,7 +322,9 @@ def run(config_path: str, assignments: tuple[str, ...], storage: str | None) -> 
     from hpo_framework.runner import run_hpo
 
     study = run_hpo(config.session, config, storage)
-    _print_summary(summarize(_open(storage, config.storage), study.study_name))
+    summary = summarize(_open(storage, config.storage), study.study_name)
+    _print_summary(summary)
+    _exit_if_failed(summary)
 
 
 @coordinator.command()

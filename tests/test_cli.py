@@ -480,3 +480,32 @@ def test_a_password_with_unencoded_at_colon_or_slash_is_hidden_whole(
     for piece in ("Secr3t", "pa:ss", "w0rd"):
         assert piece not in line
     assert "percent-encode them in the URL, @ as %40" in line
+
+
+def test_run_and_create_wait_exit_3_when_the_study_ends_failed(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    failing = make_config(
+        session="tests.sessions:raises", study_={"n_trials": 4, "max_failed_trials": 2}
+    )
+    ran = run_cli(
+        "hpo-coordinator", "run", str(write_config(tmp_path / "f.yaml", failing)), url=url
+    )
+    assert ran.returncode == 3, ran.stderr
+    assert ran.stderr.strip().splitlines()[-1] == (
+        "Error: study 'test-study' failed: max_failed_trials reached"
+    )
+    fine = make_config(study_={"name": "fine", "n_trials": 2})
+    ok = run_cli("hpo-coordinator", "run", str(write_config(tmp_path / "ok.yaml", fine)), url=url)
+    assert ok.returncode == 0, ok.stderr
+    waited = make_config(
+        session="tests.sessions:raises",
+        study_={"name": "waited", "n_trials": 4, "max_failed_trials": 1},
+    )
+    worker = start_worker("--idle-exit", "3", url=url)
+    created = run_cli(
+        "hpo-coordinator", "create", str(write_config(tmp_path / "w.yaml", waited)), "--wait",
+        url=url,
+    )  # fmt: skip
+    assert created.returncode == 3 and created.stdout.splitlines()[-1] == "waited"
+    assert "Error: study 'waited' failed: max_failed_trials reached" in created.stderr
+    assert worker.wait(timeout=60) == 0
