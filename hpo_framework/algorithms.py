@@ -69,7 +69,7 @@ def check_sampler(
         raise MissingPackageError(
             check.source, check.at("name").key,
             f"the '{name}' sampler needs the Python package '{missing[0]}': "
-            "pip install 'hpo[samplers,examples]'",
+            "pip install 'hpo-framework[samplers,examples]'",
         )  # fmt: skip
     unsafe = name in UNPICKLING_SAMPLERS and os.environ.get(defaults.ALLOW_PICKLE_ENV) != "1"
     if unsafe and check.host_checks:

@@ -111,7 +111,7 @@ def _open(
     if folder is not None:
         return AtomicFileSystemArtifactStore(Path(os.path.abspath(folder)))
     assert s3 is not None
-    import boto3  # the config check made sure it is there (pip install 'hpo[s3]')
+    import boto3  # the config check made sure it is there (pip install 'hpo-framework[s3]')
     from botocore.config import Config
 
     bucket = s3.removeprefix("s3://").partition("/")[0]

@@ -294,7 +294,7 @@ def _parse_checkpoints(raw: Any, check: Checker) -> CheckpointSpec | None:
     if s3 is not None and check.host_checks and importlib.util.find_spec("boto3") is None:
         raise MissingPackageError(
             check.source, check.at("s3").key,
-            "S3 checkpoints need the Python package 'boto3': pip install 'hpo[s3]'",
+            "S3 checkpoints need the Python package 'boto3': pip install 'hpo-framework[s3]'",
         )  # fmt: skip
     if endpoint is not None and s3 is None:
         check.at("endpoint_url").fail("is for 's3' checkpoints only")

@@ -135,7 +135,7 @@ def test_a_host_without_boto3_reads_an_s3_study_but_neither_creates_nor_serves_i
         load_config(path)
     assert str(refused.value) == (
         f"{path}: checkpoints.s3: S3 checkpoints need the Python package 'boto3': "
-        "pip install 'hpo[s3]'"
+        "pip install 'hpo-framework[s3]'"
     )
     # inspect, set, enqueue and the stale sweep read the stored config on any host...
     assert Config.stored("s", config).checkpoints.s3 == "s3://bucket/ckpt"  # type: ignore[union-attr]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
+import tomllib
 
 from tests.conftest import BIN, ROOT
 
@@ -46,3 +50,25 @@ def test_benchmark_script_runs_at_a_tiny_size() -> None:
 def test_framework_does_not_import_torch() -> None:
     code = "import sys, hpo_framework, workers.worker; print('torch' in sys.modules)"
     assert run(sys.executable, "-c", code).stdout.strip() == "False"
+
+
+def test_the_package_builds_under_its_own_free_name_with_an_spdx_license(tmp_path: Path) -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    # "hpo" on the public index is an unrelated project: `pip install hpo` gives its code
+    assert project["name"] == "hpo-framework" and project["license"] == "MIT"
+    had_build = (ROOT / "build").exists()
+    try:
+        built = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+             str(tmp_path), str(ROOT)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        if not had_build:  # setuptools builds in the tree
+            shutil.rmtree(ROOT / "build", ignore_errors=True)
+    assert built.returncode == 0, built.stderr
+    assert "deprecat" not in (built.stdout + built.stderr).lower()
+    (wheel,) = tmp_path.glob("hpo_framework-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        meta = z.read(next(n for n in z.namelist() if n.endswith("METADATA"))).decode()
+    assert "License-Expression: MIT" in meta
