@@ -22,7 +22,9 @@ def serve(url: str, host: str, port: int) -> None:
     try:
         from optuna_dashboard import run_server
     except ImportError:
-        raise HPOError("optuna-dashboard is not installed: pip install 'hpo-framework[dashboard]'") from None
+        raise HPOError(
+            "optuna-dashboard is not installed: pip install 'hpo-framework[dashboard]'"
+        ) from None
     storage = open_storage(url, create_schema=True, role="hpo-dashboard")
 
     def stop(signum: int, frame: FrameType | None) -> None:

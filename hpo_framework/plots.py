@@ -1,7 +1,8 @@
 """Pictures of a study: each plot as a PNG (matplotlib) and an interactive HTML file (plotly),
 plus an ``index.html`` that shows them beside the summary table.
 
-Plotting libraries are an optional extra (``pip install 'hpo-framework[plots]'``), imported only here.
+Plotting libraries are an optional extra (``pip install 'hpo-framework[plots]'``), imported
+only here.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def _libraries() -> tuple[Any, Any]:
         import plotly  # noqa: F401
     except ImportError as e:
         raise PlotsUnavailable(
-            f"plots need matplotlib and plotly ({e.name} is missing): pip install 'hpo-framework[plots]'"
+            f"plots need matplotlib and plotly ({e.name} is missing): "
+            "pip install 'hpo-framework[plots]'"
         ) from None
     return optuna.visualization, plt
 

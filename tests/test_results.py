@@ -112,7 +112,8 @@ def test_plot_without_the_plotting_extra_names_it(finished_study: str, tmp_path:
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr == (
-        "Error: plots need matplotlib and plotly (plotly is missing): pip install 'hpo-framework[plots]'\n"
+        "Error: plots need matplotlib and plotly (plotly is missing): "
+        "pip install 'hpo-framework[plots]'\n"
     )
 
 
