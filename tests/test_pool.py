@@ -232,6 +232,36 @@ def test_worker_with_study_filter_serves_only_that_study(pg_url: str, tmp_path: 
     assert counts(pg_url, a)["COMPLETE"] == 3 and sum(counts(pg_url, b).values()) == 0
 
 
+def test_a_worker_for_a_study_not_created_yet_waits_for_it(pg_url: str, tmp_path: Path) -> None:
+    # a schema with another study in it: the worker is past waiting for the coordinator
+    other = create(tmp_path, pg_url, name="other", study_={"n_trials": 1})
+    log = tmp_path / "w.log"
+    worker = start_worker("--study", "late", "--idle-exit", "1", url=pg_url, log=log)
+    wait_until("the waiting line", lambda: "waiting for it to be created" in log.read_text())
+    time.sleep(3)  # three times --idle-exit: not idleness, since the study is not there yet
+    assert worker.poll() is None, log.read_text()
+    late = create(tmp_path, pg_url, name="late", study_={"n_trials": 3})
+    assert worker.wait(timeout=60) == 0
+    assert counts(pg_url, late)["COMPLETE"] == 3 and sum(counts(pg_url, other).values()) == 0
+
+
+def test_a_worker_says_which_open_study_it_cannot_serve_and_skips_finished_ones(
+    pg_url: str, tmp_path: Path
+) -> None:
+    done = create(tmp_path, pg_url, name="done", study_={"n_trials": 1})
+    assert start_worker("--idle-exit", "1", url=pg_url).wait(timeout=60) == 0
+    assert counts(pg_url, done)["COMPLETE"] == 1
+    elsewhere = create(tmp_path, pg_url, name="elsewhere", study_={"n_trials": 2})
+    log = tmp_path / "w.log"
+    narrow = {"HPO_SESSION_MODULES": "experiments"}  # tests.sessions is not allowed here
+    assert start_worker("--idle-exit", "1", url=pg_url, log=log, **narrow).wait(timeout=60) == 0
+    text = log.read_text()
+    assert f"waiting for work (open studies this host cannot serve: {elsewhere!r}" in text
+    assert "no open study with budget left" not in text
+    # the finished study's session was never loaded: one "cannot serve" line, for the open one
+    assert text.count("cannot serve study") == 1, text
+
+
 def test_gpus_option_runs_one_process_per_gpu(pg_url: str, tmp_path: Path) -> None:
     out = tmp_path / "cfgs.jsonl"
     name = create(

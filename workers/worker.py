@@ -154,25 +154,28 @@ class Worker:
         registry = Registry(storage.engine)
         self._sweeper = Sweeper(storage, self.id, defaults.SWEEP_INTERVAL_S)
         tickets = Tickets(storage.engine)
-        if self.study_filter is not None:
-            self._check_study_filter(registry)
+        # --study NAME that does not exist yet: waiting for its coordinator is not idleness
+        awaited = self.study_filter is not None and not self._check_study_filter(registry)
         idle_since = time.monotonic()
         wait = defaults.IDLE_POLL_MIN
-        waiting_logged = False
+        waiting_said = ""
         while not self._stopping:
             self._sweeper.sweep()  # every study, whatever its state
             records = with_db_retry(registry.open, "listing open studies")
             if self.study_filter is not None:
                 records = [r for r in records if r.name == self.study_filter]
+                if awaited and (records or self._study_exists(registry)):
+                    awaited, idle_since = False, time.monotonic()
+                    log.info("worker %s: study %r is there now", self.id, self.study_filter)
             self._forget_closed(registry, {r.study_id for r in records})
             worked = False
             for record in records:
                 if self._stopping:
                     break
+                if not record.claimable:  # its session is not even imported
+                    continue
                 handle = self._handle(storage, registry, record)
                 if handle is None:
-                    continue
-                if not record.claimable:
                     continue
                 # Serve this study while it has budget; re-list studies at least every second
                 # so that several open studies are all served.
@@ -187,12 +190,15 @@ class Worker:
                 if broken is not None:
                     self._drop(record, str(broken.error))
             if worked:
-                idle_since, wait, waiting_logged = time.monotonic(), defaults.IDLE_POLL_MIN, False
+                idle_since, wait, waiting_said = time.monotonic(), defaults.IDLE_POLL_MIN, ""
                 continue
-            if not waiting_logged:
-                log.info("worker %s: waiting for work (no open study with budget left)", self.id)
-                waiting_logged = True
-            if self._idle_expired(idle_since):
+            why = self._why_waiting(records, awaited)
+            if why != waiting_said:
+                log.info("worker %s: waiting for work (%s)", self.id, why)
+                waiting_said = why
+            if awaited:
+                idle_since = time.monotonic()
+            elif self._idle_expired(idle_since):
                 # Trials still in flight may fail and hand their tickets back, or belong to a
                 # lost worker this one must recover: idle means none is left anywhere.
                 if with_db_retry(tickets.held, "counting tickets in flight") > 0:
@@ -260,14 +266,32 @@ class Worker:
         self._broken.add(record.study_id)
         self._handles.pop(record.study_id, None)
 
-    def _check_study_filter(self, registry: Registry) -> None:
-        """Say once, with the names there are, when --study names no study (yet)."""
-        if with_db_retry(lambda: registry.find(self.study_filter or ""), "reading") is None:
-            names = [r.name for r in with_db_retry(registry.all, "listing studies")]
-            log.warning(
-                "worker %s: no study named %r (yet); studies here: %s", self.id,
-                self.study_filter, ", ".join(repr(n) for n in names) or "none",
-            )  # fmt: skip
+    def _why_waiting(self, records: list[StudyRecord], awaited: bool) -> str:
+        """What the waiting line says: the study --study waits for, the open studies with
+        budget left that this host cannot serve, or that there is none."""
+        if awaited:
+            return f"no study named {self.study_filter!r} yet; waiting for it to be created"
+        skipped = [r.name for r in records if r.claimable and r.study_id in self._broken]
+        if skipped:
+            names = ", ".join(repr(n) for n in skipped)
+            return f"open studies this host cannot serve: {names}; hpo-inspect NAME says why"
+        return "no open study with budget left"
+
+    def _study_exists(self, registry: Registry) -> bool:
+        name = self.study_filter or ""
+        return with_db_retry(lambda: registry.find(name), "reading") is not None
+
+    def _check_study_filter(self, registry: Registry) -> bool:
+        """Whether the study --study names exists; if not, say so once with the names there
+        are (the worker then waits for it)."""
+        if self._study_exists(registry):
+            return True
+        names = [r.name for r in with_db_retry(registry.all, "listing studies")]
+        log.warning(
+            "worker %s: no study named %r (yet); studies here: %s", self.id,
+            self.study_filter, ", ".join(repr(n) for n in names) or "none",
+        )  # fmt: skip
+        return False
 
     def _idle_expired(self, since: float) -> bool:
         return self.idle_exit is not None and time.monotonic() - since >= self.idle_exit
