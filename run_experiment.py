@@ -1,11 +1,18 @@
-"""Run the linear-regression HPO in this process: `python run_experiment.py [config.yaml]`."""
+"""Run the linear-regression HPO in this process: `python run_experiment.py [config.yaml]`.
+
+`python run_experiment.py --best best.yaml` trains once with the cfg that
+`hpo-inspect STUDY --best-config best.yaml` wrote (outside any study), e.g. the final model.
+"""
 
 import sys
 
 from experiments.linear_regression import single_session
-from hpo_framework import HPOError, load_config, run_hpo, unflatten
+from hpo_framework import HPOError, load_best, load_config, run_hpo, unflatten
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--best"]:
+        print(f"validation MSE {single_session(load_best(sys.argv[2])):.6f}")
+        sys.exit()
     path = sys.argv[1] if len(sys.argv) > 1 else "config.yaml"
     try:
         study = run_hpo(single_session, path)

@@ -27,6 +27,7 @@ _EXPORTS = {
     "TrialPruned": "hpo_framework.exceptions",
     "report": "hpo_framework.reporting",
     "trial": "hpo_framework.reporting",
+    "load_best": "hpo_framework.reporting",
     "run_hpo": "hpo_framework.runner",
     "resolve_storage_url": "hpo_framework.storage",
     "unflatten": "hpo_framework.param_sampler",
@@ -42,6 +43,7 @@ __all__ = [
     "StudyNotFoundError",
     "TrialPruned",
     "__version__",
+    "load_best",
     "load_config",
     "report",
     "resolve_storage_url",
@@ -62,7 +64,7 @@ if TYPE_CHECKING:
         TrialPruned,
     )
     from hpo_framework.param_sampler import unflatten
-    from hpo_framework.reporting import report, trial
+    from hpo_framework.reporting import load_best, report, trial
     from hpo_framework.runner import run_hpo
     from hpo_framework.storage import resolve_storage_url
 

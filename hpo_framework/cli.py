@@ -37,6 +37,7 @@ from hpo_framework.inspection import (
     worker_status,
 )
 from hpo_framework.operations import enqueue_points, move, retry_failed, set_limits
+from hpo_framework.reporting import SUGGESTED_KEY
 from hpo_framework.storage import (
     cannot_open,
     check_url,
@@ -402,14 +403,16 @@ def inspect_command(
         raise click.UsageError("--trial and --best-config need a STUDY")
     if best_config_path:
         cfg, asked = best_config(rdb, study or "")
+        content = {**cfg, SUGGESTED_KEY: asked} if asked else cfg
         try:
-            Path(best_config_path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+            Path(best_config_path).write_text(yaml.safe_dump(content, sort_keys=False))
         except OSError as e:
             raise click.ClickException(f"cannot write {best_config_path}: {e.strerror}") from None
         if asked:
             click.echo(
                 f"note: the session asked for {', '.join(sorted(asked))} itself "
-                f"(trial().suggest_*); not in cfg: {json.dumps(asked)}", err=True,
+                f"(trial().suggest_*): kept under {SUGGESTED_KEY}:, which "
+                "hpo_framework.load_best(FILE) hands back to trial().suggest_*", err=True,
             )  # fmt: skip
         click.echo(f"wrote {best_config_path}: the complete cfg of the best trial of {study!r}")
         return

@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import json
 import math
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
@@ -43,6 +44,10 @@ RESERVED_ATTRS = frozenset({"worker", "error", "traceback", "retry_of", "attempt
 _current: contextvars.ContextVar[TrialLink | None] = contextvars.ContextVar(
     "hpo_current_trial", default=None
 )
+#: The key of a ``--best-config`` file that holds the values the session asked for itself.
+SUGGESTED_KEY = "hpo_suggested"
+#: Outside a trial: the values ``trial().suggest_*`` returns by name (``load_best``).
+_replayed: dict[str, Any] = {}
 
 
 def report(value: float, step: int) -> None:
@@ -130,8 +135,27 @@ class TrialContext:
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"trial().suggest_{kind}: a name without dots, got {name!r}")
         if self._link is None:
-            return outside
+            return _replayed.get(name, outside)
         return self._link.suggest(kind, name, kwargs)
+
+
+def load_best(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``cfg`` of a file ``hpo-inspect STUDY --best-config FILE`` wrote, ready for a final
+    run of the session outside a study: from now on, in this process, ``trial().suggest_*``
+    outside a trial returns the values the best trial's session asked for itself (kept in the
+    file under ``hpo_suggested``, which is not part of the returned cfg)."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: not a cfg mapping (write it with hpo-inspect --best-config)")
+    suggested = cfg.pop(SUGGESTED_KEY, None) or {}
+    if not isinstance(suggested, dict):
+        raise ValueError(f"{path}: {SUGGESTED_KEY}: must be a mapping of name: value")
+    _replayed.clear()
+    _replayed.update(suggested)
+    return cfg
 
 
 def current_info() -> Mapping[str, Any]:

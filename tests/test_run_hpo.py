@@ -320,8 +320,20 @@ def test_a_session_may_ask_for_parameters_itself(storage_url: str, tmp_path: Pat
     best = tmp_path / "best.yaml"
     result = run_cli("hpo-inspect", "test-study", "--best-config", str(best), url=storage_url)
     assert result.returncode == 0, result.stderr
-    assert set(yaml.safe_load(best.read_text())) == {"n_layers", "fail_first"}
+    written = yaml.safe_load(best.read_text())
+    assert set(written) == {"n_layers", "fail_first", "hpo_suggested"}
     assert "note: the session asked for act, units_l0" in result.stderr
+    # given back outside a study, the session's own suggest_* calls get the recorded values
+    final = run_cli(
+        "python", "-c",
+        "from hpo_framework import load_best\n"
+        "from tests.sessions import layers_by_run\n"
+        f"cfg = load_best({str(best)!r})\n"
+        "print(sorted(cfg), repr(layers_by_run(cfg)))",
+    )  # fmt: skip
+    assert final.returncode == 0, final.stderr
+    assert final.stdout.split("] ")[0] == "['fail_first', 'n_layers'"  # no hpo_suggested in cfg
+    assert float(final.stdout.split("] ")[1]) == study.best_value
     # search_space: owns its names; asking for one fails the trial, saying so
     asks = make_config(
         session="tests.sessions:layers_by_run", search_space=space,
