@@ -1,19 +1,21 @@
 """Example experiment: PyTorch linear (or one-hidden-layer) regression on synthetic data.
 
 Everything about data, model and training lives here; the framework only passes ``cfg`` in
-and takes the validation MSE out. ``report`` makes per-epoch pruning possible; ``checkpoint``
+and takes the validation MSE out. ``report`` makes per-epoch pruning possible, ``trial().log``
+keeps each epoch's losses (``hpo-inspect --trial N``, ``--metrics``, ``--plot``); ``checkpoint``
 lets a retried trial carry on from its last epoch (with ``checkpoints:`` in config.yaml; without
 it, save does nothing and load returns None).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from hpo_framework import checkpoint, report
+from hpo_framework import TrialPruned, checkpoint, report, trial
 
 
 def make_data(
@@ -74,6 +76,9 @@ def single_session(cfg: dict[str, Any]) -> float:
         model.eval()
         with torch.no_grad():
             val_mse = loss_fn(model(x_val), y_val).item()
+        if not math.isfinite(val_mse):  # SGD with a large lr and momentum blows up: no score
+            raise TrialPruned(f"diverged at epoch {epoch} (validation MSE {val_mse})")
+        trial().log(step=epoch, val_mse=val_mse, train_loss=loss.item())  # every epoch kept
         checkpoint.save(
             {"model": model.state_dict(), "optimizer": opt.state_dict(),
              "rng": torch.get_rng_state(), "epoch": epoch + 1, "val_mse": val_mse}

@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.engine import make_url
 
+from hpo_framework import metrics
 from hpo_framework.cli_options import (
     config_storage_option,
     storage_option,
@@ -32,6 +33,7 @@ from hpo_framework.inspection import (
     STATES,
     best_config,
     list_studies,
+    metric_histories,
     summarize,
     trial_detail,
     worker_status,
@@ -390,17 +392,24 @@ def dashboard(host: str, port: int, storage: str | None) -> None:
     "--best-config", "best_config_path", type=click.Path(dir_okay=False), metavar="FILE",
     help="Write the best trial's complete cfg (static and searched, nested) as YAML.",
 )  # fmt: skip
+@click.option(
+    "--metrics", "show_metrics", is_flag=True,
+    help="Every value sessions logged with trial().log, one row per trial, metric and step.",
+)  # fmt: skip
 @storage_option
 @translate_errors
 def inspect_command(
     study: str | None, fmt: str, top: int, output: str | None, plot_dir: str | None,
     watch: bool, show_workers: bool, trial_number: int | None, best_config_path: str | None,
-    storage: str | None,
+    show_metrics: bool, storage: str | None,
 ) -> None:  # fmt: skip
     """Summarize every study, or one STUDY in detail, from the database."""
     rdb = _open(storage)
-    if (trial_number is not None or best_config_path) and study is None:
-        raise click.UsageError("--trial and --best-config need a STUDY")
+    if (trial_number is not None or best_config_path or show_metrics) and study is None:
+        raise click.UsageError("--trial, --best-config and --metrics need a STUDY")
+    if show_metrics:
+        _emit_metrics(metrics.long_rows(metric_histories(rdb, study or "")), fmt, output)
+        return
     if best_config_path:
         cfg, asked = best_config(rdb, study or "")
         content = {**cfg, SUGGESTED_KEY: asked} if asked else cfg
@@ -446,6 +455,7 @@ def inspect_command(
             Path(plot_dir),
             summary,
             progress=lambda t: click.echo(f"plotting {t}", err=True),
+            histories=metric_histories(rdb, study),
         )
         click.echo(f"wrote {len(files)} files; open {Path(plot_dir) / 'index.html'}")
         return
@@ -529,6 +539,13 @@ def _trial_text(d: dict[str, Any]) -> str:
     if d["intermediate_values"]:
         steps = " ".join(f"{k}:{v:.6g}" for k, v in d["intermediate_values"].items())
         lines.append(f"intermediate values: {steps}")
+    if d["metrics"]:
+        lines.append("logged metrics (step:value; all of them: --metrics):")
+        for name, points in d["metrics"].items():
+            shown = " ".join(f"{p['step'] if p['step'] is not None else '-'}:{p['value']:.6g}"
+                             for p in points[-12:])  # fmt: skip
+            more = f"... ({len(points)} values) " if len(points) > 12 else ""
+            lines.append(f"  {name}: {more}{shown}")
     for key, value in d["attributes"].items():
         lines.append(f"{key}: {json.dumps(value)}")
     if len(d["attempts"]) > 1:
@@ -539,6 +556,29 @@ def _trial_text(d: dict[str, Any]) -> str:
     if d["traceback"]:
         lines += ["traceback:", *("  " + line for line in d["traceback"].splitlines())]
     return "\n".join(lines) + "\n"
+
+
+def _emit_metrics(rows: list[dict[str, Any]], fmt: str, output: str | None) -> None:
+    """``--metrics``: the long form as JSON, CSV or a table."""
+    keys = ["trial", "metric", "step", "value", "at"]
+    if fmt == "json":
+        _emit(json.dumps(rows, indent=2) + "\n", output)
+        return
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        _emit(buffer.getvalue(), output)
+        return
+    table = Table(*keys[:4], title=f"{len(rows)} logged value(s)", title_justify="left")
+    for r in rows:
+        step = "-" if r["step"] is None else str(r["step"])
+        table.add_row(str(r["trial"]), r["metric"], step, f"{r['value']:.6g}")
+    console = _console()
+    with console.capture() as captured:
+        console.print(table)
+    _emit(captured.get(), output)
 
 
 def _emit_workers(rows: list[dict[str, Any]], fmt: str, output: str | None) -> None:

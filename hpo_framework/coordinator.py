@@ -210,7 +210,10 @@ def delete_study(storage: optuna.storages.RDBStorage, name: str) -> None:
     """Remove the study and all its trials."""
     registry = Registry(storage.engine)
     registry.create_table()
-    found = registry.find(name) is not None
+    record = registry.find(name)
+    found = record is not None
+    if record is not None:
+        registry.delete_metrics(record.study_id)
     try:
         optuna.delete_study(study_name=name, storage=storage)
     except KeyError:

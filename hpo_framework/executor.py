@@ -13,7 +13,7 @@ The protocol, over a socket pair (pickled tuples), supervisor -> executor:
 
 - ``("check", ref, allowed)``: import the session here -> ``("ok",)`` or ``("error", text)``
 - ``("run", ref, allowed, cfg, n_objectives, info)`` -> any number of
-  ``("report", value, step)``, ``("attr", key, value)`` (``trial().log``/``set_attr``) and
+  ``("report", value, step)``, ``("attr", key, value)`` (``set_attr``), ``("log", step, metrics)`` and
   ``("suggest", kind, name, kwargs)`` (``trial().suggest_*``) and ``("constraint", key,
   value)`` (``trial().set_constraint``), each answered with
   ``("continue",)``, ``("value", v)``, ``("prune", message)``, ``("lost",)`` or
@@ -359,12 +359,14 @@ def _answer(link: TrialLink, message: tuple[Any, ...]) -> tuple[Any, ...]:
     """The supervisor's answer to a ``("report", value, step)``, ``("attr", key, value)`` or
     ``("suggest", kind, name, kwargs)`` (answered with ``("value", v)``)."""
     what = {
-        "attr": "trial().set_attr", "suggest": "trial().suggest",
+        "attr": "trial().set_attr", "suggest": "trial().suggest", "log": "trial().log",
         "constraint": "trial().set_constraint",
     }.get(message[0], "report()")  # fmt: skip
     try:
         if message[0] == "attr":
             link.set_attr(message[1], message[2])
+        elif message[0] == "log":
+            link.log(message[1], message[2])
         elif message[0] == "constraint":
             link.constrain(message[1], message[2])
         elif message[0] == "suggest":
@@ -392,6 +394,9 @@ class _PipeLink:
 
     def set_attr(self, key: str, value: Any) -> None:
         self._ask(("attr", key, value))
+
+    def log(self, step: int | None, metrics: Mapping[str, float | int]) -> None:
+        self._ask(("log", step, dict(metrics)))
 
     def suggest(self, kind: str, name: str, kwargs: Mapping[str, Any]) -> Any:
         return self._ask(("suggest", kind, name, dict(kwargs)))

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo_framework import metrics
 from hpo_framework.config import Config
 from hpo_framework.exceptions import HPOError, StudyNotFoundError
 from hpo_framework.optuna_tables import (
@@ -331,6 +332,7 @@ def trial_detail(storage: optuna.storages.RDBStorage, name: str, number: int) ->
         "traceback": attrs.get(TRACEBACK_ATTR),
         "completed": trial.datetime_complete,
         "attributes": {k: v for k, v in attrs.items() if k not in RESERVED_ATTRS},
+        "metrics": metrics.of_trial(storage.engine, int(trial_id)),
     }
 
 
@@ -342,6 +344,11 @@ def _cfg_of(config: Config, params: dict[str, Any]) -> tuple[dict[str, Any], dic
     )
     asked = {k: v for k, v in params.items() if k not in config.search_space}
     return merge(config.static, unflatten(searched)), asked
+
+
+def metric_histories(storage: optuna.storages.RDBStorage, name: str) -> dict[int, Any]:
+    """{trial number: {metric: [{"step", "value", "at"}, ...]}} of the study's trials."""
+    return metrics.of_study(storage.engine, Registry(storage.engine).get(name).study_id)
 
 
 def best_config(

@@ -110,11 +110,13 @@ def write_plots(
     directory: Path,
     summary: dict[str, Any],
     progress: Callable[[str], None] = lambda title: None,
+    histories: dict[int, dict[str, list[dict[str, Any]]]] | None = None,
 ) -> list[Path]:
     """Write every plot as PNG and HTML, and index.html; returns the files written.
 
     ``progress`` is called with each plot's title before it is drawn (a large study takes
-    seconds per plot)."""
+    seconds per plot); ``histories`` (trial number -> logged metrics) adds one panel per
+    metric, one curve per trial."""
     vis, plt = _libraries()
     directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -143,7 +145,10 @@ def write_plots(
                         ax.set_yscale("log")
                 if name == "parallel_coordinate":  # room per axis: no overlapping ticks
                     n_axes = 1 + len({p for t in complete for p in t.params})
-                    fig.set_size_inches(max(6.4, 1.4 * n_axes), 4.8)
+                    fig.set_size_inches(max(6.4, 1.6 * n_axes), 5.2)
+                    _readable_parallel(fig, plt)
+                if name == "slice":
+                    _readable_slice(fig, plt)
                 # Optuna sizes and titles its own figures; resizing would push the colour bar
                 # of the slice plot over its last panel.
                 fig.savefig(directory / f"{name}.png", dpi=110, bbox_inches="tight")
@@ -153,10 +158,111 @@ def write_plots(
             continue
         written += [directory / f"{name}.png", directory / f"{name}.html"]
         shown.append((name, title))
+    if histories:
+        progress("Logged metrics")
+        written += _metrics_plot(histories, summary, directory, plt)
+        shown.append(("metrics", "Logged metrics (trial().log), one curve per trial"))
     index = directory / "index.html"
     index.write_text(_index_html(summary, shown))
     written.append(index)
     return written
+
+
+#: Curves drawn per metric: the best trials (by the study's first objective), then the rest.
+_MAX_CURVES = 20
+
+
+def _metrics_plot(
+    histories: dict[int, dict[str, list[dict[str, Any]]]],
+    summary: dict[str, Any],
+    directory: Path,
+    plt: Any,
+) -> list[Path]:
+    """One panel per metric (x: the step, or the call's order without one), one curve per
+    trial: the best trials dark and labelled, the others light; as PNG and HTML."""
+    import plotly.graph_objects as go
+    from matplotlib.ticker import MaxNLocator
+    from plotly.subplots import make_subplots
+
+    names = sorted({m for h in histories.values() for m in h})
+    sign = -1.0 if summary["directions"][0] == "maximize" else 1.0
+    finished = [t for t in summary.get("trials") or summary["top"] if t["values"]]
+    ranked = [t["number"] for t in sorted(finished, key=lambda t: sign * t["values"][0])]
+    order = {n: i for i, n in enumerate(ranked)}
+    numbers = sorted(histories, key=lambda n: (order.get(n, len(order)), n))[:_MAX_CURVES]
+    best = set(numbers[:5])
+    fig, axes = plt.subplots(
+        len(names), 1, figsize=(7.5, 2.8 * len(names)), squeeze=False, sharex=True
+    )
+    web = make_subplots(rows=len(names), cols=1, shared_xaxes=True, subplot_titles=names)
+    for row, name in enumerate(names):
+        ax = axes[row][0]
+        for number in reversed(numbers):  # the best drawn last, on top
+            points = histories[number].get(name, [])
+            xs = [p["step"] if p["step"] is not None else i for i, p in enumerate(points)]
+            ys = [p["value"] for p in points]
+            label = f"trial {number}" if number in best else None
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3,
+                    linewidth=1.8 if number in best else 0.8,
+                    alpha=1.0 if number in best else 0.35, label=label)  # fmt: skip
+            web.add_trace(
+                go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"trial {number}",
+                           legendgroup=str(number), showlegend=row == 0,
+                           opacity=1.0 if number in best else 0.4),
+                row=row + 1, col=1,
+            )  # fmt: skip
+        ax.set_ylabel(name)
+        ax.grid(True, alpha=0.3)
+        values = [p["value"] for h in histories.values() for p in h.get(name, [])]
+        if values and min(values) > 0 and max(values) / min(values) > 100:
+            ax.set_yscale("log")
+            web.update_yaxes(type="log", row=row + 1, col=1)
+    handles, labels = axes[0][0].get_legend_handles_labels()  # drawn worst first: best first
+    axes[0][0].legend(handles[::-1], labels[::-1], fontsize=8, loc="best", title="best trials",
+                      title_fontsize=8)  # fmt: skip
+    axes[-1][0].set_xlabel("step")
+    axes[-1][0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"{summary['study']}: logged metrics")
+    fig.tight_layout()
+    fig.savefig(directory / "metrics.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    web.update_layout(title=f"{summary['study']}: logged metrics", height=300 * len(names))
+    web.write_html(directory / "metrics.html", include_plotlyjs="directory")
+    return [directory / "metrics.png", directory / "metrics.html"]
+
+
+def _readable_parallel(fig: Any, plt: Any) -> None:
+    """Optuna's parallel coordinates as a person reads them: its Blues colour map draws the
+    worst trials white on a grey background, so a colour map visible from end to end; and
+    its ``None`` tick (a parameter the trial did not use, under ``when:``) says so."""
+    from matplotlib.collections import LineCollection
+
+    for ax in fig.axes:
+        for collection in ax.collections:
+            if isinstance(collection, LineCollection):
+                reverse = collection.get_cmap().name.endswith("_r")
+                collection.set_cmap(plt.get_cmap("viridis" if reverse else "viridis_r"))
+                collection.set_linewidth(1.6)
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        if "None" in labels:
+            ax.set_yticks(ax.get_yticks(), ["(not used)" if x == "None" else x for x in labels])
+        ax.tick_params(axis="y", labelsize=8)
+
+
+def _readable_slice(fig: Any, plt: Any) -> None:
+    """Optuna's slice plot with ticks that do not run together (``0.00250.0050``): fewer,
+    tilted ones on linear axes; and its trial colours visible from the first trial on."""
+    from matplotlib.collections import PathCollection
+    from matplotlib.ticker import AutoLocator, MaxNLocator
+
+    for ax in fig.axes:
+        for collection in ax.collections:
+            if isinstance(collection, PathCollection):
+                collection.set_cmap(plt.get_cmap("viridis"))
+        # numeric linear axes only (categories have locators of their own)
+        if isinstance(ax.xaxis.get_major_locator(), AutoLocator) and ax.get_xlabel():
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
 
 
 def _spans_decades(trials: list[optuna.trial.FrozenTrial]) -> bool:

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 
 from hpo_framework._checks import did_you_mean
 from hpo_framework.exceptions import StudyNotFoundError
-from hpo_framework.optuna_tables import studies
+from hpo_framework.optuna_tables import studies, trials
 
 metadata = sa.MetaData()
 hpo_studies = sa.Table(
@@ -66,6 +66,19 @@ hpo_workers = sa.Table(
     sa.Column("serves", sa.String(300), nullable=False),  # --study NAME, or all open studies
     sa.Column("started_at", sa.Float, nullable=False),  # database clock
     sa.Column("seen_at", sa.Float, nullable=False),
+)
+
+#: Every value a session logged (``trial().log(step=..., **metrics)``), with its step and the
+#: database's time (``metrics``); the JSON keeps an int an int.
+hpo_metrics = sa.Table(
+    "hpo_metrics",
+    metadata,
+    sa.Column("metric_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("trial_id", sa.Integer, nullable=False, index=True),  # Optuna's trials.trial_id
+    sa.Column("name", sa.String(500), nullable=False),
+    sa.Column("step", sa.Integer, nullable=True),
+    sa.Column("value_json", sa.Text, nullable=False),
+    sa.Column("logged_at", sa.Float, nullable=False),  # epoch seconds, database clock
 )
 
 
@@ -243,6 +256,12 @@ class Registry:
     def delete(self, name: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(hpo_studies.delete().where(hpo_studies.c.study_name == name))
+
+    def delete_metrics(self, study_id: int) -> None:
+        """The metric histories of a study's trials (before Optuna deletes the trials)."""
+        mine = sa.select(trials.c.trial_id).where(trials.c.study_id == study_id)
+        with self.engine.begin() as conn:
+            conn.execute(hpo_metrics.delete().where(hpo_metrics.c.trial_id.in_(mine)))
 
     def _select(self, where: Any) -> list[StudyRecord]:
         # A study deleted with Optuna's own tools (``optuna delete-study``) leaves its row

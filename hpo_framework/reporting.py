@@ -30,6 +30,10 @@ class TrialLink(Protocol):
     def set_attr(self, key: str, value: Any) -> None:
         """Record a user attribute of the trial; raise TrialLost if it was failed elsewhere."""
 
+    def log(self, step: int | None, metrics: Mapping[str, float | int]) -> None:
+        """Append finite numbers to the trial's metric histories (``metrics``), the last of
+        each also a user attribute; raise TrialLost if it was failed elsewhere."""
+
     def suggest(self, kind: str, name: str, kwargs: Mapping[str, Any]) -> Any:
         """Optuna's ``suggest_<kind>(name, **kwargs)`` on the running trial."""
 
@@ -81,15 +85,26 @@ class TrialContext:
         self.attempt: int | None = info.get("attempt")
         self.worker: str | None = info.get("worker")
 
-    def log(self, **metrics: float) -> None:
-        """Record numbers beside the score (``log(accuracy=0.93, epoch=7)``) as user attributes
-        of the trial, shown by ``hpo-inspect --trial`` and optuna-dashboard; a later call with
-        the same name replaces the value."""
+    def log(self, step: int | None = None, **metrics: float) -> None:
+        """Record numbers beside the score, each call appended to the trial's history
+        (``log(step=epoch, val_mse=0.12, accuracy=0.93)``): ``hpo-inspect --trial N`` shows
+        them, ``--metrics`` exports them, ``--plot`` draws them; the last value of each is also
+        a user attribute of the trial (optuna-dashboard shows it). An int stays an int."""
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+            raise ValueError(f"trial().log(step=...): an int, got {step!r}")
+        values: dict[str, float | int] = {}
         for key, value in metrics.items():
+            if key in RESERVED_ATTRS or key.startswith("hpo"):
+                raise ValueError(f"trial().log: {key!r} is the framework's own attribute")
+            if isinstance(value, int) and not isinstance(value, bool):
+                values[key] = value
+                continue
             number = float(value)
             if not math.isfinite(number):
                 raise ValueError(f"trial().log({key}=...): {value!r} is not a finite number")
-            self.set_attr(key, number)
+            values[key] = number
+        if self._link is not None and values:
+            self._link.log(step, values)
 
     def set_constraint(self, key: str, value: float) -> None:
         """Optuna's ``Trial.set_constraint``: the trial is feasible when every constraint value

@@ -26,9 +26,10 @@ from datetime import datetime
 from typing import Any
 
 import optuna
+import sqlalchemy as sa
 from optuna.trial import TrialState
 
-from hpo_framework import checkpoint_store
+from hpo_framework import checkpoint_store, metrics
 from hpo_framework.algorithms import build_pruner, build_sampler, worker_seed
 from hpo_framework.config import Config
 from hpo_framework.exceptions import StorageError, TrialLost, TrialPruned
@@ -68,8 +69,10 @@ class OptunaLink:
         n_objectives: int,
         info: dict[str, Any],
         searched: frozenset[str] = frozenset(),
+        engine: sa.Engine | None = None,
     ) -> None:
         self.trial = trial
+        self.engine = engine  # where metric histories go (none: last values only)
         self.n_objectives = n_objectives
         self.info = info
         self.searched = searched  # the names search_space: owns
@@ -87,6 +90,16 @@ class OptunaLink:
 
     def set_attr(self, key: str, value: Any) -> None:
         self._write(lambda: self.trial.set_user_attr(key, value), "recording an attribute")
+
+    def log(self, step: int | None, values: Mapping[str, float | int]) -> None:
+        trial = self.trial
+        for key, value in values.items():  # the last values, and TrialLost if failed elsewhere
+            self.set_attr(key, value)
+        engine = self.engine
+        if engine is not None:
+            with_db_retry(
+                lambda: metrics.append(engine, trial._trial_id, step, values), "logging metrics"
+            )
 
     def _write(self, op: Callable[[], None], what: str) -> None:
         """A write of the running trial; TrialLost if another worker failed it meanwhile."""
@@ -301,7 +314,7 @@ class StudyHandle:
             "checkpoint": self._checkpoint_of(_point_of(trial.user_attrs, trial.number)),
         }  # fmt: skip
         searched = frozenset(self.config.search_space.names)
-        link = OptunaLink(trial, self.n_objectives, info, searched)
+        link = OptunaLink(trial, self.n_objectives, info, searched, self.storage.engine)
         try:
             result = self.executor.run(
                 self.record.session_ref or "", cfg, link, self.n_objectives,

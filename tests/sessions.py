@@ -301,3 +301,15 @@ def example_interrupted(cfg: dict[str, Any]) -> float:
         return linear_regression.single_session(cfg)
     finally:
         linear_regression.report = reported
+
+
+def logs_history(cfg: dict[str, Any]) -> float:
+    """Logs a loss per epoch (a float) and the epoch (an int); returns the last loss."""
+    from hpo_framework import trial
+
+    loss = 0.0
+    for epoch in range(cfg.get("epochs", 4)):
+        loss = cfg["x"] ** 2 / (epoch + 1)
+        trial().log(step=epoch, loss=loss, epoch=epoch)
+    trial().log(note_free=1.5)  # no step
+    return loss

@@ -14,6 +14,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import optuna
 import pytest
+import sqlalchemy as sa
 import yaml
 
 from hpo_framework import run_hpo
@@ -290,3 +291,50 @@ def test_plot_draws_the_intermediate_values_a_session_reports(tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "p" / "intermediate.png").stat().st_size > 10_000
     assert "Intermediate values" in (tmp_path / "p" / "index.html").read_text()
+
+
+def test_every_logged_value_is_kept_with_its_step_and_read_back_after_the_study(
+    storage_url: str, tmp_path: Path
+) -> None:
+    name = create(
+        tmp_path, storage_url, session="tests.sessions:logs_history", study_={"n_trials": 3}
+    )
+    assert start_worker("--idle-exit", "1", url=storage_url).wait(timeout=120) == 0
+    detail = json.loads(
+        run_cli("hpo-inspect", name, "--trial", "0", "--format", "json", url=storage_url).stdout
+    )
+    x = detail["params"]["x"]
+    history = detail["metrics"]
+    assert [(p["step"], p["value"]) for p in history["epoch"]] == [(e, e) for e in range(4)]
+    assert all(type(p["value"]) is int for p in history["epoch"])  # an int stays an int
+    assert [p["value"] for p in history["loss"]] == pytest.approx(
+        [x**2 / (e + 1) for e in range(4)]
+    )
+    assert history["note_free"] == [
+        {"step": None, "value": 1.5, "at": history["note_free"][0]["at"]}
+    ]
+    assert detail["attributes"]["loss"] == pytest.approx(
+        x**2 / 4
+    )  # the last one, for the dashboard
+    text = run_cli("hpo-inspect", name, "--trial", "0", url=storage_url).stdout
+    assert "  epoch: 0:0 1:1 2:2 3:3" in text
+    # the long form: one row per trial, metric and step, as JSON and CSV
+    rows = json.loads(
+        run_cli("hpo-inspect", name, "--metrics", "--format", "json", url=storage_url).stdout
+    )
+    assert len(rows) == 3 * 9 and {r["trial"] for r in rows} == {0, 1, 2}
+    csv_text = run_cli("hpo-inspect", name, "--metrics", "--format", "csv", url=storage_url).stdout
+    assert (
+        csv_text.splitlines()[0] == "trial,metric,step,value,at"
+        and len(csv_text.splitlines()) == 28
+    )
+    plotted = run_cli("hpo-inspect", name, "--plot", str(tmp_path / "p"), url=storage_url)
+    assert plotted.returncode == 0, plotted.stderr
+    assert (tmp_path / "p" / "metrics.png").stat().st_size > 10_000
+    assert "Logged metrics" in (tmp_path / "p" / "index.html").read_text()
+    # deleting the study takes its histories with it
+    assert run_cli("hpo-coordinator", "delete", name, "--yes", url=storage_url).returncode == 0
+    engine = sa.create_engine(storage_url)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("select count(*) from hpo_metrics")).scalar() == 0
+    engine.dispose()
