@@ -13,9 +13,10 @@ The protocol, over a socket pair (pickled tuples), supervisor -> executor:
 
 - ``("check", ref, allowed)``: import the session here -> ``("ok",)`` or ``("error", text)``
 - ``("run", ref, allowed, cfg, n_objectives, info)`` -> any number of
-  ``("report", value, step)``, ``("attr", key, value)`` (``set_attr``), ``("log", step, metrics)`` and
-  ``("suggest", kind, name, kwargs)`` (``trial().suggest_*``) and ``("constraint", key,
-  value)`` (``trial().set_constraint``), each answered with
+  ``("report", value, step)``, ``("attr", key, value)`` (``set_attr``),
+  ``("log", step, metrics)`` (``trial().log``), ``("suggest", kind, name, kwargs)``
+  (``trial().suggest_*``) and ``("constraint", key, value)`` (``trial().set_constraint``),
+  each answered with
   ``("continue",)``, ``("value", v)``, ``("prune", message)``, ``("lost",)`` or
   ``("error", text)``, then one :class:`SessionResult`.
 
