@@ -138,6 +138,7 @@ def summarize(
             .order_by(t.number.desc())
             .limit(5)
         ).all()
+        started = conn.execute(sa.select(sa.func.min(t.datetime_start)).where(mine)).scalar()
         running_ids = conn.execute(
             sa.select(t.trial_id).where(mine, t.state == TrialState.RUNNING).order_by(t.number)
         ).scalars()
@@ -158,7 +159,8 @@ def summarize(
         "counts": {s: counts[s] for s in STATES},
         "best": [_point(b, space) for b in best],
         "top": [trial_summary(r) for r in ranked[:top]],
-        "running": [trial_summary(r) for r in running],
+        "running": [{**trial_summary(r), **_last_step(r)} for r in running],
+        "started": started,  # the study's first trial, naive UTC (Optuna's clock)
         "workers": dict(workers.most_common()),
         "duration_s": _duration_stats(durations),
         "errors": [
@@ -176,6 +178,14 @@ def summarize(
         study = optuna.load_study(study_name=name, storage=storage)
         summary["trials"] = [trial_summary(x) for x in study.get_trials(deepcopy=False)]
     return summary
+
+
+def _last_step(t: FrozenTrial) -> dict[str, Any]:
+    """A running trial's last reported step and value (``report``), if any."""
+    if not t.intermediate_values:
+        return {"last_step": None, "last_value": None}
+    step = max(t.intermediate_values)
+    return {"last_step": step, "last_value": t.intermediate_values[step]}
 
 
 def _name(state: Any) -> str:

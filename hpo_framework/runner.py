@@ -16,6 +16,7 @@ from hpo_framework.exceptions import ConfigError
 from hpo_framework.executor import InProcessExecutor, ProcessExecutor, SessionFn, importable_ref
 from hpo_framework.heartbeat import Heartbeat
 from hpo_framework.logs import ensure_console_logging
+from hpo_framework.progress import progress_bar
 from hpo_framework.registry import FAILED, Registry
 from hpo_framework.storage import open_storage, resolve_storage_url
 from hpo_framework.trials import StudyHandle
@@ -73,8 +74,14 @@ def _run(
     handle = StudyHandle(
         rdb, record, config, executor, worker_id=f"{socket.gethostname()}:{os.getpid()}"
     )
-    with Heartbeat(rdb) as heartbeat:
-        _, broken = handle.run_trials(heartbeat, stopping=lambda: False)
+    with (
+        Heartbeat(rdb) as heartbeat,
+        progress_bar(
+            record.name, record.budget, _finished(handle.study), config.study.directions,
+            _best(handle.study),
+        ) as on_outcome,
+    ):  # fmt: skip
+        _, broken = handle.run_trials(heartbeat, stopping=lambda: False, on_outcome=on_outcome)
     if broken is not None:
         key = "study.directions" if len(config.study.directions) > 1 else "study.direction"
         raise ConfigError(config.source, key, str(broken.error))
@@ -82,3 +89,18 @@ def _run(
     if final.state == FAILED:  # returned all the same: the trials are the caller's to look at
         log.error("study %r failed: %s", final.name, final.error or "see its failed trials")
     return handle.study
+
+
+def _finished(study: optuna.Study) -> int:
+    """Trials of the study finished before this run (a resumed study starts its bar there)."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def _best(study: optuna.Study) -> float | None:
+    if len(study.directions) > 1:
+        return None
+    try:
+        return float(study.best_value)
+    except ValueError:  # no completed trial yet
+        return None

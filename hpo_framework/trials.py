@@ -189,10 +189,16 @@ class StudyHandle:
     # --- the loop both run_hpo and hpo-worker run -------------------------------------------
 
     def run_trials(
-        self, heartbeat: Heartbeat, *, stopping: Callable[[], bool], until: float | None = None
+        self,
+        heartbeat: Heartbeat,
+        *,
+        stopping: Callable[[], bool],
+        until: float | None = None,
+        on_outcome: Callable[[TrialOutcome], None] | None = None,
     ) -> tuple[int, TrialOutcome | None]:
         """Recover lost workers' tickets, then run trials while the study has budget, nothing
-        asks to stop and the monotonic clock is before ``until``.
+        asks to stop and the monotonic clock is before ``until``; ``on_outcome`` sees each
+        trial's outcome (a progress bar).
 
         With no budget left to claim but tickets still held elsewhere, it waits (without
         ``until``): one of them may fail and hand its ticket back, or belong to a lost worker
@@ -211,6 +217,8 @@ class StudyHandle:
                 time.sleep(min(self.config.study.heartbeat_interval, 0.5))
                 continue
             ran += 1
+            if on_outcome is not None:
+                on_outcome(outcome)
             if outcome.fatal:
                 return ran, outcome
         return ran, None

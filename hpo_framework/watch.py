@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from hpo_framework.inspection import summarize
@@ -23,13 +23,40 @@ DONE_STATES = ("done", "timeout", "stopped", "failed")
 
 
 def _running_table(summary: dict[str, Any]) -> Table:
-    table = Table("trial", "worker", "elapsed", "params", title="running", title_justify="left")
+    table = Table(
+        "trial", "worker", "elapsed", "step", "last value", "params",
+        title="running", title_justify="left",
+    )  # fmt: skip
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     for t in summary["running"]:
         started = t.get("started")
         elapsed = f"{(now - started).total_seconds():.0f}s" if started else "-"
-        table.add_row(str(t["number"]), str(t["worker"]), elapsed, str(t["params"])[:70])
+        step = "-" if t.get("last_step") is None else str(t["last_step"])
+        last = "-" if t.get("last_value") is None else f"{t['last_value']:.6g}"
+        table.add_row(
+            str(t["number"]), str(t["worker"]), elapsed, step, last, str(t["params"])[:60]
+        )
     return table
+
+
+def timing(summary: dict[str, Any]) -> str:
+    """Elapsed since the study's first trial started (Optuna's clock, naive UTC), and the
+    ETA of its budget at the throughput so far: the study's, not this watch's."""
+    started = summary.get("started")
+    if started is None:
+        return "elapsed -:--:--  ETA -:--:--"
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    elapsed = max(0.0, (now - started).total_seconds())
+    eta = "-:--:--"
+    budget, finished = summary["budget"], summary["finished"]
+    if budget is not None and finished > 0 and elapsed > 0:
+        eta = _clock(max(0, budget - finished) * elapsed / finished)
+    return f"elapsed {_clock(elapsed)}  ETA {eta}"
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _view(progress: Progress, summary: dict[str, Any]) -> Group:
@@ -43,7 +70,10 @@ def _view(progress: Progress, summary: dict[str, Any]) -> Group:
         else "best: no trial completed yet"
     )
     counts = summary["counts"]
-    lines: list[Any] = [progress, best_text, f"failed {counts['FAIL']}  pruned {counts['PRUNED']}"]
+    lines: list[Any] = [
+        progress, timing(summary), best_text,
+        f"failed {counts['FAIL']}  pruned {counts['PRUNED']}",
+    ]  # fmt: skip
     if counts["RUNNING"]:
         lines.append(_running_table(summary))
     if summary["errors"]:
@@ -65,8 +95,7 @@ def watch(
     ``top`` best trials."""
     progress = Progress(
         TextColumn(name.replace("{", "{{").replace("}", "}}"), style="bold", markup=False),
-        BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+        BarColumn(), TextColumn("{task.completed}/{task.total}"), console=console,
     )  # fmt: skip
 
     def read() -> dict[str, Any]:

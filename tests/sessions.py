@@ -313,3 +313,15 @@ def logs_history(cfg: dict[str, Any]) -> float:
         trial().log(step=epoch, loss=loss, epoch=epoch)
     trial().log(note_free=1.5)  # no step
     return loss
+
+
+def reports_then_waits(cfg: dict[str, Any]) -> float:
+    """Reports steps 0..2, leaves ``reported-*`` in cfg["dir"], then waits for ``go``."""
+    from hpo_framework import report
+
+    for step in range(3):
+        report(10.0 - step, step)
+    open(os.path.join(cfg["dir"], f"reported-{os.getpid()}"), "w").close()
+    while not os.path.exists(os.path.join(cfg["dir"], "go")):
+        time.sleep(0.05)
+    return float(cfg["x"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import signal
 import subprocess
 import time
@@ -20,6 +21,7 @@ import hpo_framework
 from hpo_framework.cli import coordinator, inspect_command
 from tests.conftest import (
     BIN,
+    ROOT,
     cli_env,
     free_port,
     make_config,
@@ -509,3 +511,47 @@ def test_run_and_create_wait_exit_3_when_the_study_ends_failed(tmp_path: Path) -
     assert created.returncode == 3 and created.stdout.splitlines()[-1] == "waited"
     assert "Error: study 'waited' failed: max_failed_trials reached" in created.stderr
     assert worker.wait(timeout=60) == 0
+
+
+def _on_a_terminal(args: list[str], env: dict[str, str], timeout: float = 120) -> str:
+    """Run a command with a pseudo-terminal as its stdout and stderr; what it wrote there."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        args, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+        env={**env, "COLUMNS": "120", "TERM": "xterm"},
+    )  # fmt: skip
+    os.close(slave)
+    out, deadline = b"", time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # the other side closed: the command ended
+                    break
+                if not data:
+                    break
+                out += data
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        proc.kill()
+        proc.wait()
+    return out.decode(errors="replace")
+
+
+def test_run_shows_a_progress_bar_on_a_terminal_and_plain_lines_elsewhere(
+    tmp_path: Path,
+) -> None:
+    config = make_config(study_={"n_trials": 3})
+    path = str(write_config(tmp_path / "c.yaml", config))
+    env = cli_env(f"sqlite:///{tmp_path / 'tty.db'}")
+    shown = _on_a_terminal([str(BIN / "hpo-coordinator"), "run", path], env)
+    assert "3/3" in shown and "best " in shown and "ETA" in shown, shown[-2000:]
+    plain = run_cli("hpo-coordinator", "run", path, url=f"sqlite:///{tmp_path / 'pipe.db'}")
+    assert plain.returncode == 0 and "ETA" not in plain.stderr
+    assert plain.stderr.count("state=COMPLETE") == 3  # one line per trial, as before

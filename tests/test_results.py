@@ -24,7 +24,7 @@ from hpo_framework.inspection import summarize
 from hpo_framework.storage import open_storage
 from tests import sessions
 from tests.conftest import BIN, ROOT, cli_env, make_config, run_cli, start_worker, write_config
-from tests.pool_helpers import create, create_sleepy, wait_for_a_trial
+from tests.pool_helpers import create, create_sleepy, wait_for_a_trial, wait_until
 
 SPACE = {
     "x": {"type": "float", "low": -5.0, "high": 5.0},
@@ -338,3 +338,28 @@ def test_every_logged_value_is_kept_with_its_step_and_read_back_after_the_study(
     with engine.connect() as conn:
         assert conn.execute(sa.text("select count(*) from hpo_metrics")).scalar() == 0
     engine.dispose()
+
+
+def test_watch_counts_from_the_study_start_and_shows_a_running_trials_last_step(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from hpo_framework.watch import timing
+
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    summary = {"started": now - timedelta(seconds=100), "budget": 10, "finished": 5}
+    assert timing(summary) == "elapsed 0:01:40  ETA 0:01:40"  # 5 more at 20 s each
+    assert timing({**summary, "started": None}) == "elapsed -:--:--  ETA -:--:--"
+    name = create(
+        tmp_path, sqlite_url, session="tests.sessions:reports_then_waits",
+        static={"dir": str(tmp_path)}, study_={"n_trials": 1},
+    )  # fmt: skip
+    worker = start_worker("--idle-exit", "1", url=sqlite_url)
+    wait_until("a trial that reported", lambda: any(tmp_path.glob("reported-*")))
+    shown = json.loads(run_cli("hpo-inspect", name, "--format", "json", url=sqlite_url).stdout)
+    (running,) = shown["running"]
+    assert running["last_step"] == 2 and running["last_value"] == 8.0
+    assert shown["started"] is not None
+    (tmp_path / "go").touch()
+    assert worker.wait(timeout=60) == 0
