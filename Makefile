@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[examples,samplers,dashboard,plots,s3,dev]"
+	$(PY) -m pip install -q -e ".[examples,samplers,dashboard,plots,s3,mlflow,tensorboard,dev]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -26,7 +26,9 @@ from hpo_framework.exceptions import ConfigError, MissingPackageError, NotAllowe
 from hpo_framework.host_policy import checkpoint_location_refusal, s3_endpoint_refusal
 from hpo_framework.param_sampler import SearchSpace, flatten
 
-TOP_KEYS = ("study", "session", "storage", "static", "search_space", "enqueue", "checkpoints")
+TOP_KEYS = (
+    "study", "session", "storage", "static", "search_space", "enqueue", "checkpoints", "tracking",
+)  # fmt: skip
 STUDY_KEYS = (
     "name", "direction", "directions", "n_trials", "timeout", "max_failed_trials",
     "sampler", "pruner", "heartbeat_interval", "grace_period", "max_retries", "trial_timeout",
@@ -64,6 +66,15 @@ class CheckpointSpec:
     s3: str | None = None  # or s3://bucket/prefix (S3 or an S3-compatible service)
     endpoint_url: str | None = None  # the S3-compatible service's URL (MinIO...), if not AWS
     keep_best: int = 0  # checkpoints of the best N finished trials stay; the others go
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    """``tracking:``: where finished trials go besides the database (``tracking``)."""
+
+    mlflow_uri: str | None = None  # tracking.mlflow.tracking_uri
+    mlflow_experiment: str | None = None  # default: the study's name
+    tensorboard_dir: str | None = None  # tracking.tensorboard.dir
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,7 @@ class Config:
     enqueue: tuple[Mapping[str, Any], ...]  # flat {dotted name: value}
     raw: Mapping[str, Any]
     checkpoints: CheckpointSpec | None = None
+    tracking: TrackingSpec | None = None
 
     @property
     def hash(self) -> str:
@@ -271,7 +283,40 @@ def _parse(raw: Any, root: Checker) -> Config:
         source=root.source, study=study, session=session, storage=storage,
         static=static, search_space=space, enqueue=points, raw=raw,
         checkpoints=_parse_checkpoints(raw.get("checkpoints"), root.at("checkpoints")),
+        tracking=_parse_tracking(raw.get("tracking"), root.at("tracking")),
     )  # fmt: skip
+
+
+def _parse_tracking(raw: Any, check: Checker) -> TrackingSpec | None:
+    if raw is None:
+        return None
+    check.mapping(raw)
+    check.known_keys(raw, ("mlflow", "tensorboard"))
+    values: dict[str, str | None] = {}
+    for section, keys, required in (
+        ("mlflow", ("tracking_uri", "experiment"), "tracking_uri"),
+        ("tensorboard", ("dir",), "dir"),
+    ):
+        part = raw.get(section)
+        if part is None:
+            continue
+        at = check.at(section)
+        at.mapping(part)
+        at.known_keys(part, keys)
+        if required not in part:
+            at.at(required).fail("missing")
+        for key in keys:
+            value = part.get(key)
+            if key in part and (
+                not isinstance(value, str) or not value.strip() or _CONTROL.search(value)
+            ):
+                at.at(key).fail(f"must be a non-empty string, got {describe(value)}")
+            values[f"{section}.{key}"] = value
+    return TrackingSpec(
+        mlflow_uri=values.get("mlflow.tracking_uri"),
+        mlflow_experiment=values.get("mlflow.experiment"),
+        tensorboard_dir=values.get("tensorboard.dir"),
+    )
 
 
 def _parse_checkpoints(raw: Any, check: Checker) -> CheckpointSpec | None:

@@ -12,6 +12,8 @@ worker's environment, which the database cannot touch:
 - ``HPO_CHECKPOINT_KEY`` (or a file, ``HPO_CHECKPOINT_KEY_FILE``): the key of the MAC every
   checkpoint carries, checked before a byte of it is unpickled (``checkpoint``);
 - ``HPO_HOOK_URLS``: URL prefixes a hook may POST to (none by default);
+- ``HPO_TRACKING_URIS``: the MLflow tracking URIs and TensorBoard directories (prefixes) a
+  tracker may write to (none by default);
 - ``HPO_ALLOW_HOOK_COMMANDS=1`` and ``HPO_UNSAFE_ALLOW_PICKLE=1``: see ``hooks`` and
   ``algorithms``; ``HPO_SESSION_MODULES``: see ``session``.
 """
@@ -30,6 +32,7 @@ CHECKPOINT_LOCATIONS_ENV = "HPO_CHECKPOINT_LOCATIONS"
 CHECKPOINT_KEY_ENV = "HPO_CHECKPOINT_KEY"
 CHECKPOINT_KEY_FILE_ENV = "HPO_CHECKPOINT_KEY_FILE"
 HOOK_URLS_ENV = "HPO_HOOK_URLS"
+TRACKING_URIS_ENV = "HPO_TRACKING_URIS"
 
 
 def _listed(env: str) -> list[str]:
@@ -92,6 +95,32 @@ def hook_url_refusal(url: str) -> str | None:
             return None
     listed = ", ".join(_listed(HOOK_URLS_ENV)) or "none"
     return f"{url!r} is not under one of this host's {HOOK_URLS_ENV} ({listed})"
+
+
+def tracking_refusal(destination: str) -> str | None:
+    """Why this host will not send trials to a tracker at ``destination`` (an MLflow tracking
+    URI, or a TensorBoard directory), or None: it must lie under one of ``HPO_TRACKING_URIS``
+    (an http(s) URL as for hooks; a store URI such as ``sqlite:////data/mlflow.db`` or a
+    directory by its path)."""
+    listed = _listed(TRACKING_URIS_ENV)
+    for allowed in listed:
+        if destination.startswith(("http://", "https://")):
+            scheme, netloc, path = _normal_url(destination)
+            a_scheme, a_netloc, a_path = _normal_url(allowed)
+            under = path == a_path or path.startswith(a_path.rstrip("/") + "/")
+            if (scheme, netloc) == (a_scheme, a_netloc) and under:
+                return None
+        elif "://" in destination:
+            if destination == allowed or destination.startswith(allowed.rstrip("/") + "/"):
+                return None
+        elif "://" not in allowed:
+            where, root = Path(os.path.abspath(destination)), Path(os.path.abspath(allowed))
+            if where == root or root in where.parents:
+                return None
+    return (
+        f"{destination!r} is not under one of this host's {TRACKING_URIS_ENV} "
+        f"({', '.join(listed) or 'none'}); the host's operator adds it there"
+    )
 
 
 def checkpoint_key() -> bytes:

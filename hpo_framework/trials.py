@@ -44,6 +44,7 @@ from hpo_framework.settle import Ledger, settle_failure
 from hpo_framework.stopping import stop_reason
 from hpo_framework.storage import with_db_retry, without_waiting
 from hpo_framework.tickets import Tickets
+from hpo_framework.tracking import FinishedTrial, Trackers
 from hpo_framework.trial_attrs import (
     ATTEMPT_ATTR,
     ERROR_ATTR,
@@ -176,6 +177,11 @@ class StudyHandle:
         )
         self.n_objectives = len(spec.directions)
         self._removed_points: set[int] = set()  # checkpoints this process has removed
+        self.trackers = (
+            None
+            if config.tracking is None
+            else Trackers(config.tracking, record.name, record.study_id, storage.engine)
+        )
         self.ledger = Ledger(
             storage, self.registry, self.tickets, record.study_id, record.name, spec.max_retries
         )
@@ -390,6 +396,18 @@ class StudyHandle:
                 self._clean_checkpoints(_point_of(trial.user_attrs, trial.number))
             if self.config.study.stop_when:
                 self._apply_stop_rules(trial.number)
+        if self.trackers is not None:
+            self.trackers.send(
+                FinishedTrial(
+                    trial.number,
+                    trial._trial_id,
+                    state.name,
+                    values,
+                    dict(trial.params),
+                    int(trial.user_attrs.get(ATTEMPT_ATTR, 0)),
+                    self.worker_id,
+                )  # fmt: skip
+            )
         spec = self.config.study
         if spec.on_done or spec.on_failed:
             self._fire_hook_if_ended()
