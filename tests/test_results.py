@@ -363,3 +363,41 @@ def test_watch_counts_from_the_study_start_and_shows_a_running_trials_last_step(
     assert shown["started"] is not None
     (tmp_path / "go").touch()
     assert worker.wait(timeout=60) == 0
+
+
+def test_parallel_coordinates_and_slices_read_as_a_person_reads_them() -> None:
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection, PathCollection
+    from matplotlib.ticker import MaxNLocator
+
+    from hpo_framework.plots import _readable_parallel, _readable_slice
+
+    def objective(trial: optuna.Trial) -> float:
+        opt = trial.suggest_categorical("opt", ["sgd", "adam"])
+        decay = trial.suggest_float("weight_decay", 0.0, 0.01, step=0.001)
+        m = trial.suggest_float("momentum", 0.0, 0.9) if opt == "sgd" else 0.0
+        return decay + m
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(objective, n_trials=12)
+    vis = optuna.visualization.matplotlib
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parallel = vis.plot_parallel_coordinate(study).get_figure()
+        slices = vis.plot_slice(study)[0].get_figure()
+    _readable_parallel(parallel, plt)
+    labels = [t.get_text() for ax in parallel.axes for t in ax.get_yticklabels()]
+    assert "(not used)" in labels and "None" not in labels  # momentum under adam
+    lines = [c for ax in parallel.axes for c in ax.collections if isinstance(c, LineCollection)]
+    assert lines and all(c.get_cmap().name.startswith("viridis") for c in lines)
+    _readable_slice(slices, plt)
+    decay = next(ax for ax in slices.axes if ax.get_xlabel() == "weight_decay")
+    assert isinstance(decay.xaxis.get_major_locator(), MaxNLocator)  # 4 ticks, not 8 run together
+    points = [c for ax in slices.axes for c in ax.collections if isinstance(c, PathCollection)]
+    assert points and all(c.get_cmap().name == "viridis" for c in points)
+    plt.close("all")
