@@ -35,6 +35,11 @@ PRESENCE_EVERY_S = float(os.environ.get("HPO_PRESENCE_INTERVAL", "10"))
 # Database resilience.
 DB_RETRY_MAX_WAIT = 5.0  # cap of the exponential backoff between two tries
 DB_RETRY_DEADLINE = float(os.environ.get("HPO_DB_RETRY_DEADLINE", "600"))  # give up after
+#: After a worker's first SIGTERM/SIGINT, a database step waits at most this long for an
+#: unreachable database, then the worker leaves its trial to the stale sweep and exits 1
+#: (well under compose's stop_grace_period of 10 min, and Kubernetes' default 30 s is the
+#: orchestrator's own: set terminationGracePeriodSeconds above this).
+STOP_DB_WAIT_S = float(os.environ.get("HPO_STOP_DB_WAIT", "20"))
 SQLITE_BUSY_TIMEOUT_S = 60.0
 #: How often a live process looks for lost workers' tickets (seconds).
 SWEEP_INTERVAL_S = 1.0

@@ -20,6 +20,7 @@ from hpo_framework.storage import DB_HEALTH, is_transient
 from hpo_framework.tickets import Tickets
 
 log = logging.getLogger("hpo.heartbeat")
+_FAILING_SUMMARY_EVERY_S = 60.0  # while beats fail: one warning line a minute
 
 
 class Heartbeat:
@@ -73,6 +74,7 @@ class Heartbeat:
 
     def _run(self) -> None:
         lost: int | None = None
+        failing: tuple[float, int, float] | None = None  # since, attempts, last line said at
         while not self._stop.is_set():
             with self._lock:
                 ticket, interval, fresh, self._fresh = (
@@ -94,16 +96,29 @@ class Heartbeat:
                         )  # fmt: skip
                     DB_HEALTH.ok()
                     self._last_beat = time.monotonic()
+                    if failing is not None:
+                        log.warning(
+                            "heartbeat of ticket %d recorded again after %d failed attempt(s) "
+                            "over %.0fs", ticket[0], failing[1], time.monotonic() - failing[0],
+                        )  # fmt: skip
+                        failing = None
                 except Exception as e:
                     # Retried soon: the grace period is several beats long, and an outage
                     # must not outlast it here by a whole interval.
                     DB_HEALTH.failed()
                     wait = min(interval, 1.0)
-                    why = "retrying" if is_transient(e) else "refused"
-                    log.warning(
-                        "heartbeat of ticket %d not recorded (%s): %s",
-                        ticket[0], why, " ".join(str(e).split())[:200],
-                    )  # fmt: skip
+                    now = time.monotonic()
+                    # One line when beats start failing, then one a minute: not one a second
+                    since, attempts, said = failing or (now, 0, 0.0)
+                    failing = (since, attempts + 1, said)
+                    if attempts == 0 or now - said >= _FAILING_SUMMARY_EVERY_S:
+                        why = "retrying" if is_transient(e) else "refused"
+                        log.warning(
+                            "heartbeat of ticket %d not recorded (%s; %d attempt(s) over %.0fs): "
+                            "%s", ticket[0], why, attempts + 1, now - since,
+                            " ".join(str(e).split())[:200],
+                        )  # fmt: skip
+                        failing = (since, attempts + 1, now)
             wait = min(wait, self._refresh_presence())
             self._wake.wait(timeout=wait)
             self._wake.clear()

@@ -23,6 +23,7 @@ from hpo_framework.recovery import Sweeper
 from hpo_framework.registry import FAILED, Registry, StudyRecord
 from hpo_framework.storage import (
     TRANSIENT_ERRORS,
+    bound_retries_for_stop,
     open_storage,
     redact,
     schema_exists,
@@ -48,6 +49,7 @@ __all__ = [
     "Tickets",
     "defaults",
     "die_with_parent",
+    "bound_retries_for_stop",
     "load_for_serving",
     "note_cannot_serve",
     "open_storage",

@@ -321,6 +321,17 @@ def without_waiting() -> Iterator[None]:
         _NO_WAIT.reset(token)
 
 
+_stopping_since: float | None = None  # monotonic time of this process's first stop signal
+
+
+def bound_retries_for_stop() -> None:
+    """This process is stopping: from now on a database step waits out an outage at most
+    ``STOP_DB_WAIT_S`` more (a stop must not hang on a database that is gone)."""
+    global _stopping_since
+    if _stopping_since is None:
+        _stopping_since = time.monotonic()
+
+
 def with_db_retry(op: Callable[[], T], what: str, deadline: float | None = None) -> T:
     """Run ``op``, waiting out database outages with capped exponential backoff and jitter.
 
@@ -332,7 +343,8 @@ def with_db_retry(op: Callable[[], T], what: str, deadline: float | None = None)
     """
     if _NO_WAIT.get():
         deadline = _NO_WAIT_DEADLINE_S
-    give_up = time.monotonic() + (defaults.DB_RETRY_DEADLINE if deadline is None else deadline)
+    started = time.monotonic()
+    give_up = started + (defaults.DB_RETRY_DEADLINE if deadline is None else deadline)
     wait = 0.1
     failures = 0
     while True:
@@ -345,6 +357,9 @@ def with_db_retry(op: Callable[[], T], what: str, deadline: float | None = None)
                 raise StorageError(f"database refused {what}: {_reason(e)}") from e
             DB_HEALTH.failed()
             failures += 1
+            if _stopping_since is not None:  # read each time: the signal may come mid-outage
+                stop_by = max(_stopping_since, started) + defaults.STOP_DB_WAIT_S
+                give_up = min(give_up, stop_by)
             if time.monotonic() + wait > give_up:
                 raise StorageError(f"database unavailable while {what}: {_reason(e)}") from e
             if failures == 1 or failures % 10 == 0:

@@ -108,6 +108,32 @@ def test_second_sigterm_exits_at_once_with_the_database_gone(private_pg, tmp_pat
     assert time.monotonic() - started < 8, (tmp_path / "w.log").read_text()
 
 
+def test_first_sigterm_with_the_database_gone_exits_within_the_stop_wait(
+    private_pg,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    url = private_pg.url
+    name = create(
+        tmp_path, url, session="tests.sessions:sleepy",
+        static={"sleep_s": 4, "dir": str(tmp_path)}, study_={"n_trials": 2},
+    )  # fmt: skip
+    log = tmp_path / "w.log"
+    worker = start_worker(url=url, log=log, HPO_STOP_DB_WAIT="5")
+    wait_for_a_trial(tmp_path)
+    private_pg.stop()  # gone while the trial runs: its result cannot be saved
+    sent = time.monotonic()
+    worker.send_signal(signal.SIGTERM)  # once: finish the trial, then go
+    assert worker.wait(timeout=60) == 1, log.read_text()
+    took = time.monotonic() - sent
+    assert took < 4 + 5 + 10, log.read_text()  # the trial, the stop wait, and start-up slack
+    text = log.read_text()
+    assert "database unavailable while" in text and "Traceback" not in text
+    # the heartbeat says it fails once, not once a second
+    assert text.count("heartbeat of ticket") <= 2, text
+    private_pg.start()  # the trial is still RUNNING, its ticket held: the stale sweep's
+    assert counts(url, name)["RUNNING"] == 1
+
+
 def test_64_workers_fit_in_a_stock_postgresql(
     pg_url: str, pg_admin: sa.Engine, tmp_path: Path
 ) -> None:

@@ -33,6 +33,7 @@ from hpo_framework.serving import (
     StudyRecord,
     Sweeper,
     Tickets,
+    bound_retries_for_stop,
     defaults,
     load_for_serving,
     note_cannot_serve,
@@ -87,6 +88,7 @@ class Worker:
             log.warning("worker %s: second signal, abandoning the running trial", self.id)
             raise ColdShutdown()
         self._stopping = True
+        bound_retries_for_stop()
         self._wake.set()
         log.info(
             "worker %s: %s received, finishing the running trial (again to abort it)",
