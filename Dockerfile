@@ -45,4 +45,7 @@ RUN pip install --no-deps . \
 # experiments/ and config.yaml may be mounted read-only over these copies for development;
 # sessions are imported from the working directory first.
 USER hpo
+# Healthy while a worker in the container says it is alive (it rewrites its health file every
+# few seconds, also during a long trial); the tools that share this image turn it off.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 CMD ["hpo-worker", "--check"]
 ENTRYPOINT ["hpo-worker"]

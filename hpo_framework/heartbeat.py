@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from types import TracebackType
 
 import optuna
 
+from hpo_framework import health
 from hpo_framework.presence import PRESENCE_EVERY_S, Presence
 from hpo_framework.storage import DB_HEALTH, is_transient
 from hpo_framework.tickets import Tickets
@@ -27,9 +29,13 @@ class Heartbeat:
     """A context-managed thread recording the heartbeat of the trial this process runs."""
 
     def __init__(
-        self, storage: optuna.storages.RDBStorage, presence: Presence | None = None
+        self,
+        storage: optuna.storages.RDBStorage,
+        presence: Presence | None = None,
+        health_file: Path | None = None,
     ) -> None:
         self._tickets = Tickets(storage.engine)
+        self._health_file = health_file  # hpo-worker --check reads it (``health``)
         self._presence = presence
         self._next_presence = time.monotonic() + PRESENCE_EVERY_S
         self._pool = storage.engine.pool
@@ -120,6 +126,9 @@ class Heartbeat:
                         )  # fmt: skip
                         failing = (since, attempts + 1, now)
             wait = min(wait, self._refresh_presence())
+            if self._health_file is not None:
+                health.write(self._health_file, DB_HEALTH.reachable)
+                wait = min(wait, 5.0)
             self._wake.wait(timeout=wait)
             self._wake.clear()
 

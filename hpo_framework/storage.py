@@ -97,6 +97,11 @@ class DatabaseHealth:
     def failed(self) -> None:
         self._since = None
 
+    @property
+    def reachable(self) -> bool:
+        """Whether this process's last database step succeeded."""
+        return self._since is not None
+
     def connected_for(self) -> float:
         since = self._since
         return 0.0 if since is None else time.monotonic() - since

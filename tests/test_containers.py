@@ -164,6 +164,17 @@ def test_the_readme_container_path_runs_the_exact_budget(compose: Compose) -> No
     assert summary["state"] == "done"
     hosts = {worker.split(":")[0] for worker in summary["workers"]}
     assert len(hosts) >= 3, summary["workers"]  # trials spread over the worker containers
+    # the image's HEALTHCHECK (hpo-worker --check) finds every worker alive
+    ids = [w["ID"] for w in compose.containers("worker")]
+
+    def healthy() -> bool:
+        out = subprocess.run(
+            ["docker", "inspect", "-f", "{{.State.Health.Status}}", *ids],
+            capture_output=True, text=True, timeout=60,
+        ).stdout.split()  # fmt: skip
+        return out == ["healthy"] * len(ids)
+
+    wait_until("healthy workers", healthy, timeout=180, every=3)
 
 
 def test_stopping_the_workers_finishes_their_trials_and_exits_0(compose: Compose) -> None:

@@ -109,6 +109,9 @@ def test_dockerfile_contract() -> None:
     assert deps < first_source_copy  # dependencies cached in a layer before the source
     assert any(line.startswith("USER ") and line != "USER root" for line in lines)
     assert lines[-1] == 'ENTRYPOINT ["hpo-worker"]'
+    assert lines[-2].startswith("HEALTHCHECK ") and lines[-2].endswith(
+        'CMD ["hpo-worker", "--check"]'
+    )
     assert ".venv" in (ROOT / ".dockerignore").read_text()
 
 
@@ -133,6 +136,23 @@ def test_kubernetes_manifests() -> None:
         "worker.yaml",
         "coordinator-job.yaml",
     }
+    container = pod["containers"][0]
+    assert container["livenessProbe"]["exec"]["command"] == ["hpo-worker", "--check"]
+    assert container["readinessProbe"]["exec"]["command"] == ["hpo-worker", "--check", "--ready"]
+    assert "--resume" in job["command"]  # the Job may run again: create is idempotent then
+
+
+def test_kubernetes_manifests_are_valid_against_the_kubernetes_schemas() -> None:
+    """Offline, strict (unknown fields refused), with the schemas kubernetes-validate ships."""
+    manifests = sorted(
+        str(p) for p in (ROOT / "deploy" / "k8s").glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+    result = subprocess.run(
+        [str(BIN / "kubernetes-validate"), "--strict", *manifests],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(" passed for resource ") == 5, result.stdout
 
 
 def test_swarm_stack_renders_with_docker_stack_config() -> None:

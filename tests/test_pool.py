@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.checkpoint_stores import Store
-from tests.conftest import run_cli, start_worker
+from tests.conftest import free_port, run_cli, start_worker
 from tests.pool_helpers import (
     counts,
     create,
@@ -132,6 +132,38 @@ def test_first_sigterm_with_the_database_gone_exits_within_the_stop_wait(
     assert text.count("heartbeat of ticket") <= 2, text
     private_pg.start()  # the trial is still RUNNING, its ticket held: the stale sweep's
     assert counts(url, name)["RUNNING"] == 1
+
+
+def test_worker_check_says_alive_and_ready_from_the_workers_own_health_file(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    health = {"HPO_HEALTH_FILE": str(tmp_path / "worker.health"), "HPO_HEALTH_MAX_AGE": "8"}
+
+    def check(*flags: str) -> subprocess.CompletedProcess[str]:
+        return run_cli("hpo-worker", "--check", *flags, **health)
+
+    before = check()
+    assert before.returncode == 1 and "no health file" in before.stderr
+    # waiting for a database that does not answer: alive, not ready
+    nowhere = start_worker(url=f"postgresql+psycopg2://u@127.0.0.1:{free_port()}/x", **health)
+    wait_until("a health file", lambda: check().returncode == 0)
+    assert check("--ready").returncode == 1
+    assert "does not reach the database" in check("--ready").stderr
+    nowhere.send_signal(signal.SIGTERM)
+    assert nowhere.wait(timeout=30) == 0
+    # a worker running a trial longer than the file's maximum age: alive and ready throughout
+    create(tmp_path, sqlite_url, session="tests.sessions:sleepy",
+           static={"sleep_s": 12, "dir": str(tmp_path)}, study_={"n_trials": 1})  # fmt: skip
+    worker = start_worker("--idle-exit", "1", url=sqlite_url, **health)
+    wait_for_a_trial(tmp_path)
+    wait_until("ready", lambda: check("--ready").returncode == 0)
+    for _ in range(5):  # across the trial, which outlasts HPO_HEALTH_MAX_AGE
+        assert check("--ready").returncode == 0
+        time.sleep(2)
+    assert worker.wait(timeout=60) == 0
+    # gone: the file ages past the limit
+    wait_until("unhealthy", lambda: check().returncode == 1, timeout=30)
+    assert "last said it was alive" in check().stderr
 
 
 def test_64_workers_fit_in_a_stock_postgresql(

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from hpo_framework import health
 from hpo_framework.cli_options import storage_option, translate_errors, version_option
 from hpo_framework.logs import ensure_console_logging
 from hpo_framework.storage import check_url, resolve_storage_url
@@ -44,11 +45,16 @@ def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
     help="One line per event as text, or one JSON object per line for log collectors.",
 )  # fmt: skip
+@click.option(
+    "--check", is_flag=True,
+    help="Exit 0 if a worker on this host is alive (its health file is fresh), else 1; "
+    "for HEALTHCHECK and liveness probes.",
+)  # fmt: skip
+@click.option("--ready", is_flag=True, help="With --check: alive and reaching the database.")
 @translate_errors
 def main(
     storage: str | None, study: str | None, processes: int, gpus: list[str] | None,
-    idle_exit: float | None,
-    log_format: str,
+    idle_exit: float | None, log_format: str, check: bool, ready: bool,
 ) -> None:  # fmt: skip
     """Run trials of the studies in the storage; wait for studies when there are none.
 
@@ -56,6 +62,13 @@ def main(
     The first SIGTERM/SIGINT finishes the running trial and exits 0; a second one fails it,
     re-queues its parameters and exits 1.
     """
+    if check or ready:
+        why = health.problem(health.health_file(), ready=ready)
+        if why is not None:
+            click.echo(f"unhealthy: {why}", err=True)
+            sys.exit(1)
+        click.echo("ready" if ready else "alive")
+        return
     ensure_console_logging(fmt=log_format)
     url = check_url(resolve_storage_url(storage))
     kwargs = {"study": study, "idle_exit": idle_exit}

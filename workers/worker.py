@@ -19,6 +19,7 @@ from typing import Any
 
 import optuna
 
+from hpo_framework import health
 from hpo_framework.serving import (
     FAILED,
     TRANSIENT_ERRORS,
@@ -80,6 +81,7 @@ class Worker:
         self._broken: set[int] = set()
         self._sweeper: Sweeper | None = None
         self._executor = ProcessExecutor()
+        self.health_file = health.health_file()
 
     # --- signals: warm on the first, cold on the second -----------------------------------------
 
@@ -106,7 +108,7 @@ class Worker:
                 return 0
             presence = Presence(storage.engine, self.id, self.study_filter)
             presence.register()
-            with Heartbeat(storage, presence) as heartbeat:
+            with Heartbeat(storage, presence, self.health_file) as heartbeat:
                 self._loop(storage, heartbeat)
             presence.leave()
             log.info("worker %s: stopped", self.id)
@@ -142,6 +144,7 @@ class Worker:
                 # Not up yet, restarting, refusing connections: all are waited out.
                 reason = f"database unreachable: {' '.join(str(e).split())[:200]}"
                 unreachable_since = unreachable_since or time.monotonic()
+            health.write(self.health_file, database_ok=unreachable_since is None)
             if time.monotonic() >= next_log:
                 log.info("worker %s: waiting for %s: %s", self.id, where, reason)
                 next_log = time.monotonic() + defaults.SCHEMA_WAIT_LOG_EVERY
