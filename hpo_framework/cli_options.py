@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
-from hpo_framework import defaults
+from hpo_framework import __version__, defaults
 from hpo_framework.exceptions import HPOError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -31,7 +31,7 @@ config_storage_option = click.option(
 
 
 #: ``--version`` on every command: the installed package's version.
-version_option = click.version_option(package_name="hpo", message="%(prog)s (hpo) %(version)s")
+version_option = click.version_option(version=__version__, message="%(prog)s (hpo) %(version)s")
 
 
 class CommandError(click.ClickException):
