@@ -28,10 +28,9 @@ import urllib.request
 from typing import Any
 
 import optuna
-import sqlalchemy as sa
 
 from hpo_framework.host_policy import hook_url_refusal
-from hpo_framework.optuna_tables import study_user_attrs
+from hpo_framework.optuna_tables import insert_study_attr_once, study_user_attrs
 from hpo_framework.registry import FAILED, OPEN, STOPPED, Registry, StudyRecord
 from hpo_framework.tickets import Tickets
 
@@ -86,21 +85,13 @@ def fire_if_ended(storage: optuna.storages.RDBStorage, study_id: int) -> None:
         if (record.study_id, event, hook) not in _said:
             _said.add((record.study_id, event, hook))
             log.warning(
-                "study=%s on_%s not run here: %s (a process that may still runs it)",
+                "study=%s on_%s not run here: %s (left to a process allowed to fire it)",
                 record.name, event, refusal,
             )  # fmt: skip
         return
     at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    try:
-        with storage.engine.begin() as conn:
-            conn.execute(
-                study_user_attrs.insert().values(
-                    study_id=record.study_id,
-                    key=FIRED_ATTR,
-                    value_json=json.dumps({"event": event, "at": at}),
-                )  # fmt: skip
-            )
-    except sa.exc.IntegrityError:
+    fired = {"event": event, "at": at}
+    if not insert_study_attr_once(storage.engine, record.study_id, FIRED_ATTR, fired):
         return  # another process fired it
     from hpo_framework.inspection import summarize  # the read side, only when a hook fires
 

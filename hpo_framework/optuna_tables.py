@@ -43,3 +43,18 @@ def trial_with_system_attr(engine: sa.Engine, key: str, value: object) -> int | 
     with engine.connect() as conn:
         found = conn.execute(query).scalar()
     return None if found is None else int(found)
+
+
+def insert_study_attr_once(engine: sa.Engine, study_id: int, key: str, value: object) -> bool:
+    """Insert the study's user attribute ``key``; False if some process inserted it first.
+    Optuna's unique (study, key) makes this a lock: one winner among all processes."""
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                study_user_attrs.insert().values(
+                    study_id=study_id, key=key, value_json=json.dumps(value)
+                )
+            )
+    except sa.exc.IntegrityError:
+        return False
+    return True

@@ -32,7 +32,7 @@ from sqlalchemy.engine import Engine
 from hpo_framework import metrics
 from hpo_framework.config import TrackingSpec
 from hpo_framework.host_policy import tracking_refusal
-from hpo_framework.optuna_tables import study_user_attrs
+from hpo_framework.optuna_tables import insert_study_attr_once, study_user_attrs
 
 log = logging.getLogger("hpo.tracking")
 
@@ -157,20 +157,11 @@ class Trackers:
 
     def _record_parent(self, run_id: str) -> str:
         """The study's parent run: ``run_id`` if this process recorded it first."""
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(
-                    study_user_attrs.insert().values(
-                        study_id=self.study_id,
-                        key=MLFLOW_PARENT_ATTR,
-                        value_json=json.dumps(run_id),
-                    )  # fmt: skip
-                )
+        if insert_study_attr_once(self.engine, self.study_id, MLFLOW_PARENT_ATTR, run_id):
             return run_id
-        except sa.exc.IntegrityError:
-            recorded = self._recorded_parent()
-            assert recorded is not None
-            return recorded
+        recorded = self._recorded_parent()
+        assert recorded is not None
+        return recorded
 
     # --- TensorBoard --------------------------------------------------------------------------
 
