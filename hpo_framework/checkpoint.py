@@ -56,7 +56,7 @@ def save(state: Any) -> None:
     the epoch, the optimizer's state...)."""
     target = current_info().get("checkpoint")
     if target is not None:
-        _write(target, lambda f: pickle.dump(state, f, _PROTOCOL))
+        _write(target, "pickle", lambda f: pickle.dump(state, f, _PROTOCOL))
 
 
 def load() -> Any | None:
@@ -67,7 +67,7 @@ def load() -> Any | None:
     if target is None:
         return None
     with tempfile.SpooledTemporaryFile(max_size=_SPOOL) as body:
-        if not _read_verified(target, body):  # type: ignore[arg-type]
+        if not _read_verified(target, "pickle", body):  # type: ignore[arg-type]
             return None
         body.seek(0)
         try:
@@ -84,7 +84,7 @@ def save_file(path: str | os.PathLike[str]) -> None:
     with open(path, "rb") as f:  # a wrong path fails outside a trial too
         target = current_info().get("checkpoint")
         if target is not None:
-            _write(target, lambda dst: _copy(f, dst))
+            _write(target, "file", lambda dst: _copy(f, dst))
 
 
 def load_file(path: str | os.PathLike[str]) -> bool:
@@ -99,7 +99,7 @@ def load_file(path: str | os.PathLike[str]) -> bool:
 
     def fill(dst: BinaryIO) -> None:
         nonlocal verified
-        verified = _read_verified(target, dst)
+        verified = _read_verified(target, "file", dst)
         if not verified:
             raise _Rejected  # replace_file leaves ``path`` as it was
 
@@ -112,15 +112,16 @@ class _Rejected(Exception):
     """The checkpoint failed its check (already set aside and logged)."""
 
 
-def _mac(target: dict[str, str]) -> hmac.HMAC:
-    """The MAC of a checkpoint, begun with its name: one point's checkpoint cannot stand in
-    for another's."""
-    return hmac.new(checkpoint_key(), target["id"].encode() + b"\n", hashlib.sha256)
+def _mac(target: dict[str, str], kind: str) -> hmac.HMAC:
+    """The MAC of a checkpoint, begun with its name and kind: one point's checkpoint cannot
+    stand in for another's, nor a file saved with ``save_file`` for a pickle."""
+    head = f"{target['id']}\n{kind}\n".encode()
+    return hmac.new(checkpoint_key(), head, hashlib.sha256)
 
 
-def _write(target: dict[str, str], fill: Callable[[BinaryIO], object]) -> None:
+def _write(target: dict[str, str], kind: str, fill: Callable[[BinaryIO], object]) -> None:
     """Replace the checkpoint with what ``fill`` writes, followed by its MAC."""
-    mac = _mac(target)
+    mac = _mac(target, kind)
 
     def signed(f: BinaryIO) -> None:
         fill(_Signing(f, mac))  # type: ignore[arg-type]
@@ -147,14 +148,14 @@ class _Signing:
         return self._f.write(data)
 
 
-def _read_verified(target: dict[str, str], dst: BinaryIO) -> bool:
+def _read_verified(target: dict[str, str], kind: str, dst: BinaryIO) -> bool:
     """Copy the checkpoint's content (without its MAC) into ``dst``; True if it was there
     and passed its check, False if there is none or it failed (then it is set aside)."""
     try:
         reader = open_store(target).open_reader(target["id"])
     except ArtifactNotFound:
         return False
-    mac, tail = _mac(target), b""
+    mac, tail = _mac(target, kind), b""
     with reader as src:
         for chunk in _chunks(src):
             held = tail + chunk  # the last bytes may be the trailer: held back until the end
@@ -165,7 +166,7 @@ def _read_verified(target: dict[str, str], dst: BinaryIO) -> bool:
         _set_aside(target, "is not a checkpoint of this version whole (truncated or foreign)")
         return False
     if not hmac.compare_digest(tail[:32], mac.digest()):
-        _set_aside(target, "fails its MAC (not written with this pool's checkpoint key)")
+        _set_aside(target, f"fails its MAC (not a {kind} written with this pool's checkpoint key)")
         return False
     return True
 

@@ -7,8 +7,9 @@ worker's environment, which the database cannot touch:
 
 - ``HPO_S3_ENDPOINTS``: the ``checkpoints.endpoint_url`` values this host may connect to
   (comma separated; none by default, so S3 checkpoints go to AWS's own endpoint only);
-- ``HPO_CHECKPOINT_LOCATIONS``: if set, the only checkpoint directories (and what lies under
-  them) and ``s3://bucket/prefix`` locations this host reads and writes;
+- ``HPO_CHECKPOINT_LOCATIONS``: the ``s3://bucket/prefix`` locations this host may send
+  checkpoints to (none by default: a bucket is an address like any other), and, if it lists
+  directories, the only checkpoint directories (and what lies under them) it uses;
 - ``HPO_CHECKPOINT_KEY`` (or a file, ``HPO_CHECKPOINT_KEY_FILE``): the key of the MAC every
   checkpoint carries, checked before a byte of it is unpickled (``checkpoint``);
 - ``HPO_HOOK_URLS``: URL prefixes a hook may POST to (none by default);
@@ -41,9 +42,27 @@ def _listed(env: str) -> list[str]:
 
 def _normal_url(url: str) -> tuple[str, str, str]:
     """(scheme, host[:port], path) of a URL, lower-cased where case does not matter; a URL
-    with a user or password part has a netloc no allowed entry matches."""
+    with a user or password part has a netloc no allowed entry matches, and one whose path
+    has dot segments (``/a/../b``, also percent-encoded) or an encoded slash has a path none
+    does (a server that resolves them would be somewhere else than the prefix says)."""
     parts = urllib.parse.urlsplit(url.strip())
-    return parts.scheme.lower(), parts.netloc.lower(), parts.path or "/"
+    path = parts.path or "/"
+    raw = urllib.parse.unquote(path)
+    if "%2f" in path.lower() or "\\" in raw or any(s in (".", "..") for s in raw.split("/")):
+        path = "\0refused"
+    return parts.scheme.lower(), parts.netloc.lower(), path
+
+
+def _url_under(url: str, allowed: str) -> bool:
+    scheme, netloc, path = _normal_url(url)
+    a_scheme, a_netloc, a_path = _normal_url(allowed)
+    under = path == a_path or path.startswith(a_path.rstrip("/") + "/")
+    return (scheme, netloc) == (a_scheme, a_netloc) and under and path != "\0refused"
+
+
+def _dir_under(folder: str, allowed: str) -> bool:
+    where, root = Path(os.path.abspath(folder)), Path(os.path.abspath(allowed))
+    return where == root or root in where.parents
 
 
 def s3_endpoint_refusal(endpoint_url: str | None) -> str | None:
@@ -61,62 +80,56 @@ def s3_endpoint_refusal(endpoint_url: str | None) -> str | None:
 
 
 def checkpoint_location_refusal(folder: str | None, s3: str | None) -> str | None:
-    """Why this host will not use this checkpoint location, or None: any location when
-    ``HPO_CHECKPOINT_LOCATIONS`` is unset (reads are MAC-checked all the same)."""
+    """Why this host will not use this checkpoint location, or None. An S3 location must lie
+    under an ``s3://`` entry of ``HPO_CHECKPOINT_LOCATIONS`` (the workers' credentials would
+    otherwise upload every checkpoint to any bucket a database writer names); a directory
+    may be any one unless the list names directories (reads are MAC-checked all the same)."""
     allowed = _listed(CHECKPOINT_LOCATIONS_ENV)
-    if not allowed:
-        return None
     if folder is not None:
-        where = Path(os.path.abspath(folder))
-        roots = [Path(os.path.abspath(a)) for a in allowed if not a.startswith("s3://")]
-        if any(where == root or root in where.parents for root in roots):
+        roots = [a for a in allowed if "://" not in a]
+        if not roots or any(_dir_under(folder, root) for root in roots):
             return None
         named = folder
     else:
         assert s3 is not None
         target = s3.rstrip("/") + "/"
-        if any(target.startswith(a.rstrip("/") + "/") for a in allowed if a.startswith("s3://")):
+        if ".." not in target.split("/") and any(
+            target.startswith(a.rstrip("/") + "/") for a in allowed if a.startswith("s3://")
+        ):
             return None
         named = s3
     return (
         f"{named!r} is outside this host's {CHECKPOINT_LOCATIONS_ENV} "
-        f"({', '.join(allowed)}); the host's operator adds it there"
+        f"({', '.join(allowed) or 'none'}); the host's operator adds it there"
     )
 
 
 def hook_url_refusal(url: str) -> str | None:
     """Why this host will not POST to ``url``, or None: it must start with one of
     ``HPO_HOOK_URLS`` (same scheme and host, the path under the allowed one's)."""
-    scheme, netloc, path = _normal_url(url)
-    for allowed in _listed(HOOK_URLS_ENV):
-        a_scheme, a_netloc, a_path = _normal_url(allowed)
-        under = path == a_path or path.startswith(a_path.rstrip("/") + "/")
-        if (scheme, netloc) == (a_scheme, a_netloc) and under:
-            return None
+    if any(_url_under(url, allowed) for allowed in _listed(HOOK_URLS_ENV)):
+        return None
     listed = ", ".join(_listed(HOOK_URLS_ENV)) or "none"
     return f"{url!r} is not under one of this host's {HOOK_URLS_ENV} ({listed})"
 
 
-def tracking_refusal(destination: str) -> str | None:
-    """Why this host will not send trials to a tracker at ``destination`` (an MLflow tracking
-    URI, or a TensorBoard directory), or None: it must lie under one of ``HPO_TRACKING_URIS``
-    (an http(s) URL as for hooks; a store URI such as ``sqlite:////data/mlflow.db`` or a
-    directory by its path)."""
+def tracking_refusal(destination: str, directory: bool = False) -> str | None:
+    """Why this host will not send trials to a tracker at ``destination``, or None. It must
+    match one of ``HPO_TRACKING_URIS``: an MLflow tracking URI over http(s) lies under an
+    allowed URL (as for hooks), any other (``sqlite:///…``, ``postgresql://…``) equals an
+    entry exactly (its query or path could point elsewhere); a TensorBoard ``directory`` lies
+    under an allowed directory (an entry without a scheme)."""
     listed = _listed(TRACKING_URIS_ENV)
     for allowed in listed:
-        if destination.startswith(("http://", "https://")):
-            scheme, netloc, path = _normal_url(destination)
-            a_scheme, a_netloc, a_path = _normal_url(allowed)
-            under = path == a_path or path.startswith(a_path.rstrip("/") + "/")
-            if (scheme, netloc) == (a_scheme, a_netloc) and under:
+        if directory:
+            if not urllib.parse.urlsplit(destination).scheme and "://" not in allowed:
+                if _dir_under(destination, allowed):
+                    return None
+        elif destination.startswith(("http://", "https://")):
+            if _url_under(destination, allowed):
                 return None
-        elif "://" in destination:
-            if destination == allowed or destination.startswith(allowed.rstrip("/") + "/"):
-                return None
-        elif "://" not in allowed:
-            where, root = Path(os.path.abspath(destination)), Path(os.path.abspath(allowed))
-            if where == root or root in where.parents:
-                return None
+        elif destination == allowed:
+            return None
     return (
         f"{destination!r} is not under one of this host's {TRACKING_URIS_ENV} "
         f"({', '.join(listed) or 'none'}); the host's operator adds it there"

@@ -27,6 +27,7 @@ from hpo_framework.storage import (
     open_storage,
     redact,
     schema_exists,
+    scrub,
     with_db_retry,
 )
 from hpo_framework.tickets import Tickets
@@ -55,6 +56,7 @@ __all__ = [
     "open_storage",
     "redact",
     "schema_exists",
+    "scrub",
     "with_db_retry",
 ]
 

@@ -19,7 +19,7 @@ from hpo_framework.optuna_tables import trial_with_system_attr
 from hpo_framework.registry import OPEN, PAUSED, Registry, StudyRecord, study_lock
 from hpo_framework.storage import with_db_retry
 from hpo_framework.tickets import Tickets
-from hpo_framework.trial_attrs import ATTEMPT_ATTR, REQUEUED_FROM_ATTR, RETRY_OF_ATTR
+from hpo_framework.trial_attrs import ATTEMPT_ATTR, REQUEUED_FROM_ATTR, RETRY_OF_ATTR, int_attr
 from hpo_framework.trial_store import create_trial_once
 
 log = logging.getLogger("hpo.trial")
@@ -53,7 +53,7 @@ def settle_failure(
 def requeue_once(ledger: Ledger, failed: FrozenTrial) -> None:
     """Enqueue the failed trial's parameters again, unless retries are used up, the study
     does not go on, or this failed trial was re-queued already."""
-    attempt = int(failed.user_attrs.get(ATTEMPT_ATTR, 0))
+    attempt = int_attr(failed.user_attrs, ATTEMPT_ATTR, 0)
     params = failed.params or failed.system_attrs.get("fixed_params") or {}
     if not params:
         return
@@ -61,7 +61,7 @@ def requeue_once(ledger: Ledger, failed: FrozenTrial) -> None:
     if record is None or not _goes_on(record):
         return
     # max_retries may have been changed on the live study (hpo-coordinator set)
-    max_retries = record.config.get("study", {}).get("max_retries", ledger.max_retries)
+    max_retries = int_attr(record.config.get("study") or {}, "max_retries", ledger.max_retries)
     if attempt >= max_retries:
         return
     root = failed.user_attrs.get(RETRY_OF_ATTR, failed.number)

@@ -148,13 +148,21 @@ def cannot_open(url: str, e: BaseException, reason: str) -> StorageError:
     """ "cannot open storage URL: reason", the password hidden in both (a driver's message may
     quote the part of a password it took for the host), and a hint when the password holds
     characters that must be percent-encoded."""
+    return StorageError(
+        f"cannot open storage {redact(url)}: {scrub(url, reason)}{_encoding_hint(url)}"
+    )
+
+
+def scrub(url: str, text: str) -> str:
+    """A driver's message with the URL's password hidden: it may quote the part of a password
+    holding an unencoded ``@`` that it took for the host."""
     password = password_of(url)
     if password:
         for piece in sorted({password, *re.split(r"[@:/]", password)}, key=len, reverse=True):
             if len(piece) >= 3:
-                reason = reason.replace(piece, "***")
-        reason = re.sub(r"[^\s\"'@]+@", "***@", reason)  # "x@127.0.0.1": the password's end
-    return StorageError(f"cannot open storage {redact(url)}: {reason}{_encoding_hint(url)}")
+                text = text.replace(piece, "***")
+        text = re.sub(r"[^\s\"'@]+@", "***@", text)  # "x@127.0.0.1": the password's end
+    return text
 
 
 def _encoding_hint(url: str) -> str:

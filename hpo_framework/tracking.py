@@ -66,7 +66,7 @@ class Trackers:
         ):
             if destination is None or name in self._said:
                 continue
-            refusal = tracking_refusal(destination)
+            refusal = tracking_refusal(destination, directory=name == "tensorboard")
             if refusal:
                 self._give_up(name, refusal)
                 continue
@@ -122,6 +122,7 @@ class Trackers:
             return self._mlflow  # type: ignore[no-any-return]
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # not minutes per trial
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        os.environ.setdefault("MLFLOW_ALLOW_HTTP_REDIRECTS", "false")  # the allowed URL only
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.spec.mlflow_uri)
@@ -170,6 +171,8 @@ class Trackers:
 
         assert self.spec.tensorboard_dir is not None
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.study)
+        if not safe.strip("."):  # a study named ".." stays under the directory
+            safe = safe.replace(".", "_")
         folder = Path(os.path.abspath(self.spec.tensorboard_dir)) / safe / f"trial-{trial.number}"
         writer = SummaryWriter(logdir=str(folder))
         try:

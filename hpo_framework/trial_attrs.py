@@ -22,6 +22,13 @@ CANNOT_SERVE_PREFIX = "hpo:cannot_serve:"
 REOPENED_ATTR = "hpo:reopened"
 
 
+def int_attr(attrs: dict[str, Any], key: str, default: int) -> int:
+    """An integer attribute as hpo wrote it; ``default`` for anything else (attributes live in
+    the database, where anyone who can write it may have put a string)."""
+    value = attrs.get(key, default)
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
 def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
     """The fields every trial listing shows, in one place."""
     duration = trial.duration.total_seconds() if trial.duration is not None else None

@@ -52,6 +52,7 @@ from hpo_framework.trial_attrs import (
     TICKET_ATTR,
     TRACEBACK_ATTR,
     WORKER_ATTR,
+    int_attr,
 )
 from hpo_framework.trial_store import TrialStore, create_trial_once
 
@@ -120,8 +121,7 @@ class OptunaLink:
 
 def _point_of(user_attrs: dict[str, Any], number: int) -> int:
     """The point a trial evaluates, named by the first trial of its retries."""
-    point = user_attrs.get(RETRY_OF_ATTR, number)  # read from the database: an int or not used
-    return point if isinstance(point, int) and not isinstance(point, bool) else number
+    return int_attr(user_attrs, RETRY_OF_ATTR, number)
 
 
 @dataclass(frozen=True)
@@ -324,7 +324,7 @@ class StudyHandle:
         cfg = merge(self.config.static, params)
         info = {
             "study": self.name, "number": trial.number, "worker": self.worker_id,
-            "attempt": int(trial.user_attrs.get(ATTEMPT_ATTR, 0)),
+            "attempt": int_attr(trial.user_attrs, ATTEMPT_ATTR, 0),
             "checkpoint": self._checkpoint_of(_point_of(trial.user_attrs, trial.number)),
         }  # fmt: skip
         searched = frozenset(self.config.search_space.names)
@@ -404,7 +404,7 @@ class StudyHandle:
                     state.name,
                     values,
                     dict(trial.params),
-                    int(trial.user_attrs.get(ATTEMPT_ATTR, 0)),
+                    int_attr(trial.user_attrs, ATTEMPT_ATTR, 0),
                     self.worker_id,
                 )  # fmt: skip
             )

@@ -125,9 +125,12 @@ def checkpoint_store(
     s3_client(endpoint).create_bucket(Bucket=bucket)
     for key, value in S3_ENV.items():
         monkeypatch.setenv(key, value)  # for runs inside the test's own process
-    monkeypatch.setenv("HPO_S3_ENDPOINTS", endpoint)  # the workers' operator allows it
+    # what the workers' operator allows: the service, and the bucket
+    allow = {"HPO_S3_ENDPOINTS": endpoint, "HPO_CHECKPOINT_LOCATIONS": f"s3://{bucket}/"}
+    for key, value in allow.items():
+        monkeypatch.setenv(key, value)
     config = {"s3": f"s3://{bucket}/runs/ckpt", "endpoint_url": endpoint}
-    env = {**S3_ENV, "HPO_S3_ENDPOINTS": endpoint}
+    env = {**S3_ENV, **allow}
     return Store(config=config, env=env, _endpoint=endpoint, _bucket=bucket)
 
 

@@ -91,6 +91,7 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_whole(tmp_path:
 
 def _s3_store(endpoint: str, bucket: str, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("HPO_S3_ENDPOINTS", endpoint)  # what the worker's operator allows
+    monkeypatch.setenv("HPO_CHECKPOINT_LOCATIONS", f"s3://{bucket}/")
     return open_store({"dir": None, "s3": f"s3://{bucket}/ckpt", "endpoint_url": endpoint})
 
 
@@ -178,6 +179,7 @@ def test_an_s3_outage_at_clean_up_costs_space_not_the_trial(
     client.create_bucket(Bucket=bucket)
     relay = Relay(int(s3_endpoint.rsplit(":", 1)[1]))
     monkeypatch.setenv("HPO_S3_ENDPOINTS", relay.url)
+    monkeypatch.setenv("HPO_CHECKPOINT_LOCATIONS", f"s3://{bucket}/")
     config = make_config(
         session="tests.sessions:checkpointed", enqueue=[{"x": 0.3}],
         static={"dir": str(tmp_path), "epoch_s": 0.05, "final_s": 2},

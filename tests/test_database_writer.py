@@ -103,7 +103,8 @@ def test_a_checkpoint_of_another_key_is_refused(tmp_path: Path, sqlite_url: str)
         "from pathlib import Path\n"
         f"t = {{'dir': {str(folder)!r}, 's3': None, 'endpoint_url': None, "
         "'id': 'study-1/point-0.pkl'}\n"
-        f"checkpoint._write(t, lambda f: pickle.dump(_Payload(Path({str(marker)!r})), f))\n",
+        "checkpoint._write(t, 'pickle', lambda f: pickle.dump("
+        f"_Payload(Path({str(marker)!r})), f))\n",
         url=sqlite_url, **other_key,
     )  # fmt: skip
     assert writer.returncode == 0, writer.stderr
@@ -193,7 +194,11 @@ def test_a_pickle_served_by_an_allowed_s3_endpoint_is_set_aside_unread(
     client = s3_client(s3_endpoint)
     client.create_bucket(Bucket=bucket)
     client.put_object(Bucket=bucket, Key="p/study-1/point-0.pkl", Body=planted(marker, "no MAC"))
-    env = {**S3_ENV, "HPO_S3_ENDPOINTS": s3_endpoint}
+    env = {
+        **S3_ENV,
+        "HPO_S3_ENDPOINTS": s3_endpoint,
+        "HPO_CHECKPOINT_LOCATIONS": f"s3://{bucket}/",
+    }
     store = {"s3": f"s3://{bucket}/p", "endpoint_url": s3_endpoint}
     name = run_cli_create(tmp_path, sqlite_url, store, env)
     log = tmp_path / "worker.log"
@@ -327,3 +332,96 @@ def test_the_checkpoint_key_file_is_made_once_private_and_shared(tmp_path: Path)
     assert key_file.stat().st_mode & 0o777 == 0o600
     short = run_cli("python", "-c", code, HPO_CHECKPOINT_KEY="too-short")
     assert "HPO_CHECKPOINT_KEY holds 9 characters, fewer than 16" in short.stderr
+
+
+@pytest.mark.parametrize(
+    ("check", "env", "refused", "allowed"),
+    [
+        # an S3 bucket is an address: none by default, only listed prefixes
+        ("location", {}, ["s3://attacker/x"], []),
+        (
+            "location",
+            {"HPO_CHECKPOINT_LOCATIONS": "s3://team/hpo"},
+            ["s3://team/other", "s3://team/hpo/../x", "s3://teamx/hpo"],
+            ["s3://team/hpo/a"],
+        ),
+        # hook URLs: the prefix, no dot segments or encoded slashes to climb out of it
+        (
+            "hook",
+            {"HPO_HOOK_URLS": "https://hooks.example.com/services/T1/B1"},
+            [
+                "https://hooks.example.com/services/T1/B1/../../T2/B2",
+                "https://hooks.example.com/services/T1/B1/%2e%2e/x",
+                "https://hooks.example.com/services/T1/B1%2f..%2fT2",
+                "https://x@hooks.example.com/services/T1/B1",
+                "http://hooks.example.com/services/T1/B1",
+                "https://hooks.example.com.evil.com/services/T1/B1",
+            ],
+            [
+                "https://hooks.example.com/services/T1/B1",
+                "https://HOOKS.example.com/services/T1/B1/x",
+            ],
+        ),
+        # MLflow: a store URI exactly as listed (its query or path could point elsewhere)
+        (
+            "mlflow",
+            {"HPO_TRACKING_URIS": "postgresql://m:pw@db:5432/mlflow,sqlite:////data/m.db"},
+            [
+                "postgresql://m:pw@db:5432/mlflow/?host=evil.com",
+                "sqlite:////data/m.db/../../x.db",
+                "file:/etc/x",
+                "databricks",
+                "http://db:5432/mlflow",
+            ],
+            ["postgresql://m:pw@db:5432/mlflow", "sqlite:////data/m.db"],
+        ),
+        # TensorBoard: a directory under a listed one, never a URI read as a relative path
+        (
+            "tensorboard",
+            {"HPO_TRACKING_URIS": "/data/tb"},
+            ["/data/tb/../x", "/data/tbx", "file:/data/tb/x"],
+            ["/data/tb", "/data/tb/a/b"],
+        ),
+    ],
+)
+def test_allow_lists_refuse_what_only_looks_allowed(
+    monkeypatch: pytest.MonkeyPatch,
+    check: str,
+    env: dict[str, str],
+    refused: list[str],
+    allowed: list[str],
+) -> None:
+    from hpo_framework import host_policy
+
+    for key in ("HPO_CHECKPOINT_LOCATIONS", "HPO_HOOK_URLS", "HPO_TRACKING_URIS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    judge = {
+        "location": lambda v: host_policy.checkpoint_location_refusal(None, v),
+        "hook": host_policy.hook_url_refusal,
+        "mlflow": host_policy.tracking_refusal,
+        "tensorboard": lambda v: host_policy.tracking_refusal(v, directory=True),
+    }[check]
+    assert [v for v in refused if judge(v) is None] == []
+    assert [v for v in allowed if judge(v) is not None] == []
+
+
+def test_a_tensorboard_study_named_dot_dot_stays_in_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hpo_framework.config import TrackingSpec
+    from hpo_framework.tracking import FinishedTrial, Trackers
+
+    board = tmp_path / "tb" / "inner"
+    monkeypatch.setenv("HPO_TRACKING_URIS", str(board))
+    from hpo_framework.registry import Registry
+    from hpo_framework.storage import open_storage
+
+    engine = open_storage(f"sqlite:///{tmp_path / 'e.db'}", create_schema=True).engine
+    Registry(engine).create_table()
+    trackers = Trackers(TrackingSpec(tensorboard_dir=str(board)), "..", 1, engine)
+    trackers.send(FinishedTrial(0, 1, "COMPLETE", [1.0], {"x": 1}, 0, "w"))
+    engine.dispose()
+    assert list((tmp_path / "tb").iterdir()) == [board]  # nothing written beside it
+    assert (board / "__" / "trial-0").is_dir()

@@ -31,7 +31,7 @@ def test_mlflow_gets_a_parent_run_and_a_child_run_per_trial(
 
     store = f"sqlite:///{tmp_path / 'mlflow' / 'runs.db'}"
     (tmp_path / "mlflow").mkdir()
-    allow = {"HPO_TRACKING_URIS": f"sqlite:///{tmp_path / 'mlflow'}/"}
+    allow = {"HPO_TRACKING_URIS": store}  # a store URI is allowed as written, exactly
     name, _ = run_tracked(
         tmp_path, sqlite_url, {"mlflow": {"tracking_uri": store, "experiment": "hpo-exp"}},
         **allow,

@@ -41,6 +41,7 @@ from hpo_framework.serving import (
     open_storage,
     redact,
     schema_exists,
+    scrub,
     with_db_retry,
 )
 
@@ -142,7 +143,7 @@ class Worker:
                 )
             except (*TRANSIENT_ERRORS, StorageError) as e:  # type: ignore[misc]
                 # Not up yet, restarting, refusing connections: all are waited out.
-                reason = f"database unreachable: {' '.join(str(e).split())[:200]}"
+                reason = f"database unreachable: {scrub(self.url, ' '.join(str(e).split()))[:200]}"
                 unreachable_since = unreachable_since or time.monotonic()
             health.write(self.health_file, database_ok=unreachable_since is None)
             if time.monotonic() >= next_log:
