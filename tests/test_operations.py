@@ -312,7 +312,9 @@ def test_inspect_workers_shows_live_and_lost_workers_and_what_they_run(
     storage_url: str, tmp_path: Path
 ) -> None:
     fast = {"HPO_PRESENCE_INTERVAL": "0.5"}  # lost after 1.5 s without a refresh
-    name = create_sleepy(tmp_path, storage_url, 60, 1)
+    # two trials: with one running, the study still has budget, so the other worker tries it
+    # (a study with no budget left is not even loaded)
+    name = create_sleepy(tmp_path, storage_url, 60, 2)
     busy = start_worker("--study", name, url=storage_url, **fast)
     wait_for_a_trial(tmp_path)
     elsewhere = start_worker(url=storage_url, HPO_SESSION_MODULES="experiments", **fast)
