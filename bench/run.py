@@ -416,6 +416,9 @@ def executor_hop(calls: int) -> dict[str, float]:
         def set_attr(self, key: str, value: object) -> None:
             pass
 
+        def log(self, step: int | None, metrics: object) -> None:
+            pass
+
         def suggest(self, kind: str, name: str, kwargs: object) -> None:
             pass
 

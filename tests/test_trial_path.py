@@ -34,10 +34,15 @@ class Link:
     def __init__(self, prune_at: int | None = None, lost_at: int | None = None) -> None:
         self.steps: list[tuple[int, float]] = []
         self.attrs: dict[str, object] = {}
+        self.logged: list[tuple[int | None, dict[str, float]]] = []
         self.prune_at, self.lost_at = prune_at, lost_at
 
     def set_attr(self, key: str, value: object) -> None:
         self.attrs[key] = value
+
+    def log(self, step: int | None, metrics: dict[str, float]) -> None:
+        self.logged.append((step, dict(metrics)))
+        self.attrs.update(metrics)  # the last values, as the worker's link keeps them
 
     def report(self, value: float, step: int) -> None:
         self.steps.append((step, value))
@@ -69,6 +74,7 @@ def test_the_trial_context_crosses_the_process_boundary(executor: ProcessExecuto
     assert link.attrs == {
         "accuracy": 0.75, "seen": {"study": "s", "attempt": 1, "worker": "host:1"}
     }  # fmt: skip
+    assert link.logged == [(None, {"accuracy": 0.75})]  # trial().log crosses as one message
     bad = executor.run("tests.sessions:sets_a_reserved_attr", {}, link, 1, None)
     assert bad.kind == "failed"
     assert bad.error == "ValueError: trial().set_attr: 'worker' is the framework's own attribute"
