@@ -24,6 +24,7 @@ from hpo_framework.registry import FAILED, Registry, StudyRecord
 from hpo_framework.storage import (
     TRANSIENT_ERRORS,
     bound_retries_for_stop,
+    is_server_full,
     open_storage,
     redact,
     schema_exists,
@@ -51,6 +52,7 @@ __all__ = [
     "defaults",
     "die_with_parent",
     "bound_retries_for_stop",
+    "is_server_full",
     "load_for_serving",
     "note_cannot_serve",
     "open_storage",

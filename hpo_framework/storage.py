@@ -47,6 +47,25 @@ _TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40")
 _TRANSIENT_SQLSTATES = ("55P03", "25P03", "58030")
 
 
+def is_server_full(error: BaseException) -> bool:
+    """Whether the server refused a connection for want of a free one (``max_connections``
+    reached, SQLSTATE 53300): it is up, and a connection frees as others finish."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = getattr(current, "pgcode", None) or getattr(current, "sqlstate", None)
+        text = str(current)
+        if (
+            code == "53300"
+            or "too many clients" in text
+            or "connection slots are reserved" in text
+        ):
+            return True
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return False
+
+
 def is_transient(error: BaseException) -> bool:
     """Whether ``error`` is a connection-level failure (retry) rather than a refusal of what
     was asked (fail at once: retrying a "value too long" only wastes the retry deadline).

@@ -166,6 +166,35 @@ def test_worker_check_says_alive_and_ready_from_the_workers_own_health_file(
     assert "last said it was alive" in check().stderr
 
 
+def test_a_worker_waits_for_a_free_connection_instead_of_exiting(
+    private_pg,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    url = private_pg.url
+    name = create(tmp_path, url, study_={"n_trials": 2})
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    held = []
+    try:
+        while True:  # take every connection the server has
+            try:
+                held.append(engine.connect())
+            except sa.exc.OperationalError as e:
+                assert "too many clients" in str(e)
+                break
+        log = tmp_path / "w.log"
+        worker = start_worker("--idle-exit", "2", url=url, log=log)
+        wait_until("the waiting line", lambda: "no free connection" in log.read_text())
+        time.sleep(6)  # three times --idle-exit: a full server is neither gone nor idle
+        assert worker.poll() is None, log.read_text()
+    finally:
+        for conn in held:
+            conn.close()
+        engine.dispose()
+    assert worker.wait(timeout=120) == 0, log.read_text()
+    assert counts(url, name)["COMPLETE"] == 2
+    assert log.read_text().count("no free connection") == 1  # said once
+
+
 def test_64_workers_fit_in_a_stock_postgresql(
     pg_url: str, pg_admin: sa.Engine, tmp_path: Path
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -36,6 +37,7 @@ from hpo_framework.serving import (
     Tickets,
     bound_retries_for_stop,
     defaults,
+    is_server_full,
     load_for_serving,
     note_cannot_serve,
     open_storage,
@@ -131,7 +133,9 @@ class Worker:
         where = redact(self.url)
         next_log = 0.0
         unreachable_since: float | None = None
+        full_wait, said_full = 1.0, False
         while not self._stopping:
+            pause = 1.0
             try:
                 if schema_exists(self.url):
                     return open_storage(self.url, create_schema=False, role="hpo-worker")
@@ -142,16 +146,34 @@ class Worker:
                     None,
                 )
             except (*TRANSIENT_ERRORS, StorageError) as e:  # type: ignore[misc]
-                # Not up yet, restarting, refusing connections: all are waited out.
-                reason = f"database unreachable: {scrub(self.url, ' '.join(str(e).split()))[:200]}"
-                unreachable_since = unreachable_since or time.monotonic()
+                if is_server_full(e):
+                    # Up, with every connection taken (more workers than max_connections):
+                    # one frees as others finish. Neither unreachable nor idle; backoff with
+                    # jitter, so that the waiting workers do not all knock at once.
+                    reason, unreachable_since = (
+                        "the database has no free connection (max_connections reached); "
+                        "waiting for one", None,
+                    )  # fmt: skip
+                    if not said_full:
+                        log.warning("worker %s: %s", self.id, reason)
+                        said_full, next_log = (
+                            True,
+                            time.monotonic() + defaults.SCHEMA_WAIT_LOG_EVERY,
+                        )
+                    pause = full_wait * (0.5 + random.random())
+                    full_wait = min(full_wait * 2, 10.0)
+                else:
+                    # Not up yet, restarting, refusing connections: all are waited out.
+                    text = scrub(self.url, " ".join(str(e).split()))[:200]
+                    reason = f"database unreachable: {text}"
+                    unreachable_since = unreachable_since or time.monotonic()
             health.write(self.health_file, database_ok=unreachable_since is None)
             if time.monotonic() >= next_log:
                 log.info("worker %s: waiting for %s: %s", self.id, where, reason)
                 next_log = time.monotonic() + defaults.SCHEMA_WAIT_LOG_EVERY
             if unreachable_since is not None and self._idle_expired(unreachable_since):
                 raise StorageError(f"{where}: {reason} (for over --idle-exit {self.idle_exit}s)")
-            self._wake.wait(1.0)
+            self._wake.wait(pause)
         return None
 
     # --- the loop -----------------------------------------------------------------------------
