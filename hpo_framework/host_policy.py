@@ -13,8 +13,9 @@ worker's environment, which the database cannot touch:
 - ``HPO_CHECKPOINT_KEY`` (or a file, ``HPO_CHECKPOINT_KEY_FILE``): the key of the MAC every
   checkpoint carries, checked before a byte of it is unpickled (``checkpoint``);
 - ``HPO_HOOK_URLS``: URL prefixes a hook may POST to (none by default);
-- ``HPO_TRACKING_URIS``: the MLflow tracking URIs and TensorBoard directories (prefixes) a
-  tracker may write to (none by default);
+- ``HPO_TRACKING_URIS``: the MLflow tracking servers (URL prefixes) or stores (exact URIs)
+  and the TensorBoard directories (and what lies under them) a tracker may write to (none by
+  default);
 - ``HPO_ALLOW_HOOK_COMMANDS=1`` and ``HPO_UNSAFE_ALLOW_PICKLE=1``: see ``hooks`` and
   ``algorithms``; ``HPO_SESSION_MODULES``: see ``session``.
 """
@@ -42,22 +43,22 @@ def _listed(env: str) -> list[str]:
 
 def _normal_url(url: str) -> tuple[str, str, str]:
     """(scheme, host[:port], path) of a URL, lower-cased where case does not matter; a URL
-    with a user or password part has a netloc no allowed entry matches, and one whose path
-    has dot segments (``/a/../b``, also percent-encoded) or an encoded slash has a path none
-    does (a server that resolves them would be somewhere else than the prefix says)."""
+    with a user or password part has a netloc no allowed entry matches."""
     parts = urllib.parse.urlsplit(url.strip())
-    path = parts.path or "/"
-    raw = urllib.parse.unquote(path)
-    if "%2f" in path.lower() or "\\" in raw or any(s in (".", "..") for s in raw.split("/")):
-        path = "\0refused"
-    return parts.scheme.lower(), parts.netloc.lower(), path
+    return parts.scheme.lower(), parts.netloc.lower(), parts.path or "/"
 
 
 def _url_under(url: str, allowed: str) -> bool:
+    """Same scheme and host, and a path under the allowed one's; never a path with dot
+    segments (``/a/../b``, also percent-encoded) or an encoded slash, which a server that
+    resolves them would take somewhere else than the prefix says."""
     scheme, netloc, path = _normal_url(url)
     a_scheme, a_netloc, a_path = _normal_url(allowed)
+    raw = urllib.parse.unquote(path)
+    if "%2f" in path.lower() or "\\" in raw or any(s in (".", "..") for s in raw.split("/")):
+        return False
     under = path == a_path or path.startswith(a_path.rstrip("/") + "/")
-    return (scheme, netloc) == (a_scheme, a_netloc) and under and path != "\0refused"
+    return (scheme, netloc) == (a_scheme, a_netloc) and under
 
 
 def _dir_under(folder: str, allowed: str) -> bool:
