@@ -18,7 +18,7 @@ import optuna
 
 from hpo_framework import health
 from hpo_framework.presence import PRESENCE_EVERY_S, Presence
-from hpo_framework.storage import DB_HEALTH, is_transient
+from hpo_framework.storage import DB_HEALTH, is_server_full, is_transient
 from hpo_framework.tickets import Tickets
 
 log = logging.getLogger("hpo.heartbeat")
@@ -112,7 +112,9 @@ class Heartbeat:
                     # Retried soon: the grace period is several beats long, and an outage
                     # must not outlast it here by a whole interval.
                     DB_HEALTH.failed()
-                    wait = min(interval, 1.0)
+                    # No free connection on the server: the process's own pooled one is
+                    # free again as soon as the main thread's statement ends.
+                    wait = min(interval, 0.2 if is_server_full(e) else 1.0)
                     now = time.monotonic()
                     # One line when beats start failing, then one a minute: not one a second
                     since, attempts, said = failing or (now, 0, 0.0)

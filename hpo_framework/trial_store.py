@@ -13,6 +13,13 @@ trial cache (``_CachedStorage``) with three changes, all for the trials *this pr
 * **One sync per ask.** While a trial's parameters are sampled (``one_sync``), the study's
   trial list is read from the database once: the sampler's second read in the same ask
   (TPE's constant liar) reuses the first. Every other read syncs, as in Optuna.
+* **The sync outside a transaction** (PostgreSQL). Optuna reads the trial list in one
+  transaction of six statements and builds its trials in between. A process starved of CPU
+  (128 workers on two cores) stayed idle in that transaction past the server's
+  ``idle_in_transaction_session_timeout`` and lost its connection mid-sync. The six reads
+  take no lock, and rows are only ever added to a trial; so each runs on its own, in
+  autocommit. A trial read as finished has all of its rows already, since its result is
+  written in one transaction. A trial read as running is read again at the next sync.
 * **Writes in single statements.** Starting a trial (create, attributes and the ticket's
   binding, on PostgreSQL), setting a parameter and telling a result each take one
   transaction of one or two statements instead of Optuna's read-lock-write sequences.
@@ -34,6 +41,7 @@ from typing import Any
 
 import optuna
 import sqlalchemy as sa
+import sqlalchemy.orm
 from optuna import distributions
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
@@ -57,6 +65,7 @@ class TrialStore(_CachedStorage):
         self._own: dict[int, FrozenTrial] = {}
         self._reuse_sync = False
         self._synced = False
+        self._reads: Any = _AutocommitReads(backend) if self.pg else backend
 
     # --- starting a trial ----------------------------------------------------------------------
 
@@ -116,9 +125,24 @@ class TrialStore(_CachedStorage):
             self._reuse_sync = False
 
     def _read_trials_from_remote_storage(self, study_id: int) -> None:
+        """Optuna's ``_CachedStorage`` sync, its read made by ``self._reads``."""
         if self._reuse_sync and self._synced and study_id in self._studies:
             return
-        super()._read_trials_from_remote_storage(study_id)
+        with self._lock:
+            study = self._studies.setdefault(study_id, _StudyInfo())
+            trials = self._reads._get_trials(
+                study_id,
+                states=None,
+                included_trial_ids=study.unfinished_trial_ids,
+                trial_id_greater_than=study.last_finished_trial_id,
+            )
+            self._add_trials_to_cache(study_id, trials)
+            for trial in trials:
+                if not trial.state.is_finished():
+                    study.unfinished_trial_ids.add(trial._trial_id)
+                    continue
+                study.last_finished_trial_id = max(study.last_finished_trial_id, trial._trial_id)
+                study.unfinished_trial_ids.discard(trial._trial_id)
         self._synced = True
 
     # --- writes --------------------------------------------------------------------------------
@@ -214,6 +238,23 @@ class TrialStore(_CachedStorage):
     def _write(self, statement: sa.Executable) -> bool:
         with self.engine.begin() as conn:
             return conn.execute(statement).first() is not None
+
+
+class _AutocommitReads:
+    """Optuna's ``RDBStorage._get_trials`` run on connections in autocommit: each of its
+    statements is a transaction of its own, so no transaction stays open while a starved
+    process builds trials between them (see the module's docstring)."""
+
+    def __init__(self, backend: optuna.storages.RDBStorage) -> None:
+        self._backend = backend
+        autocommit = backend.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.scoped_session = sa.orm.scoped_session(sa.orm.sessionmaker(bind=autocommit))
+
+    def _get_trials(self, study_id: int, **kwargs: Any) -> list[FrozenTrial]:
+        return optuna.storages.RDBStorage._get_trials(self, study_id, **kwargs)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # what _get_trials uses besides the session
+        return getattr(self._backend, name)
 
 
 def _running(trial_id: int) -> sa.ColumnElement[bool]:

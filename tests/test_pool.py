@@ -223,6 +223,29 @@ def test_64_workers_fit_in_a_stock_postgresql(
     assert len({t.user_attrs["worker"] for t in trials(pg_url, name)}) >= 48
 
 
+def test_128_workers_on_100_connections_lose_no_trial(private_pg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """More worker processes than the server has connections, no pooler, two cores: the
+    workers without a connection wait for one; none exits, and no trial is failed for a
+    heartbeat that could not be written or a sync the server cut off."""
+    url = private_pg.url
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        assert int(conn.execute(sa.text("show max_connections")).scalar_one()) == 100
+    engine.dispose()
+    name = create(
+        tmp_path, url, session="tests.sessions:sleepy", static={"sleep_s": 0.5},
+        study_={"n_trials": 256, "heartbeat_interval": 5, "grace_period": 20},  # the defaults
+    )  # fmt: skip
+    log = tmp_path / "workers.log"
+    pool = start_worker("--processes", "128", "--idle-exit", "5", url=url, log=log)
+    assert pool.wait(timeout=900) == 0, log.read_text()[-3000:]
+    c = counts(url, name)
+    text = log.read_text()
+    assert c["COMPLETE"] == 256 and c["FAIL"] == 0, (c, text[-3000:])
+    assert "died with status" not in text and "Traceback" not in text
+    assert "no free connection" in text  # the server was full indeed
+
+
 def test_dropped_connections_delay_work_but_lose_nothing(
     pg_url: str, pg_admin: sa.Engine, tmp_path: Path
 ) -> None:
