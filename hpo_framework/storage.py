@@ -24,7 +24,7 @@ import sqlalchemy.exc
 import sqlalchemy.orm
 from sqlalchemy.engine import make_url
 
-from hpo_framework import defaults
+from hpo_framework import defaults, pg_guards
 from hpo_framework.exceptions import StorageError
 
 log = logging.getLogger("hpo.storage")
@@ -325,13 +325,9 @@ def engine_kwargs(backend: str, role: str, database: str | None = None) -> dict[
             "keepalives_interval": defaults.PG_KEEPALIVE_INTERVAL_S,
             "keepalives_count": defaults.PG_KEEPALIVE_COUNT,
             "tcp_user_timeout": int(defaults.PG_TCP_USER_TIMEOUT_S * 1000),
-            # No hpo session waits on a lock for long, and none holds one while frozen: the
-            # server ends a transaction left idle (a paused VM, a stopped process).
-            "options": (
-                f"-c lock_timeout={int(defaults.PG_LOCK_TIMEOUT_S * 1000)} "
-                "-c idle_in_transaction_session_timeout="
-                f"{int(defaults.PG_IDLE_IN_TRANSACTION_TIMEOUT_S * 1000)} -c TimeZone=UTC"
-            ),
+            # No hpo session waits on a lock for long, none holds one while frozen, one clock;
+            # behind a transaction pooler the same settings go per transaction (pg_guards).
+            "options": pg_guards.STARTUP_OPTIONS,
         }
     return kwargs
 

@@ -208,3 +208,21 @@ def private_pg() -> Iterator[Any]:
     yield server
     end_started_workers()
     server.cleanup()
+
+
+@pytest.fixture
+def pgbouncer(pg_url: str) -> Iterator[Any]:
+    """A PgBouncer of this test's own (transaction pooling, 24 server connections at most) in
+    front of the test's PostgreSQL server; ``pgbouncer.url(database)`` goes through it."""
+    from tests.pgbouncer import PgBouncer
+
+    try:
+        bouncer = PgBouncer(pg_url, pool_size=24)
+        bouncer.start()
+    except (RuntimeError, OSError) as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot start PgBouncer: {e}")
+        pytest.skip(f"cannot start PgBouncer: {e}")
+    yield bouncer
+    end_started_workers()
+    bouncer.cleanup()

@@ -315,6 +315,44 @@ def test_host_side_commands_through_the_published_port(compose: Compose) -> None
     wait_until("hpo-inspect on the host", listed, timeout=120, every=1)  # data kept in pgdata
 
 
+def test_the_pgbouncer_profile_serves_the_workers_over_two_server_connections(
+    docker_image: str,
+) -> None:
+    """The README's PgBouncer line, in a project of its own: PgBouncer (Debian's package,
+    built from deploy/pgbouncer) in transaction mode with 2 server connections in front of
+    PostgreSQL, three workers and the coordinator through it, the exact budget."""
+    project = Compose()
+    project.env.update(POSTGRES_HOST="pgbouncer", POSTGRES_PORT="6432", PGBOUNCER_POOL_SIZE="2")
+    profile = ("--profile", "pgbouncer")
+    try:
+        project(*profile, "up", "-d", "--scale", "worker=3", timeout=900)
+        project("run", "--rm", "coordinator", "create", "config.yaml", *SMALL)
+        summary: dict[str, Any] = {}
+
+        def finished() -> bool:
+            nonlocal summary
+            summary = project.summary("linear-regression")
+            return _done(summary)
+
+        wait_until("the study's budget", finished, timeout=900, every=2)
+        assert summary["counts"]["COMPLETE"] + summary["counts"]["PRUNED"] == N_TRIALS
+        _assert_no_trial_failed_but_by_its_session(summary)
+        logs = project("logs", "worker").stdout
+        assert "set per transaction" in logs and "Traceback" not in logs
+        connections = project(
+            "exec", "-T", "postgres", "psql", "-U", "hpo", "-d", "hpo", "-Atc",
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'hpo' "
+            "AND pid <> pg_backend_pid() AND application_name <> 'pg_isready'",
+        ).stdout  # fmt: skip
+        assert int(connections.strip()) <= 2  # every client went through the pooler's two
+    finally:
+        subprocess.run(
+            ["docker", "compose", *profile, "down", "-v", "--remove-orphans", "--timeout", "5"],
+            cwd=ROOT, env=project.env, capture_output=True, timeout=300,
+        )  # fmt: skip
+    assert project.leftovers() == []
+
+
 def test_down_leaves_nothing_behind(compose: Compose) -> None:
     compose("up", "-d", "--scale", "worker=2", "--scale", "dashboard=1")
     compose("down", "-v", timeout=300)
