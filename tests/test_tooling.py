@@ -72,3 +72,13 @@ def test_the_package_builds_under_its_own_free_name_with_an_spdx_license(tmp_pat
     with zipfile.ZipFile(wheel) as z:
         meta = z.read(next(n for n in z.namelist() if n.endswith("METADATA"))).decode()
     assert "License-Expression: MIT" in meta
+
+
+@pytest.mark.usefixtures("pg_admin")
+def test_capacity_script_runs_at_a_tiny_size() -> None:
+    result = run(sys.executable, "bench/capacity.py", "--quick", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    fleets = [row.split("|")[1].strip() for row in rows]
+    assert {"100", "1,000", "10,000"} <= set(fleets)
+    assert any("server CPU per trial" in row for row in rows)
