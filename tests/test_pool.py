@@ -463,3 +463,33 @@ def test_a_retry_carries_on_from_the_checkpoint_of_a_killed_worker(
     uninterrupted = sum(math.sin(0.7 * (epoch + 1)) for epoch in range(20))
     assert done.value == pytest.approx(uninterrupted, abs=1e-12)
     assert checkpoint_store.saved() == {}  # a finished point's checkpoint goes
+
+
+def test_a_longer_idle_poll_cuts_an_idle_worker_s_queries(
+    pg_url: str, pg_admin: sa.Engine, tmp_path: Path
+) -> None:
+    """README, Capacity: ``HPO_IDLE_POLL_MAX=5`` for fleets of thousands. An idle worker
+    runs far fewer transactions with it than with the default 0.25 s poll."""
+    database = sa.engine.make_url(pg_url).database
+    create(tmp_path, pg_url, study_={"n_trials": 1})  # the schema, and a study to stop
+    query = sa.text(
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = :d"
+    )
+
+    def commits_while_idle(**env: str) -> int:
+        log = tmp_path / f"idle-{len(env)}.log"
+        worker = start_worker(url=pg_url, log=log, **env)
+        wait_until("the worker to wait for work", lambda: "waiting for work" in log.read_text())
+        time.sleep(2)  # its first polls, and the statistics of the start, are flushed
+        with pg_admin.connect() as conn:
+            before = int(conn.execute(query, {"d": database}).scalar_one())
+        time.sleep(10)
+        with pg_admin.connect() as conn:
+            after = int(conn.execute(query, {"d": database}).scalar_one())
+        worker.terminate()
+        assert worker.wait(timeout=60) == 0
+        return after - before
+
+    assert run_cli("hpo-coordinator", "stop", "pool", url=pg_url).returncode == 0  # no work
+    default, slow = commits_while_idle(), commits_while_idle(HPO_IDLE_POLL_MAX="5")
+    assert default > 20 and slow < default / 2, (default, slow)
