@@ -472,9 +472,7 @@ def test_a_longer_idle_poll_cuts_an_idle_worker_s_queries(
     runs far fewer transactions with it than with the default 0.25 s poll."""
     database = sa.engine.make_url(pg_url).database
     create(tmp_path, pg_url, study_={"n_trials": 1})  # the schema, and a study to stop
-    query = sa.text(
-        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = :d"
-    )
+    query = sa.text("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = :d")
 
     def commits_while_idle(**env: str) -> int:
         log = tmp_path / f"idle-{len(env)}.log"
