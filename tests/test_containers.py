@@ -393,3 +393,138 @@ def test_override_files_validate(docker_image: str) -> None:
             cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert result.returncode == 0, f"{override}: {result.stderr}"
+
+
+def _docker(*args: str, timeout: float = 300, check: bool = True) -> str:
+    result = subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=timeout
+    )  # fmt: skip
+    assert result.returncode == 0 or not check, f"docker {' '.join(args)}:\n{result.stderr}"
+    return result.stdout.strip()
+
+
+@pytest.fixture
+def swarm(docker_image: str) -> Iterator[str]:
+    """A single-node swarm on this engine, its node labelled for the database as the README
+    says; left as it was found (a swarm this test made is left, a label it added removed)."""
+    made = _docker("info", "--format", "{{.Swarm.LocalNodeState}}") != "active"
+    if made:
+        _docker("swarm", "init", "--advertise-addr", "127.0.0.1")
+    node = _docker("info", "--format", "{{.Swarm.NodeID}}")
+    labels = _docker("node", "inspect", node, "--format", "{{json .Spec.Labels}}")
+    labelled = '"hpo-db"' in labels
+    _docker("node", "update", "--label-add", "hpo-db=true", node)
+    try:
+        yield node
+    finally:
+        if made:
+            _docker("swarm", "leave", "--force", check=False)
+        elif not labelled:
+            _docker("node", "update", "--label-rm", "hpo-db", node, check=False)
+
+
+class Stack:
+    """``docker stack deploy -c deploy/swarm/docker-stack.yml`` under a name of its own."""
+
+    def __init__(self, tmp: Any) -> None:
+        self.name = f"hpotest{uuid.uuid4().hex[:6]}"
+        self.env = {
+            **os.environ, "HPO_IMAGE": "hpo:latest", "POSTGRES_PASSWORD": uuid.uuid4().hex,
+            "HPO_WORKERS": "3", "HPO_CHECKPOINT_KEY": uuid.uuid4().hex,
+        }  # fmt: skip
+        # The README's command, and the test's small study on top (a second -c file).
+        self.small = tmp / "small.yml"
+        command = ["create", "config.yaml", "--resume", *SMALL]
+        self.small.write_text(
+            yaml.safe_dump({"version": "3.8", "services": {"coordinator": {"command": command}}})
+        )
+
+    def deploy(self) -> None:
+        result = subprocess.run(
+            ["docker", "stack", "deploy", "-c", "deploy/swarm/docker-stack.yml",
+             "-c", str(self.small), self.name],
+            cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+
+    def in_a_worker(self, *command: str) -> str:
+        """Run a command in one of the stack's running worker containers."""
+        label = f"label=com.docker.swarm.service.name={self.name}_worker"
+        ids = _docker("ps", "-q", "--filter", label, "--filter", "status=running").split()
+        assert ids, "no running worker container"
+        return _docker("exec", ids[0], *command)
+
+    def summary(self, study: str) -> dict[str, Any]:
+        try:
+            return dict(json.loads(self.in_a_worker("hpo-inspect", study, "--format", "json")))
+        except AssertionError:  # not created yet, or no worker container yet
+            return {}
+
+    def leftovers(self) -> list[str]:
+        label = f"label=com.docker.stack.namespace={self.name}"
+        found = []
+        for kind in ("service ls", "ps -a", "network ls", "volume ls"):
+            out = _docker(*kind.split(), "-q", "--filter", label, check=False)
+            found += [f"{kind.split()[0]} {line}" for line in out.split()]
+        return found
+
+    def remove(self) -> None:
+        _docker("stack", "rm", self.name, check=False)
+        label = f"label=com.docker.stack.namespace={self.name}"
+        wait_until(
+            "the stack's containers and networks to go",
+            lambda: not _docker("ps", "-aq", "--filter", label, check=False)
+            and not _docker("network", "ls", "-q", "--filter", label, check=False),
+            timeout=300, every=1,
+        )  # fmt: skip
+        for volume in _docker("volume", "ls", "-q", "--filter", label, check=False).split():
+            _docker("volume", "rm", volume, check=False)
+
+
+def test_the_swarm_stack_runs_the_exact_budget_and_scales_down_gracefully(
+    swarm: str, tmp_path: Any
+) -> None:
+    """The README's Swarm steps on a single-node swarm: deploy, the coordinator's study done
+    with its exact budget over the worker tasks, a scale-down whose stopped tasks finish their
+    running trials, and `docker stack rm` (plus the data volume) leaving nothing."""
+    stack = Stack(tmp_path)
+    try:
+        stack.deploy()
+        summary: dict[str, Any] = {}
+
+        def finished() -> bool:
+            nonlocal summary
+            summary = stack.summary("linear-regression")
+            return bool(summary) and _done(summary)
+
+        wait_until("the stack's study", finished, timeout=900, every=3)
+        counts = summary["counts"]
+        assert counts["COMPLETE"] + counts["PRUNED"] == N_TRIALS and counts["RUNNING"] == 0
+        _assert_no_trial_failed_but_by_its_session(summary)
+
+        stack.in_a_worker(
+            "hpo-coordinator", "create", "config.yaml", "--name", "scale-down",
+            "--set", "study.n_trials=200", "--set", "static.epochs=3",
+        )  # fmt: skip
+        wait_until(
+            "trials running in the worker tasks",
+            lambda: stack.summary("scale-down").get("counts", {}).get("RUNNING", 0) >= 2,
+            timeout=300, every=1,
+        )  # fmt: skip
+        _docker("service", "scale", f"{stack.name}_worker=1", timeout=900)
+        stack.in_a_worker("hpo-coordinator", "stop", "scale-down")
+        wait_until(
+            "the running trials to finish",
+            lambda: stack.summary("scale-down")["counts"]["RUNNING"] == 0,
+            timeout=300, every=1,
+        )  # fmt: skip
+        summary = stack.summary("scale-down")
+        assert summary["counts"]["COMPLETE"] + summary["counts"]["PRUNED"] >= 2
+        _assert_no_trial_failed_but_by_its_session(summary)  # none lost to the scale-down
+        label = f"label=com.docker.swarm.service.name={stack.name}_worker"
+        exited = _docker("ps", "-a", "--filter", label, "--filter", "status=exited",
+                         "--format", "{{.Status}}").splitlines()  # fmt: skip
+        assert len(exited) == 2 and all(s.startswith("Exited (0)") for s in exited), exited
+    finally:
+        stack.remove()
+    assert stack.leftovers() == []
