@@ -156,3 +156,42 @@ def test_workers_open_the_schema_as_optuna_would_without_its_version_manager(
         open_storage(sqlite_url, create_schema=False)
     full.engine.dispose()
     light.engine.dispose()
+
+
+def test_inspect_reads_do_not_grow_with_the_study(pg_url: str) -> None:
+    """``hpo-inspect NAME`` (the table) and ``--trial N`` issue as many statements on a study
+    of 20 trials as on one of 1,200 (beyond the 500 ids a SQLAlchemy
+    "selectin" query takes at once): they read the trials they show, not the study."""
+    from hpo_framework import inspection
+
+    def statements(n_trials: int) -> tuple[int, int]:
+        name = f"size-{n_trials}"
+        config = Config.from_mapping(make_config(study_={"name": name}), "c.yaml")
+        storage = open_storage(pg_url, create_schema=True)
+        create_study(storage, config, check_session=False)
+        study = optuna.load_study(study_name=name, storage=storage)
+        dist = optuna.distributions.FloatDistribution(-5.0, 5.0)
+        study.add_trials(
+            [
+                optuna.trial.create_trial(
+                    params={"x": i / n_trials},
+                    distributions={"x": dist},
+                    value=float(i),
+                    user_attrs={"retry_of": 0} if i % 7 == 3 else {},
+                )  # fmt: skip
+                for i in range(n_trials)
+            ]
+        )
+        counter = SqlCounter(storage.engine)
+        with counter.counting():
+            inspection.summarize(storage, name, all_trials=False)
+        table = counter.statements
+        counter = SqlCounter(storage.engine)
+        with counter.counting():
+            detail = inspection.trial_detail(storage, name, 0)
+        assert len(detail["attempts"]) == 1 + len(range(3, n_trials, 7))  # trial 0, retries
+        storage.engine.dispose()
+        return table, counter.statements
+
+    small, large = statements(20), statements(1200)
+    assert small == large, (small, large)
