@@ -408,6 +408,8 @@ def swarm(docker_image: str) -> Iterator[str]:
     """A single-node swarm on this engine, its node labelled for the database as the README
     says; left as it was found (a swarm this test made is left, a label it added removed)."""
     made = _docker("info", "--format", "{{.Swarm.LocalNodeState}}") != "active"
+    bridge = "docker_gwbridge"  # the network `swarm init` makes for its containers' egress
+    had_bridge = bool(_docker("network", "ls", "-q", "--filter", f"name=^{bridge}$"))
     if made:
         _docker("swarm", "init", "--advertise-addr", "127.0.0.1")
     node = _docker("info", "--format", "{{.Swarm.NodeID}}")
@@ -419,6 +421,8 @@ def swarm(docker_image: str) -> Iterator[str]:
     finally:
         if made:
             _docker("swarm", "leave", "--force", check=False)
+            if not had_bridge:
+                _docker("network", "rm", bridge, check=False)
         elif not labelled:
             _docker("node", "update", "--label-rm", "hpo-db", node, check=False)
 
