@@ -13,13 +13,12 @@ trial cache (``_CachedStorage``) with three changes, all for the trials *this pr
 * **One sync per ask.** While a trial's parameters are sampled (``one_sync``), the study's
   trial list is read from the database once: the sampler's second read in the same ask
   (TPE's constant liar) reuses the first. Every other read syncs, as in Optuna.
-* **The sync outside a transaction** (PostgreSQL). Optuna reads the trial list in one
-  transaction of six statements and builds its trials in between. A process starved of CPU
-  (128 workers on two cores) stayed idle in that transaction past the server's
-  ``idle_in_transaction_session_timeout`` and lost its connection mid-sync. The six reads
-  take no lock, and rows are only ever added to a trial; so each runs on its own, in
-  autocommit. A trial read as finished has all of its rows already, since its result is
-  written in one transaction. A trial read as running is read again at the next sync.
+* **The sync in one statement** (PostgreSQL, ``trial_sync``). Optuna reads the trial list
+  with six statements in one transaction and builds its trials in between; here one query
+  returns the trials with their child rows, in autocommit. Besides saving five statements a
+  sync, no transaction stays open while a process starved of CPU builds the trials: 128
+  workers on two cores used to sit idle in Optuna's transaction past the server's
+  ``idle_in_transaction_session_timeout`` and lose their connection mid-sync.
 * **Writes in single statements.** Starting a trial (create, attributes and the ticket's
   binding, on PostgreSQL), setting a parameter and telling a result each take one
   transaction of one or two statements instead of Optuna's read-lock-write sequences.
@@ -41,7 +40,6 @@ from typing import Any
 
 import optuna
 import sqlalchemy as sa
-import sqlalchemy.orm
 from optuna import distributions
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
@@ -49,6 +47,7 @@ from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo_framework import trial_sync
 from hpo_framework.optuna_tables import trial_params as _params
 from hpo_framework.optuna_tables import trial_values as _values
 from hpo_framework.optuna_tables import trials as _trials
@@ -65,7 +64,6 @@ class TrialStore(_CachedStorage):
         self._own: dict[int, FrozenTrial] = {}
         self._reuse_sync = False
         self._synced = False
-        self._reads: Any = _AutocommitReads(backend) if self.pg else backend
 
     # --- starting a trial ----------------------------------------------------------------------
 
@@ -125,17 +123,22 @@ class TrialStore(_CachedStorage):
             self._reuse_sync = False
 
     def _read_trials_from_remote_storage(self, study_id: int) -> None:
-        """Optuna's ``_CachedStorage`` sync, its read made by ``self._reads``."""
+        """Optuna's ``_CachedStorage`` sync; on PostgreSQL its read is ``trial_sync``'s."""
         if self._reuse_sync and self._synced and study_id in self._studies:
             return
         with self._lock:
             study = self._studies.setdefault(study_id, _StudyInfo())
-            trials = self._reads._get_trials(
-                study_id,
-                states=None,
-                included_trial_ids=study.unfinished_trial_ids,
-                trial_id_greater_than=study.last_finished_trial_id,
-            )
+            if self.pg:
+                trials = trial_sync.read_trials(
+                    self.engine, study_id, study.unfinished_trial_ids, study.last_finished_trial_id
+                )
+            else:
+                trials = self._backend._get_trials(
+                    study_id,
+                    states=None,
+                    included_trial_ids=study.unfinished_trial_ids,
+                    trial_id_greater_than=study.last_finished_trial_id,
+                )
             self._add_trials_to_cache(study_id, trials)
             for trial in trials:
                 if not trial.state.is_finished():
@@ -238,23 +241,6 @@ class TrialStore(_CachedStorage):
     def _write(self, statement: sa.Executable) -> bool:
         with self.engine.begin() as conn:
             return conn.execute(statement).first() is not None
-
-
-class _AutocommitReads:
-    """Optuna's ``RDBStorage._get_trials`` run on connections in autocommit: each of its
-    statements is a transaction of its own, so no transaction stays open while a starved
-    process builds trials between them (see the module's docstring)."""
-
-    def __init__(self, backend: optuna.storages.RDBStorage) -> None:
-        self._backend = backend
-        autocommit = backend.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self.scoped_session = sa.orm.scoped_session(sa.orm.sessionmaker(bind=autocommit))
-
-    def _get_trials(self, study_id: int, **kwargs: Any) -> list[FrozenTrial]:
-        return optuna.storages.RDBStorage._get_trials(self, study_id, **kwargs)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:  # what _get_trials uses besides the session
-        return getattr(self._backend, name)
 
 
 def _running(trial_id: int) -> sa.ColumnElement[bool]:
