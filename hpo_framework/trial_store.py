@@ -46,9 +46,12 @@ from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from hpo_framework import trial_sync
 from hpo_framework.optuna_tables import trial_params as _params
+from hpo_framework.optuna_tables import trial_system_attrs as _system_attrs
+from hpo_framework.optuna_tables import trial_user_attrs as _user_attrs
 from hpo_framework.optuna_tables import trial_values as _values
 from hpo_framework.optuna_tables import trials as _trials
 from hpo_framework.trial_attrs import TICKET_ATTR, WORKER_ATTR
@@ -191,6 +194,11 @@ class TrialStore(_CachedStorage):
         if own is None or not state.is_finished():
             return super().set_trial_state_values(trial_id, state=state, values=values)
         now = datetime.now()
+        if self.pg and values:
+            if not self._end_with_values(trial_id, state, now, values):
+                raise UpdateFinishedTrialError(f"trial {trial_id} is no longer running")
+            own.state, own.datetime_complete, own.values = state, now, list(values)
+            return True
         with self.engine.begin() as conn:
             ended = conn.execute(
                 _trials.update()
@@ -227,16 +235,59 @@ class TrialStore(_CachedStorage):
             own.intermediate_values[step] = intermediate_value
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        super().set_trial_user_attr(trial_id, key, value)
         own = self._own.get(trial_id)
+        if own is None or not self.pg:
+            super().set_trial_user_attr(trial_id, key, value)
+        else:
+            self._set_attr(_user_attrs, trial_id, key, value)
         if own is not None:
             own.user_attrs[key] = value
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        super().set_trial_system_attr(trial_id, key, value)
         own = self._own.get(trial_id)
+        if own is None or not self.pg:
+            super().set_trial_system_attr(trial_id, key, value)
+        else:
+            self._set_attr(_system_attrs, trial_id, key, value)
         if own is not None:
             own.system_attrs[key] = value
+
+    def _set_attr(self, table: sa.Table, trial_id: int, key: str, value: Any) -> None:
+        """An attribute of this process's running trial, set or replaced in one statement
+        (Optuna: the trial's row read, then the attribute's)."""
+        insert = pg_insert(table).from_select(
+            ["trial_id", "key", "value_json"],
+            sa.select(_trials.c.trial_id, sa.literal(key), sa.literal(json.dumps(value))).where(
+                _running(trial_id)
+            ),
+        )
+        upsert = insert.on_conflict_do_update(
+            index_elements=["trial_id", "key"], set_={"value_json": insert.excluded.value_json}
+        ).returning(table.c.trial_id)
+        if not self._write(upsert):
+            raise UpdateFinishedTrialError(f"trial {trial_id} is no longer running")
+
+    def _end_with_values(
+        self, trial_id: int, state: TrialState, now: datetime, values: Sequence[float]
+    ) -> bool:
+        """The trial finished and its values written in one statement; False if it was no
+        longer running (then nothing is written)."""
+        params: dict[str, Any] = {"t": trial_id, "state": state.name, "now": now}
+        rows = []
+        for i, value in enumerate(values):
+            stored, kind = models.TrialValueModel.value_to_stored_repr(value)
+            params.update({f"o{i}": i, f"v{i}": stored, f"k{i}": kind.name})
+            rows.append(f"(:o{i}, CAST(:v{i} AS double precision), CAST(:k{i} AS trialvaluetype))")
+        statement = sa.text(
+            "WITH ended AS (UPDATE trials SET state = CAST(:state AS trialstate), "
+            "datetime_complete = :now WHERE trial_id = :t AND state = 'RUNNING' "
+            "RETURNING trial_id) "
+            "INSERT INTO trial_values (trial_id, objective, value, value_type) "
+            f"SELECT ended.trial_id, v.o, v.v, v.k FROM ended, (VALUES {', '.join(rows)}) "
+            "AS v (o, v, k) RETURNING trial_id"
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(statement, params).first() is not None
 
     def _write(self, statement: sa.Executable) -> bool:
         with self.engine.begin() as conn:

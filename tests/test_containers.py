@@ -419,12 +419,15 @@ def swarm(docker_image: str) -> Iterator[str]:
     try:
         yield node
     finally:
-        if made:
-            _docker("swarm", "leave", "--force", check=False)
-            if not had_bridge:
-                _docker("network", "rm", bridge, check=False)
-        elif not labelled:
-            _docker("node", "update", "--label-rm", "hpo-db", node, check=False)
+        # Another run's stack on this engine keeps the swarm and its label (without them its
+        # postgres task would be rejected from the node).
+        if not _docker("stack", "ls", "--format", "{{.Name}}", check=False):
+            if made:
+                _docker("swarm", "leave", "--force", check=False)
+                if not had_bridge:
+                    _docker("network", "rm", bridge, check=False)
+            elif not labelled:
+                _docker("node", "update", "--label-rm", "hpo-db", node, check=False)
 
 
 class Stack:
@@ -473,6 +476,9 @@ class Stack:
         return found
 
     def remove(self) -> None:
+        """As the README says: the workers first (they finish or hand back their trials while
+        the database is still up; swarm stops a stack's services all at once), then the rest."""
+        _docker("service", "scale", f"{self.name}_worker=0", timeout=900, check=False)
         _docker("stack", "rm", self.name, check=False)
         label = f"label=com.docker.stack.namespace={self.name}"
         wait_until(
