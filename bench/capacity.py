@@ -41,7 +41,7 @@ from bench.run import (  # noqa: E402
     env,
     fresh_database,
     hpo_config,
-    plain_worker_cmd,
+    start_plain_workers,
     tree_cpu_s,
 )
 
@@ -138,23 +138,11 @@ def plain_per_trial(workers: int, trials: int) -> dict[str, float]:
     with fresh_database() as url:
         optuna.create_study(study_name="warmup", storage=url)  # the schema
         before_size = _size(url)
-        procs = [
-            subprocess.Popen(
-                plain_worker_cmd(url, trials, "0.1", i),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-            )  # fmt: skip
-            for i in range(workers)
-        ]
+        procs = start_plain_workers(url, workers, trials, 0.1)
         try:
-            for p in procs:
-                assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-            client = tree_cpu_s([p.pid for p in procs])
             server = server_cpu_s()
             optuna.create_study(study_name="bench", storage=url)
             while any(p.poll() is None for p in procs):
-                client = max(client, tree_cpu_s([p.pid for p in procs]))  # until they exit
                 time.sleep(0.05)
             server = server_cpu_s() - server
         finally:

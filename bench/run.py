@@ -194,18 +194,8 @@ def run_plain_pool(n_workers: int, n_trials: int, sleep_s: float) -> dict[str, A
     to its last finished trial."""
     with fresh_database() as url:
         optuna.create_study(study_name="warmup", storage=url)  # the schema
-        procs = [
-            subprocess.Popen(
-                plain_worker_cmd(url, n_trials, str(sleep_s), i),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-            )  # fmt: skip
-            for i in range(n_workers)
-        ]
+        procs = start_plain_workers(url, n_workers, n_trials, sleep_s)
         try:
-            for p in procs:
-                assert p.stdout is not None and p.stdout.readline().strip() == "ready"
             ready = tree_cpu_s([p.pid for p in procs])  # their start-up, outside the clock
             children, server = resource.getrusage(resource.RUSAGE_CHILDREN), server_cpu_s()
             optuna.create_study(study_name="bench", storage=url)
@@ -223,6 +213,24 @@ def run_plain_pool(n_workers: int, n_trials: int, sleep_s: float) -> dict[str, A
             **_pool_result(url, "bench", created), "errors": errors,
             "client_cpu_s": cpu[0], "server_cpu_s": cpu[1],
         }  # fmt: skip
+
+
+def start_plain_workers(
+    url: str, n_workers: int, n_trials: int, sleep_s: float
+) -> list[subprocess.Popen[str]]:
+    """Plain Optuna workers, connected and waiting for the study (each has said ``ready``)."""
+    procs = [
+        subprocess.Popen(
+            plain_worker_cmd(url, n_trials, str(sleep_s), i),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )  # fmt: skip
+        for i in range(n_workers)
+    ]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    return procs
 
 
 def _pool_result(url: str, name: str, created: float) -> dict[str, Any]:

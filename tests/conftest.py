@@ -16,7 +16,7 @@ import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import sqlalchemy as sa
@@ -47,10 +47,7 @@ def _pg_available() -> str | None:
 def pg_admin() -> Iterator[sa.Engine]:
     problem = _pg_available()
     if problem:
-        message = f"PostgreSQL unreachable at {PG_ADMIN_URL}: {problem}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_service(f"PostgreSQL unreachable at {PG_ADMIN_URL}: {problem}")
     engine = sa.create_engine(
         PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool
     )
@@ -193,6 +190,13 @@ def _session_modules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
 
 
+def missing_service(message: str) -> NoReturn:
+    """A service a test needs is missing: under CI=true that fails the test, else it skips."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture
 def private_pg() -> Iterator[Any]:
     """A PostgreSQL server of this test's own, which it may restart."""
@@ -202,9 +206,7 @@ def private_pg() -> Iterator[Any]:
         server = PrivatePostgres()
         server.start()
     except (RuntimeError, subprocess.CalledProcessError, FileNotFoundError) as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"cannot start a private PostgreSQL: {e}")
-        pytest.skip(f"cannot start a private PostgreSQL: {e}")
+        missing_service(f"cannot start a private PostgreSQL: {e}")
     yield server
     end_started_workers()
     server.cleanup()
@@ -220,9 +222,7 @@ def pgbouncer(pg_url: str) -> Iterator[Any]:
         bouncer = PgBouncer(pg_url, pool_size=24)
         bouncer.start()
     except (RuntimeError, OSError) as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"cannot start PgBouncer: {e}")
-        pytest.skip(f"cannot start PgBouncer: {e}")
+        missing_service(f"cannot start PgBouncer: {e}")
     yield bouncer
     end_started_workers()
     bouncer.cleanup()

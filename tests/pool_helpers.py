@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy as sa
 
 from tests.conftest import make_config, run_cli, start_worker, write_config
 
@@ -71,3 +72,14 @@ def kill_a_worker_mid_trial(tmp_path: Path, url: str, sleep_s: float, n_trials: 
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     return name
+
+
+def peak_connections(pool: Any, admin: sa.Engine, database: str) -> int:
+    """Wait for the worker ``pool`` to exit; the most connections to ``database`` seen."""
+    peak = 0
+    query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = :d")
+    while pool.poll() is None:
+        with admin.connect() as conn:  # to another database: not counted
+            peak = max(peak, int(conn.execute(query, {"d": database}).scalar_one()))
+        time.sleep(0.05)
+    return peak

@@ -20,6 +20,7 @@ from tests.pool_helpers import (
     create,
     create_sleepy,
     kill_a_worker_mid_trial,
+    peak_connections,
     trials,
     wait_for_a_trial,
     wait_until,
@@ -208,12 +209,8 @@ def test_64_workers_fit_in_a_stock_postgresql(
     )  # fmt: skip
     log = tmp_path / "workers.log"
     pool = start_worker("--processes", "64", "--idle-exit", "4", url=pg_url, log=log)
-    peak = 0
-    query = sa.text("select count(*) from pg_stat_activity where datname = :d")
-    while pool.poll() is None:
-        with pg_admin.connect() as conn:
-            peak = max(peak, int(conn.execute(query, {"d": database}).scalar_one()))
-        time.sleep(0.05)
+    assert database
+    peak = peak_connections(pool, pg_admin, database)
     assert pool.returncode == 0, log.read_text()[-3000:]
     assert peak <= 2 * 64 and peak < max_connections, peak
     c = counts(pg_url, name)

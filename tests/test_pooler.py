@@ -5,7 +5,6 @@ one still stalls nobody."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import sqlalchemy as sa
 
 from tests.conftest import start_worker
 from tests.fault_proxy import FaultProxy
-from tests.pool_helpers import counts, create, wait_until
+from tests.pool_helpers import counts, create, peak_connections, wait_until
 
 
 def test_96_workers_share_24_server_connections_through_a_default_pgbouncer(
@@ -28,12 +27,7 @@ def test_96_workers_share_24_server_connections_through_a_default_pgbouncer(
     )  # fmt: skip
     log = tmp_path / "workers.log"
     pool = start_worker("--processes", "96", "--idle-exit", "4", url=url, log=log)
-    peak = 0
-    query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = :d")
-    while pool.poll() is None:
-        with pg_admin.connect() as conn:  # to another database: not counted
-            peak = max(peak, int(conn.execute(query, {"d": database}).scalar_one()))
-        time.sleep(0.05)
+    peak = peak_connections(pool, pg_admin, database)
     text = log.read_text()
     assert pool.returncode == 0, text[-3000:]
     c = counts(pg_url, name)
