@@ -9,6 +9,7 @@ and recovered in ``recovery``.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from pathlib import Path
@@ -114,7 +115,7 @@ class Heartbeat:
                     DB_HEALTH.failed()
                     # No free connection on the server: the process's own pooled one is
                     # free again as soon as the main thread's statement ends.
-                    wait = min(interval, 0.2 if is_server_full(e) else 1.0)
+                    wait = min(interval, 0.1 + 0.2 * random.random() if is_server_full(e) else 1.0)
                     now = time.monotonic()
                     # One line when beats start failing, then one a minute: not one a second
                     since, attempts, said = failing or (now, 0, 0.0)

@@ -373,7 +373,16 @@ def _attempts(storage: optuna.storages.RDBStorage, study_id: int, root: Any) -> 
     one query, whatever the study's size."""
     t, a = trials.c, trial_user_attrs.c
     error = trial_user_attrs.alias("error")
-    retries = sa.select(a.trial_id).where(a.key == RETRY_OF_ATTR, a.value_json == json.dumps(root))
+    of_study = trials.alias("of_study")
+    retries = (
+        sa.select(a.trial_id)
+        .join(of_study, of_study.c.trial_id == a.trial_id)
+        .where(
+            of_study.c.study_id == study_id,
+            a.key == RETRY_OF_ATTR,
+            a.value_json == json.dumps(root),
+        )
+    )
     query = (
         sa.select(t.number, t.state, error.c.value_json)
         .outerjoin(error, sa.and_(error.c.trial_id == t.trial_id, error.c.key == ERROR_ATTR))

@@ -13,6 +13,9 @@ as ``SET LOCAL`` at the start of each transaction instead. That is one more roun
 transaction, behind a pooler only. Reads in autocommit take no lock and need none. psycopg 3's
 automatic server-side prepared statements are switched off there too, because a prepared
 statement lives on one server connection only.
+
+A pooler configured to drop the option silently (``ignore_startup_parameters = options``)
+looks like a direct connection: the guards are then gone. Leave that setting out.
 """
 
 from __future__ import annotations
@@ -67,8 +70,8 @@ def _connect(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> 
                 "lock_timeout, idle_in_transaction_session_timeout and TimeZone are set per "
                 "transaction instead"
             )
-    cparams.pop("options")
-    connection = dialect.connect(*cargs, **cparams)
+    # A copy: SQLAlchemy 2.0 hands every connect the same dict.
+    connection = dialect.connect(*cargs, **{k: v for k, v in cparams.items() if k != "options"})
     if hasattr(connection, "prepare_threshold"):  # psycopg 3
         connection.prepare_threshold = None
     return connection

@@ -37,11 +37,12 @@ SELECT s.study_id, t.trial_id, t.number, t.state, t.datetime_start, t.datetime_c
      FROM trial_intermediate_values i WHERE i.trial_id = t.trial_id) AS steps
 FROM studies s
 LEFT JOIN trials t
-  ON t.study_id = s.study_id AND (t.trial_id > :after OR t.trial_id IN :ids)
+  ON t.study_id = s.study_id
+     AND (t.trial_id > :after OR t.trial_id = ANY(CAST(:ids AS integer[])))
 WHERE s.study_id = :study
 ORDER BY t.trial_id
 """
-_QUERY = sa.text(_SYNC).bindparams(sa.bindparam("ids", expanding=True))
+_QUERY = sa.text(_SYNC)  # the ids as one array parameter: any number of them, one text
 _VALUE = models.TrialValueModel
 _STEP = models.TrialIntermediateValueModel
 
@@ -53,7 +54,7 @@ def read_trials(
     autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
     with autocommit.connect() as conn:
         rows = conn.execute(
-            _QUERY, {"study": study_id, "after": after, "ids": sorted(unfinished) or [-1]}
+            _QUERY, {"study": study_id, "after": after, "ids": sorted(unfinished)}
         ).all()
     if not rows:
         raise KeyError(f"No study with study_id {study_id} exists.")

@@ -229,6 +229,8 @@ def test_the_one_statement_sync_reads_what_optuna_reads(pg_driver_url: str) -> N
     assert repr(ours) == repr(theirs)  # repr: NaN == NaN, and every field
     later = trial_sync.read_trials(storage.engine, study_id, {running._trial_id}, after=10**9)
     assert [t.number for t in later] == [running.number]
+    many = set(range(10**6, 10**6 + 70_000))  # past psycopg 3's 65,535 parameters a statement
+    assert trial_sync.read_trials(storage.engine, study_id, many, after=10**9) == []
     with pytest.raises(KeyError):
         trial_sync.read_trials(storage.engine, study_id + 1000, unfinished=set(), after=-1)
     storage.engine.dispose()
