@@ -36,12 +36,15 @@ def has_waiting_trials(storage: optuna.storages.RDBStorage, study_id: int) -> bo
         return conn.execute(query).first() is not None
 
 
-def trial_with_system_attr(engine: sa.Engine, key: str, value: object) -> int | None:
+def trial_with_system_attr(bind: sa.Engine | sa.Connection, key: str, value: object) -> int | None:
     """The id of a trial carrying the system attribute ``key`` = ``value``, if any."""
     a = trial_system_attrs.c
     query = sa.select(a.trial_id).where(a.key == key, a.value_json == json.dumps(value)).limit(1)
-    with engine.connect() as conn:
-        found = conn.execute(query).scalar()
+    if isinstance(bind, sa.Connection):
+        found = bind.execute(query).scalar()
+    else:
+        with bind.connect() as conn:
+            found = conn.execute(query).scalar()
     return None if found is None else int(found)
 
 

@@ -50,6 +50,12 @@ def behind_pooler(engine: sqlalchemy.Engine) -> bool:
     return bool(getattr(engine.dialect, _POOLER_FLAG, False))
 
 
+def per_transaction(engine: sqlalchemy.Engine) -> str | None:
+    """The guards' ``SET LOCAL`` statement a raw transaction on ``engine`` must begin with
+    (behind a pooler), or None (a direct connection has them for its whole session)."""
+    return _PER_TRANSACTION if behind_pooler(engine) else None
+
+
 def _refused_options(error: BaseException) -> bool:
     return "unsupported startup parameter" in str(error) and "options" in str(error)
 

@@ -113,10 +113,14 @@ class StudyRecord:
         return self.state == OPEN and budget_left and not self.timed_out
 
 
+#: PostgreSQL's clock in epoch seconds, as SQL.
+PG_NOW_SQL = "extract(epoch from clock_timestamp())"
+
+
 def db_now(engine: Engine) -> sa.ColumnElement[float]:
     """The database server's clock in epoch seconds: the one clock all workers agree on."""
     if engine.dialect.name == "postgresql":
-        return sa.literal_column("extract(epoch from clock_timestamp())", sa.Float)
+        return sa.literal_column(PG_NOW_SQL, sa.Float)
     if engine.dialect.name == "sqlite":
         return sa.literal_column("((julianday('now') - 2440587.5) * 86400.0)", sa.Float)
     return sa.literal_column("UNIX_TIMESTAMP(NOW(6))", sa.Float)
@@ -296,13 +300,14 @@ class Registry:
 
 
 @contextlib.contextmanager
-def study_lock(engine: sa.Engine, study_id: int) -> Iterator[None]:
+def study_lock(engine: sa.Engine, study_id: int) -> Iterator[sa.Connection | None]:
     """Hold the study's ``hpo_studies`` row locked (PostgreSQL) while the block re-queues or
-    enqueues points through other connections, so two of them (an operator's
-    ``retry-failed`` and a worker settling a failure) never both re-queue one point. The
-    lock's own connection idles meanwhile: it may, for a minute. SQLite: no lock (one host)."""
+    enqueues points, so two of them (an operator's ``retry-failed`` and a worker settling a
+    failure) never both re-queue one point. Yields the locked connection: a worker's steps
+    inside should use it, since a full server may refuse a second one. The block may idle
+    the lock's transaction for up to a minute. SQLite: no lock (one host), None."""
     if engine.dialect.name != "postgresql":
-        yield
+        yield None
         return
     with engine.begin() as conn:
         conn.execute(sa.text("SET LOCAL idle_in_transaction_session_timeout = '60s'"))
@@ -312,4 +317,4 @@ def study_lock(engine: sa.Engine, study_id: int) -> Iterator[None]:
             .where(hpo_studies.c.study_id == study_id)
             .with_for_update()
         )
-        yield
+        yield conn

@@ -72,10 +72,13 @@ def requeue_once(ledger: Ledger, failed: FrozenTrial) -> None:
     )
 
     def requeue() -> None:
-        with study_lock(ledger.storage.engine, ledger.study_id):  # retry-failed may be at it too
-            if trial_with_system_attr(ledger.storage.engine, REQUEUED_FROM_ATTR, failed._trial_id):
+        engine = ledger.storage.engine
+        # retry-failed may be at it too. One connection: a full server may refuse a second
+        # one, and a hundred sweepers each holding one and waiting for another stall for good.
+        with study_lock(engine, ledger.study_id) as conn:
+            if trial_with_system_attr(conn or engine, REQUEUED_FROM_ATTR, failed._trial_id):
                 return  # an earlier try committed (its answer was lost), or a settler before us
-            create_trial_once(ledger.storage, ledger.study_id, retry)
+            create_trial_once(ledger.storage, ledger.study_id, retry, conn)
 
     with_db_retry(requeue, "re-queueing a failed trial")
 

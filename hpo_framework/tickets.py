@@ -25,18 +25,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from optuna.trial import TrialState
 from sqlalchemy.engine import Connection, Engine
 
+from hpo_framework import pg_guards
 from hpo_framework.optuna_tables import (
     trial_system_attrs,
     trial_user_attrs,
     trial_with_system_attr,
 )
 from hpo_framework.optuna_tables import trials as optuna_trials
-from hpo_framework.registry import FAILED, OPEN, db_now, hpo_studies, hpo_tickets
+from hpo_framework.registry import FAILED, OPEN, PG_NOW_SQL, db_now, hpo_studies, hpo_tickets
 from hpo_framework.trial_attrs import TICKET_ATTR, WORKER_ATTR
 
 
@@ -155,6 +157,21 @@ class Tickets:
                 .values(beat_at=self._now)
             )
             return done.rowcount == 1
+
+    def beat_on(self, dbapi_connection: Any, ticket_id: int, worker: str) -> bool:
+        """``beat`` on a raw PostgreSQL DBAPI connection that is between transactions (the
+        pool's ``checkin``: SQLAlchemy has reset it), committed at once."""
+        cursor = dbapi_connection.cursor()
+        try:
+            prefix = pg_guards.per_transaction(self.engine)
+            if prefix:
+                cursor.execute(prefix)
+            cursor.execute(_BEAT_PG, {"t": ticket_id, "w": worker})
+            done = bool(cursor.rowcount == 1)
+        finally:
+            cursor.close()
+        dbapi_connection.commit()
+        return done
 
     # --- settle ------------------------------------------------------------------------------
 
@@ -285,6 +302,10 @@ _CLAIM_PG = sa.text(
     )
     SELECT ticket_id FROM new UNION ALL SELECT ticket_id FROM old
     """
+)
+
+_BEAT_PG = (
+    f"UPDATE hpo_tickets SET beat_at = {PG_NOW_SQL} WHERE ticket_id = %(t)s AND worker = %(w)s"
 )
 
 _SETTLE_PG = sa.text(

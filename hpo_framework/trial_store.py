@@ -46,6 +46,7 @@ from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import orm
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from hpo_framework import trial_sync
@@ -299,7 +300,10 @@ def _running(trial_id: int) -> sa.ColumnElement[bool]:
 
 
 def create_trial_once(
-    storage: optuna.storages.BaseStorage, study_id: int, template: FrozenTrial
+    storage: optuna.storages.BaseStorage,
+    study_id: int,
+    template: FrozenTrial,
+    conn: sa.Connection | None = None,
 ) -> FrozenTrial:
     """Optuna's ``create_new_trial``, tried once (SQLite's path, and re-queued points).
 
@@ -309,19 +313,34 @@ def create_trial_once(
     ``with_db_retry`` and first look for the trial an earlier try made, by a system attribute
     unique to it (pinned by the lost-answer tests of ``tests/test_faults.py``). Through a
     ``_CachedStorage`` the trial is also cached, as Optuna's method does, so that the study's
-    sampler may set its parameters."""
+    sampler may set its parameters.
+
+    Given ``conn``, the trial is made in that connection's transaction (committed with it,
+    not cached: the next sync reads it, as it reads other processes' trials)."""
     cached = storage if isinstance(storage, _CachedStorage) else None
     backend = cached._backend if cached is not None else storage
     assert isinstance(backend, optuna.storages.RDBStorage)
-    with _create_scoped_session(backend.scoped_session) as session:
+    scope = _create_scoped_session(backend.scoped_session) if conn is None else _joined(conn)
+    with scope as session:
         models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
         row: Any = backend._get_prepared_new_trial(study_id, template, session)
         frozen = copy.deepcopy(template)
         frozen.number, frozen.datetime_start = row.number, row.datetime_start
         frozen._trial_id = row.trial_id
-    if cached is not None:
+    if cached is not None and conn is None:
         remember(cached, study_id, frozen)
     return frozen
+
+
+@contextmanager
+def _joined(conn: sa.Connection) -> Iterator[orm.Session]:
+    """An ORM session inside ``conn``'s transaction, which it neither commits nor ends."""
+    session = orm.Session(bind=conn)
+    try:
+        yield session
+        session.flush()
+    finally:
+        session.close()
 
 
 def remember(storage: optuna.storages.BaseStorage, study_id: int, trial: FrozenTrial) -> None:
