@@ -304,12 +304,12 @@ def cost(
     """Per-trial statements, transactions, client CPU and server CPU (ms) of one in-process
     worker running ``m`` trials of a trivial objective on a study that holds ``history``."""
     from bench.sql_counter import SqlCounter
-    from hpo_framework.config import load_config
-    from hpo_framework.coordinator import create_study
-    from hpo_framework.executor import InProcessExecutor
-    from hpo_framework.heartbeat import Heartbeat
-    from hpo_framework.storage import open_storage
-    from hpo_framework.trials import StudyHandle
+    from hpo_framework.config.schema import load_config
+    from hpo_framework.operations.coordinator import create_study
+    from hpo_framework.runtime.executor import InProcessExecutor
+    from hpo_framework.runtime.heartbeat import Heartbeat
+    from hpo_framework.runtime.trials import StudyHandle
+    from hpo_framework.storage.database import open_storage
 
     def measure(engine: sa.Engine, run_trials: Callable[[int], None]) -> dict[str, float]:
         run_trials(1)  # warm the caches
@@ -413,7 +413,7 @@ def executor_hop(calls: int) -> dict[str, float]:
     """Milliseconds per session call through the executor process and in-process, and seconds
     from starting an executor to the session imported there (beside the worker's own start)."""
     from experiments.benchmarks import quadratic
-    from hpo_framework.executor import InProcessExecutor, ProcessExecutor
+    from hpo_framework.runtime.executor import InProcessExecutor, ProcessExecutor
 
     class NoLink:
         info: dict[str, object] = {}

@@ -4,8 +4,22 @@ Write ``single_session(cfg: dict) -> float``, describe the search in config.yaml
 :func:`run_hpo` (one process) or run ``hpo-coordinator`` and ``hpo-worker`` (a pool).
 
 The names below are imported on first use, so that a process which needs one module (the
-executor that runs sessions, a command-line tool) does not pay for all of them, and no module
-of the package imports the package itself.
+executor that runs sessions, a command-line tool) does not pay for all of them; no module of
+the package imports this face. ``checkpoint`` is the session's module of that name.
+
+The package, by layer (a module imports only from its own layer and those before it; the
+rules are checked by ``tests/test_layers.py``):
+
+- the foundation: ``exceptions``, ``defaults``, ``logs``, ``_checks``, ``_version``;
+- ``config/`` and ``param_sampler``: what a study is, checked without a database;
+- ``storage/``: every SQL statement and every Optuna-private table access, retries;
+- ``session/``: the user's side of the executor boundary (``trial()``, ``report``,
+  checkpoints, importing a session);
+- ``views/``: the read side (summaries, the live view, plots, the dashboard);
+- ``runtime/``: the one trial loop, the executor, heartbeat, settle, recovery, hooks;
+- ``operations/`` and ``runner``: the coordinator's verbs, and ``run_hpo``;
+- ``cli/``: click adapters only.
+
 """
 
 from __future__ import annotations
@@ -13,11 +27,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from hpo_framework._version import __version__
 
 _EXPORTS = {
-    "Config": "hpo_framework.config",
-    "load_config": "hpo_framework.config",
+    "Config": "hpo_framework.config.schema",
+    "load_config": "hpo_framework.config.schema",
     "ConfigError": "hpo_framework.exceptions",
     "HPOError": "hpo_framework.exceptions",
     "SessionError": "hpo_framework.exceptions",
@@ -25,11 +39,11 @@ _EXPORTS = {
     "StudyExistsError": "hpo_framework.exceptions",
     "StudyNotFoundError": "hpo_framework.exceptions",
     "TrialPruned": "hpo_framework.exceptions",
-    "report": "hpo_framework.reporting",
-    "trial": "hpo_framework.reporting",
-    "load_best": "hpo_framework.reporting",
+    "report": "hpo_framework.session.reporting",
+    "trial": "hpo_framework.session.reporting",
+    "load_best": "hpo_framework.session.reporting",
     "run_hpo": "hpo_framework.runner",
-    "resolve_storage_url": "hpo_framework.storage",
+    "resolve_storage_url": "hpo_framework.storage.database",
     "unflatten": "hpo_framework.param_sampler",
 }
 
@@ -43,6 +57,7 @@ __all__ = [
     "StudyNotFoundError",
     "TrialPruned",
     "__version__",
+    "checkpoint",
     "load_best",
     "load_config",
     "report",
@@ -53,7 +68,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from hpo_framework.config import Config, load_config
+    from hpo_framework.config.schema import Config, load_config
     from hpo_framework.exceptions import (
         ConfigError,
         HPOError,
@@ -64,12 +79,17 @@ if TYPE_CHECKING:
         TrialPruned,
     )
     from hpo_framework.param_sampler import unflatten
-    from hpo_framework.reporting import load_best, report, trial
     from hpo_framework.runner import run_hpo
-    from hpo_framework.storage import resolve_storage_url
+    from hpo_framework.session import checkpoint
+    from hpo_framework.session.reporting import load_best, report, trial
+    from hpo_framework.storage.database import resolve_storage_url
 
 
 def __getattr__(name: str) -> Any:
+    if name == "checkpoint":  # a module: checkpoint.save / checkpoint.load
+        value = importlib.import_module("hpo_framework.session.checkpoint")
+        globals()[name] = value
+        return value
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'hpo_framework' has no attribute {name!r}")

@@ -10,16 +10,21 @@ from pathlib import Path
 
 import optuna
 
-from hpo_framework.config import Config, load_config
-from hpo_framework.coordinator import create_study
+from hpo_framework.config.schema import Config, load_config
 from hpo_framework.exceptions import ConfigError
-from hpo_framework.executor import InProcessExecutor, ProcessExecutor, SessionFn, importable_ref
-from hpo_framework.heartbeat import Heartbeat
 from hpo_framework.logs import ensure_console_logging
-from hpo_framework.progress import progress_bar
-from hpo_framework.registry import FAILED, Registry
-from hpo_framework.storage import open_storage, resolve_storage_url
-from hpo_framework.trials import StudyHandle
+from hpo_framework.operations.coordinator import create_study
+from hpo_framework.runtime.executor import (
+    InProcessExecutor,
+    ProcessExecutor,
+    SessionFn,
+    importable_ref,
+)
+from hpo_framework.runtime.heartbeat import Heartbeat
+from hpo_framework.runtime.progress import progress_bar
+from hpo_framework.runtime.trials import StudyHandle
+from hpo_framework.storage.database import open_storage, resolve_storage_url
+from hpo_framework.storage.registry import FAILED, Registry
 
 log = logging.getLogger("hpo.runner")
 

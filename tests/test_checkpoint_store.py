@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from hpo_framework import run_hpo
-from hpo_framework.checkpoint_store import open_store
-from hpo_framework.config import Config, load_config
+from hpo_framework.config.schema import Config, load_config
 from hpo_framework.exceptions import MissingPackageError
+from hpo_framework.session.checkpoint_store import open_store
 from tests.checkpoint_stores import S3_ENV, Relay, Store, s3_client, unpickle_checkpoint
 from tests.conftest import ROOT, cli_env, make_config, write_config
 from tests.pool_helpers import wait_until
@@ -33,8 +33,8 @@ _SAVER = """
 import io, pickle, sys
 from pathlib import Path
 from hpo_framework import run_hpo
-from hpo_framework.checkpoint_store import open_store
-from hpo_framework.config import Config, load_config
+from hpo_framework.session.checkpoint_store import open_store
+from hpo_framework.config.schema import Config, load_config
 from hpo_framework.exceptions import MissingPackageError
 store = open_store({"dir": sys.argv[1], "s3": None, "endpoint_url": None})
 count = Path(sys.argv[1]) / "saves"

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 import hpo_framework
-from hpo_framework.cli import coordinator, inspect_command
+from hpo_framework.cli.commands import coordinator, inspect_command
 from tests.conftest import (
     BIN,
     ROOT,
@@ -92,7 +92,8 @@ def test_create_refuses_a_session_outside_the_allowed_modules(
         ("tests.sessions:__class__", "names a private function"),
         (
             "tests.sessions:report",  # imported there, defined in hpo_framework
-            "'report' is defined in 'hpo_framework.reporting', outside the allowed prefixes",
+            "'report' is defined in 'hpo_framework.session.reporting', "
+            "outside the allowed prefixes",
         ),
         (
             "tests.broken_session:f",

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from hpo_framework.registry import hpo_studies
+from hpo_framework.storage.registry import hpo_studies
 from tests.checkpoint_stores import MARK, S3_ENV, s3_client
 from tests.conftest import BIN, cli_env, make_config, run_cli, start_worker, write_config
 from tests.pool_helpers import counts, create, trials
@@ -97,7 +97,7 @@ def test_a_checkpoint_of_another_key_is_refused(tmp_path: Path, sqlite_url: str)
     writer = run_cli(
         "python", "-c",
         "import sys, pickle\n"
-        "from hpo_framework.reporting import current_info\n"
+        "from hpo_framework.session.reporting import current_info\n"
         "from hpo_framework import checkpoint\n"
         "from tests.test_database_writer import _Payload\n"
         "from pathlib import Path\n"
@@ -316,7 +316,10 @@ def test_hook_urls_go_only_where_the_host_allows_and_redirects_are_not_followed(
 
 def test_the_checkpoint_key_file_is_made_once_private_and_shared(tmp_path: Path) -> None:
     key_file = tmp_path / "keys" / "checkpoint-key"
-    code = "from hpo_framework.host_policy import checkpoint_key; print(checkpoint_key().decode())"
+    code = (
+        "from hpo_framework.config.host_policy import checkpoint_key; "
+        "print(checkpoint_key().decode())"
+    )
     env = {"HPO_CHECKPOINT_KEY_FILE": str(key_file), "HPO_CHECKPOINT_KEY": ""}
     procs = [
         subprocess.Popen(
@@ -391,7 +394,7 @@ def test_allow_lists_refuse_what_only_looks_allowed(
     refused: list[str],
     allowed: list[str],
 ) -> None:
-    from hpo_framework import host_policy
+    from hpo_framework.config import host_policy
 
     for key in ("HPO_CHECKPOINT_LOCATIONS", "HPO_HOOK_URLS", "HPO_TRACKING_URIS"):
         monkeypatch.delenv(key, raising=False)
@@ -410,13 +413,13 @@ def test_allow_lists_refuse_what_only_looks_allowed(
 def test_a_tensorboard_study_named_dot_dot_stays_in_its_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hpo_framework.config import TrackingSpec
-    from hpo_framework.tracking import FinishedTrial, Trackers
+    from hpo_framework.config.schema import TrackingSpec
+    from hpo_framework.runtime.tracking import FinishedTrial, Trackers
 
     board = tmp_path / "tb" / "inner"
     monkeypatch.setenv("HPO_TRACKING_URIS", str(board))
-    from hpo_framework.registry import Registry
-    from hpo_framework.storage import open_storage
+    from hpo_framework.storage.database import open_storage
+    from hpo_framework.storage.registry import Registry
 
     engine = open_storage(f"sqlite:///{tmp_path / 'e.db'}", create_schema=True).engine
     Registry(engine).create_table()

@@ -14,13 +14,13 @@ import sqlalchemy as sa
 from optuna.trial import TrialState
 
 from bench.sql_counter import SqlCounter
-from hpo_framework.config import Config
-from hpo_framework.coordinator import create_study
+from hpo_framework.config.schema import Config
 from hpo_framework.exceptions import StorageError
-from hpo_framework.executor import InProcessExecutor
-from hpo_framework.heartbeat import Heartbeat
-from hpo_framework.storage import open_storage
-from hpo_framework.trials import StudyHandle
+from hpo_framework.operations.coordinator import create_study
+from hpo_framework.runtime.executor import InProcessExecutor
+from hpo_framework.runtime.heartbeat import Heartbeat
+from hpo_framework.runtime.trials import StudyHandle
+from hpo_framework.storage.database import open_storage
 from tests import sessions
 from tests.conftest import make_config
 
@@ -141,7 +141,7 @@ def test_workers_open_the_schema_as_optuna_would_without_its_version_manager(
     sqlite_url: str,
 ) -> None:
     """The light opener sets what RDBStorage sets and checks the revision Optuna would."""
-    from hpo_framework.storage import OPTUNA_SCHEMA_HEAD
+    from hpo_framework.storage.database import OPTUNA_SCHEMA_HEAD
 
     full = open_storage(sqlite_url, create_schema=True)
     assert full._version_manager.get_head_version() == OPTUNA_SCHEMA_HEAD
@@ -162,7 +162,7 @@ def test_inspect_reads_do_not_grow_with_the_study(pg_url: str) -> None:
     """``hpo-inspect NAME`` (the table) and ``--trial N`` issue as many statements on a study
     of 20 trials as on one of 1,200 (beyond the 500 ids a SQLAlchemy
     "selectin" query takes at once): they read the trials they show, not the study."""
-    from hpo_framework import inspection
+    from hpo_framework.views import inspection
 
     def statements(n_trials: int) -> tuple[int, int]:
         name = f"size-{n_trials}"
@@ -200,7 +200,7 @@ def test_inspect_reads_do_not_grow_with_the_study(pg_url: str) -> None:
 def test_the_one_statement_sync_reads_what_optuna_reads(pg_driver_url: str) -> None:
     """``trial_sync`` builds the same trials as Optuna's own read, for every kind of row:
     each distribution, infinite and NaN values, several objectives, attributes, steps."""
-    from hpo_framework import trial_sync
+    from hpo_framework.storage import trial_sync
 
     storage = optuna.storages.RDBStorage(pg_driver_url)
     study = optuna.create_study(storage=storage, directions=["minimize", "maximize"])

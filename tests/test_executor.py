@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from hpo_framework.exceptions import SessionError
-from hpo_framework.executor import ObjectiveCountError, check_result
+from hpo_framework.runtime.executor import ObjectiveCountError, check_result
 from tests.conftest import BIN, ROOT, cli_env, make_config, run_cli, start_worker, write_config
 from tests.pool_helpers import counts, create, trials, wait_until
 

@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from hpo_framework.exceptions import StorageError
-from hpo_framework.storage import open_storage, with_db_retry
+from hpo_framework.storage.database import open_storage, with_db_retry
 from tests.conftest import ROOT, run_cli, start_worker
 from tests.fault_proxy import FaultProxy
 from tests.pool_helpers import counts, create, kill_a_worker_mid_trial, trials, wait_until

@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from hpo_framework import run_hpo
-from hpo_framework.operations import set_limits
-from hpo_framework.registry import Registry
-from hpo_framework.storage import open_storage
+from hpo_framework.operations.day2 import set_limits
+from hpo_framework.storage.database import open_storage
+from hpo_framework.storage.registry import Registry
 from tests import sessions
 from tests.conftest import make_config, run_cli, start_worker, write_config
 from tests.pool_helpers import counts, create, create_sleepy, trials, wait_for_a_trial, wait_until
@@ -404,8 +404,8 @@ def test_on_failed_posts_to_a_url_and_commands_need_the_hosts_consent(
     # not claimed either: a process that may run commands still fires it, once
     allowed = run_cli("hpo-coordinator", "stop", name, url=storage_url)
     assert "was not open" in allowed.stdout
-    from hpo_framework.hooks import fire_if_ended
-    from hpo_framework.registry import Registry
+    from hpo_framework.runtime.hooks import fire_if_ended
+    from hpo_framework.storage.registry import Registry
 
     storage = open_storage(storage_url, create_schema=False)
     study_id = Registry(storage.engine).get(name).study_id

@@ -253,8 +253,8 @@ def test_list_and_mapping_choices_reach_cfg_as_lists_and_mappings(tmp_path: Path
     for c in cfgs:
         assert ("dropout" in c) == (c["hidden"] == [64, 64])  # when: names a list choice
     # what inspect shows and --best-config writes: the lists and mappings, as cfg had them
-    from hpo_framework.inspection import trial_detail
-    from hpo_framework.storage import open_storage
+    from hpo_framework.storage.database import open_storage
+    from hpo_framework.views.inspection import trial_detail
 
     detail = trial_detail(open_storage(url, create_schema=False), "test-study", 0)
     assert detail["cfg"] == {"out": str(out), **first} and detail["params_nested"] == first

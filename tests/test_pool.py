@@ -15,12 +15,12 @@ import optuna
 import pytest
 import sqlalchemy as sa
 
-from hpo_framework.heartbeat import Heartbeat
-from hpo_framework.registry import PG_NOW_SQL, Registry
-from hpo_framework.settle import Ledger, requeue_once
-from hpo_framework.storage import open_storage, without_waiting
-from hpo_framework.tickets import Tickets
-from hpo_framework.trial_attrs import REQUEUED_FROM_ATTR
+from hpo_framework.runtime.heartbeat import Heartbeat
+from hpo_framework.runtime.settle import Ledger, requeue_once
+from hpo_framework.storage.database import open_storage, without_waiting
+from hpo_framework.storage.registry import PG_NOW_SQL, Registry
+from hpo_framework.storage.tickets import Tickets
+from hpo_framework.storage.trial_attrs import REQUEUED_FROM_ATTR
 from tests.checkpoint_stores import Store
 from tests.conftest import free_port, run_cli, start_worker
 from tests.pool_helpers import (

@@ -18,10 +18,10 @@ import sqlalchemy as sa
 import yaml
 
 from hpo_framework import run_hpo
-from hpo_framework.config import load_config
-from hpo_framework.coordinator import create_study
-from hpo_framework.inspection import summarize
-from hpo_framework.storage import open_storage
+from hpo_framework.config.schema import load_config
+from hpo_framework.operations.coordinator import create_study
+from hpo_framework.storage.database import open_storage
+from hpo_framework.views.inspection import summarize
 from tests import sessions
 from tests.conftest import BIN, ROOT, cli_env, make_config, run_cli, start_worker, write_config
 from tests.pool_helpers import create, create_sleepy, wait_for_a_trial, wait_until
@@ -104,8 +104,8 @@ def test_plot_of_a_multi_objective_study_draws_the_pareto_front(tmp_path: Path) 
 
 def test_plot_without_the_plotting_extra_names_it(finished_study: str, tmp_path: Path) -> None:
     code = (
-        "import sys; sys.modules['plotly'] = None; from hpo_framework.cli import inspect_command;"
-        "inspect_command()"
+        "import sys; sys.modules['plotly'] = None; "
+        "from hpo_framework.cli.commands import inspect_command; inspect_command()"
     )
     result = subprocess.run(
         [sys.executable, "-c", code, "test-study", "--plot", str(tmp_path / "p")],
@@ -119,7 +119,10 @@ def test_plot_without_the_plotting_extra_names_it(finished_study: str, tmp_path:
 
 
 def test_plotting_libraries_are_not_imported_without_plot() -> None:
-    code = "import sys, hpo_framework.cli; print({'plotly', 'matplotlib'} & set(sys.modules))"
+    code = (
+        "import sys, hpo_framework.cli.commands; "
+        "print({'plotly', 'matplotlib'} & set(sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.stdout.strip() == "set()"
 
@@ -345,7 +348,7 @@ def test_watch_counts_from_the_study_start_and_shows_a_running_trials_last_step(
 ) -> None:
     from datetime import datetime, timedelta, timezone
 
-    from hpo_framework.watch import timing
+    from hpo_framework.views.watch import timing
 
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     summary = {"started": now - timedelta(seconds=100), "budget": 10, "finished": 5}
@@ -375,7 +378,7 @@ def test_parallel_coordinates_and_slices_read_as_a_person_reads_them() -> None:
     from matplotlib.collections import LineCollection, PathCollection
     from matplotlib.ticker import MaxNLocator
 
-    from hpo_framework.plots import _readable_parallel, _readable_slice
+    from hpo_framework.views.plots import _readable_parallel, _readable_slice
 
     def objective(trial: optuna.Trial) -> float:
         opt = trial.suggest_categorical("opt", ["sgd", "adam"])

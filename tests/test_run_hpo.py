@@ -19,8 +19,8 @@ from hpo_framework import (
     resolve_storage_url,
     run_hpo,
 )
-from hpo_framework.inspection import summarize
-from hpo_framework.storage import open_storage
+from hpo_framework.storage.database import open_storage
+from hpo_framework.views.inspection import summarize
 from tests import sessions
 from tests.checkpoint_stores import Store
 from tests.conftest import ROOT, cli_env, make_config, run_cli, write_config

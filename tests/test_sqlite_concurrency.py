@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hpo_framework.storage import open_storage
+from hpo_framework.storage.database import open_storage
 from tests.conftest import ROOT, cli_env, make_config, start_worker, write_config
 from tests.pool_helpers import counts, create
 
@@ -51,7 +51,7 @@ _CREATE_AT_ONCE = """
 import os, sys, time
 from pathlib import Path
 import sqlalchemy as sa
-from hpo_framework.registry import Registry
+from hpo_framework.storage.registry import Registry
 engine = sa.create_engine(sys.argv[1])
 folder = Path(sys.argv[2])
 (folder / f"ready-{os.getpid()}").touch()

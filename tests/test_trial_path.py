@@ -13,15 +13,15 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial
 
-from hpo_framework.config import Config
-from hpo_framework.coordinator import create_study
+from hpo_framework.config.schema import Config
 from hpo_framework.exceptions import SessionError, TrialLost, TrialPruned
-from hpo_framework.executor import InProcessExecutor, ProcessExecutor
-from hpo_framework.registry import Registry
-from hpo_framework.serving import CannotServeHere, InvalidStudy, load_for_serving
-from hpo_framework.settle import settle_failure
-from hpo_framework.storage import open_storage
-from hpo_framework.trials import StudyHandle
+from hpo_framework.operations.coordinator import create_study
+from hpo_framework.runtime.executor import InProcessExecutor, ProcessExecutor
+from hpo_framework.runtime.serving import CannotServeHere, InvalidStudy, load_for_serving
+from hpo_framework.runtime.settle import settle_failure
+from hpo_framework.runtime.trials import StudyHandle
+from hpo_framework.storage.database import open_storage
+from hpo_framework.storage.registry import Registry
 from tests import sessions
 from tests.conftest import make_config
 
@@ -223,8 +223,8 @@ def test_patience_counts_trials_finished_after_the_best_by_the_clock() -> None:
 
     from optuna.distributions import FloatDistribution
 
-    from hpo_framework.config import StopWhen
-    from hpo_framework.stopping import stop_reason
+    from hpo_framework.config.schema import StopWhen
+    from hpo_framework.runtime.stopping import stop_reason
 
     start = datetime(2026, 1, 1)
 

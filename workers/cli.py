@@ -6,10 +6,10 @@ import sys
 
 import click
 
-from hpo_framework import health
-from hpo_framework.cli_options import storage_option, translate_errors, version_option
+from hpo_framework.cli.options import storage_option, translate_errors, version_option
 from hpo_framework.logs import ensure_console_logging
-from hpo_framework.storage import check_url, resolve_storage_url
+from hpo_framework.runtime import health
+from hpo_framework.storage.database import check_url, resolve_storage_url
 from workers.pool import run_pool
 from workers.worker import run_worker
 

@@ -25,7 +25,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
 
-from hpo_framework.serving import die_with_parent
+from hpo_framework.runtime.serving import die_with_parent
 from workers.worker import run_worker
 
 log = logging.getLogger("hpo.pool")

@@ -20,8 +20,8 @@ from typing import Any
 
 import optuna
 
-from hpo_framework import health
-from hpo_framework.serving import (
+from hpo_framework.runtime import health
+from hpo_framework.runtime.serving import (
     FAILED,
     TRANSIENT_ERRORS,
     CannotServeHere,

@@ -1,7 +1,0 @@
-"""Entry point of the executor process: ``python -m hpo_framework._executor_main FD``."""
-
-import sys
-
-from hpo_framework.executor import serve_forever
-
-serve_forever(int(sys.argv[1]))

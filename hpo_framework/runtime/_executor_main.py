@@ -1,0 +1,7 @@
+"""Entry point of the executor process: ``python -m hpo_framework.runtime._executor_main FD``."""
+
+import sys
+
+from hpo_framework.runtime.executor import serve_forever
+
+serve_forever(int(sys.argv[1]))

@@ -1,0 +1,389 @@
+"""Optuna's storage as a worker uses it: the trials this process runs, served from memory.
+
+Through Optuna's own storage a trial costs about 50 SQL statements, most of them re-reading
+the one running trial (six queries each time: when the ``Trial`` is made, twice in ``tell``)
+and syncing the study's trial list twice per ``ask``. ``TrialStore`` is Optuna's per-study
+trial cache (``_CachedStorage``) with three changes, all for the trials *this process* runs:
+
+* **Own trials from memory.** The worker running a trial is the only one that writes its
+  parameters, attributes, reports and result. So ``get_trial`` answers from a copy kept up
+  to date by those writes. Another worker can only fail the trial as stale: every write
+  here is conditional on the trial still being RUNNING and raises Optuna's
+  ``UpdateFinishedTrialError`` when it is not, exactly as Optuna's own writes do.
+* **One sync per ask.** While a trial's parameters are sampled (``one_sync``), the study's
+  trial list is read from the database once: the sampler's second read in the same ask
+  (TPE's constant liar) reuses the first. Every other read syncs, as in Optuna.
+* **The sync in one statement** (PostgreSQL, ``trial_sync``). Optuna reads the trial list
+  with six statements in one transaction and builds its trials in between; here one query
+  returns the trials with their child rows, in autocommit. Besides saving five statements a
+  sync, no transaction stays open while a process starved of CPU builds the trials: 128
+  workers on two cores used to sit idle in Optuna's transaction past the server's
+  ``idle_in_transaction_session_timeout`` and lose their connection mid-sync.
+* **Writes in single statements.** Starting a trial (create, attributes and the ticket's
+  binding, on PostgreSQL), setting a parameter and telling a result each take one
+  transaction of one or two statements instead of Optuna's read-lock-write sequences.
+
+Everything else is Optuna's. This leans on Optuna's private ``_CachedStorage`` and its table
+models, pinned to the Optuna range in ``pyproject.toml``; ``tests/test_db_cost.py``
+counts the statements of a trial and compares what this writes with what Optuna reads back,
+so an Optuna upgrade that changes them fails there first.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import optuna
+import sqlalchemy as sa
+from optuna import distributions
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import orm
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from hpo_framework.storage import trial_sync
+from hpo_framework.storage.optuna_tables import trial_params as _params
+from hpo_framework.storage.optuna_tables import trial_system_attrs as _system_attrs
+from hpo_framework.storage.optuna_tables import trial_user_attrs as _user_attrs
+from hpo_framework.storage.optuna_tables import trial_values as _values
+from hpo_framework.storage.optuna_tables import trials as _trials
+from hpo_framework.storage.trial_attrs import TICKET_ATTR, WORKER_ATTR
+
+
+class TrialStore(_CachedStorage):
+    """Optuna's trial cache over one ``RDBStorage``, with this process's trials in memory."""
+
+    def __init__(self, backend: optuna.storages.RDBStorage) -> None:
+        super().__init__(backend)
+        self.engine = backend.engine
+        self.pg = self.engine.dialect.name == "postgresql"
+        self._own: dict[int, FrozenTrial] = {}
+        self._reuse_sync = False
+        self._synced = False
+
+    # --- starting a trial ----------------------------------------------------------------------
+
+    def start_new(self, study_id: int, ticket: int, worker: str) -> int | None | bool:
+        """Create a RUNNING trial bound to ``ticket`` (PostgreSQL: one transaction).
+
+        Returns the trial id; True if the study has a WAITING trial to pop instead (nothing is
+        created); None if the ticket is no longer this worker's (recovered while this worker
+        was frozen; nothing is created either).
+        """
+        start = datetime.now()
+        with self.engine.begin() as conn:
+            # The study's row serializes trial creation, as in Optuna: the number (Optuna's: the
+            # count of the study's trials, so one past the highest) is read by the next
+            # statement, a fresh snapshot under the lock.
+            conn.execute(_LOCK_STUDY, {"s": study_id})
+            row = conn.execute(
+                _CREATE_PG,
+                {
+                    "s": study_id, "start": start, "ticket": ticket, "w": worker,
+                    "uk": WORKER_ATTR, "uv": json.dumps(worker),
+                    "yk": TICKET_ATTR, "yv": json.dumps(ticket),
+                },
+            ).one()  # fmt: skip
+        if row.trial_id is None:
+            return True if row.waiting else None
+        trial = FrozenTrial(
+            number=int(row.number), state=TrialState.RUNNING, value=None,
+            datetime_start=start, datetime_complete=None, params={}, distributions={},
+            user_attrs={WORKER_ATTR: worker}, system_attrs={TICKET_ATTR: ticket},
+            intermediate_values={}, trial_id=int(row.trial_id),
+        )  # fmt: skip
+        self.adopt(study_id, trial)
+        return int(row.trial_id)
+
+    def adopt(self, study_id: int, trial: FrozenTrial) -> None:
+        """Run ``trial`` in this process: it is served from memory until the next one starts
+        (a process runs one trial of a study at a time; ``tell`` reads it back when done)."""
+        self._own = {trial._trial_id: trial}
+        remember(self, study_id, trial)
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        own = self._own.get(trial_id)
+        if own is not None:
+            return copy.deepcopy(own)
+        return super().get_trial(trial_id)
+
+    @contextmanager
+    def one_sync(self) -> Iterator[None]:
+        """Within this block the study's trial list is read from the database once."""
+        self._reuse_sync, self._synced = True, False
+        try:
+            yield
+        finally:
+            self._reuse_sync = False
+
+    def _read_trials_from_remote_storage(self, study_id: int) -> None:
+        """Optuna's ``_CachedStorage`` sync; on PostgreSQL its read is ``trial_sync``'s."""
+        if self._reuse_sync and self._synced and study_id in self._studies:
+            return
+        with self._lock:
+            study = self._studies.setdefault(study_id, _StudyInfo())
+            if self.pg:
+                trials = trial_sync.read_trials(
+                    self.engine, study_id, study.unfinished_trial_ids, study.last_finished_trial_id
+                )
+            else:
+                trials = self._backend._get_trials(
+                    study_id,
+                    states=None,
+                    included_trial_ids=study.unfinished_trial_ids,
+                    trial_id_greater_than=study.last_finished_trial_id,
+                )
+            self._add_trials_to_cache(study_id, trials)
+            for trial in trials:
+                if not trial.state.is_finished():
+                    study.unfinished_trial_ids.add(trial._trial_id)
+                    continue
+                study.last_finished_trial_id = max(study.last_finished_trial_id, trial._trial_id)
+                study.unfinished_trial_ids.discard(trial._trial_id)
+        self._synced = True
+
+    # --- writes --------------------------------------------------------------------------------
+
+    def set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: distributions.BaseDistribution,
+    ) -> None:
+        own = self._own.get(trial_id)
+        study_id = self._trial_id_to_study_id_and_number.get(trial_id, (None, 0))[0]
+        known = None if study_id is None else self._studies[study_id].param_distribution
+        if own is None or not known or param_name not in known:
+            # Optuna's path: it checks the distribution against the study's earlier records.
+            super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
+        else:
+            distributions.check_distribution_compatibility(known[param_name], distribution)
+            written = self._write(
+                _params.insert()
+                .from_select(
+                    ["trial_id", "param_name", "param_value", "distribution_json"],
+                    sa.select(
+                        _trials.c.trial_id,
+                        sa.literal(param_name),
+                        sa.literal(param_value_internal, sa.Float),
+                        sa.literal(distributions.distribution_to_json(distribution)),
+                    ).where(_running(trial_id)),
+                )
+                .returning(_params.c.param_id)  # psycopg 3: no rowcount for INSERT ... SELECT
+            )
+            if not written:
+                raise UpdateFinishedTrialError(f"trial {trial_id} is no longer running")
+        if own is not None:
+            own.params[param_name] = distribution.to_external_repr(param_value_internal)
+            own.distributions[param_name] = distribution
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        own = self._own.get(trial_id)
+        if own is None or not state.is_finished():
+            return super().set_trial_state_values(trial_id, state=state, values=values)
+        now = datetime.now()
+        if self.pg and values:
+            if not self._end_with_values(trial_id, state, now, values):
+                raise UpdateFinishedTrialError(f"trial {trial_id} is no longer running")
+            own.state, own.datetime_complete, own.values = state, now, list(values)
+            return True
+        with self.engine.begin() as conn:
+            ended = conn.execute(
+                _trials.update()
+                .where(_running(trial_id))
+                .values(state=state, datetime_complete=now)
+                .returning(_trials.c.trial_id)
+            ).first()
+            if ended is None:
+                conn.rollback()
+                raise UpdateFinishedTrialError(f"trial {trial_id} is no longer running")
+            if values:
+                rows = []
+                for objective, value in enumerate(values):
+                    stored, kind = models.TrialValueModel.value_to_stored_repr(value)
+                    rows.append(
+                        {
+                            "trial_id": trial_id,
+                            "objective": objective,
+                            "value": stored,
+                            "value_type": kind,
+                        }  # fmt: skip
+                    )
+                conn.execute(_values.insert(), rows)
+        own.state, own.datetime_complete = state, now
+        own.values = None if values is None else list(values)
+        return True
+
+    def set_trial_intermediate_value(
+        self, trial_id: int, step: int, intermediate_value: float
+    ) -> None:
+        super().set_trial_intermediate_value(trial_id, step, intermediate_value)
+        own = self._own.get(trial_id)
+        if own is not None:
+            own.intermediate_values[step] = intermediate_value
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        own = self._own.get(trial_id)
+        if own is None or not self.pg:
+            super().set_trial_user_attr(trial_id, key, value)
+        else:
+            self._set_attr(_user_attrs, trial_id, key, value)
+        if own is not None:
+            own.user_attrs[key] = value
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        own = self._own.get(trial_id)
+        if own is None or not self.pg:
+            super().set_trial_system_attr(trial_id, key, value)
+        else:
+            self._set_attr(_system_attrs, trial_id, key, value)
+        if own is not None:
+            own.system_attrs[key] = value
+
+    def _set_attr(self, table: sa.Table, trial_id: int, key: str, value: Any) -> None:
+        """An attribute of this process's running trial, set or replaced in one statement
+        (Optuna: the trial's row read, then the attribute's)."""
+        insert = pg_insert(table).from_select(
+            ["trial_id", "key", "value_json"],
+            sa.select(_trials.c.trial_id, sa.literal(key), sa.literal(json.dumps(value))).where(
+                _running(trial_id)
+            ),
+        )
+        upsert = insert.on_conflict_do_update(
+            index_elements=["trial_id", "key"], set_={"value_json": insert.excluded.value_json}
+        ).returning(table.c.trial_id)
+        if not self._write(upsert):
+            raise UpdateFinishedTrialError(f"trial {trial_id} is no longer running")
+
+    def _end_with_values(
+        self, trial_id: int, state: TrialState, now: datetime, values: Sequence[float]
+    ) -> bool:
+        """The trial finished and its values written in one statement; False if it was no
+        longer running (then nothing is written)."""
+        params: dict[str, Any] = {"t": trial_id, "state": state.name, "now": now}
+        rows = []
+        for i, value in enumerate(values):
+            stored, kind = models.TrialValueModel.value_to_stored_repr(value)
+            params.update({f"o{i}": i, f"v{i}": stored, f"k{i}": kind.name})
+            rows.append(f"(:o{i}, CAST(:v{i} AS double precision), CAST(:k{i} AS trialvaluetype))")
+        statement = sa.text(
+            "WITH ended AS (UPDATE trials SET state = CAST(:state AS trialstate), "
+            "datetime_complete = :now WHERE trial_id = :t AND state = 'RUNNING' "
+            "RETURNING trial_id) "
+            "INSERT INTO trial_values (trial_id, objective, value, value_type) "
+            f"SELECT ended.trial_id, v.o, v.v, v.k FROM ended, (VALUES {', '.join(rows)}) "
+            "AS v (o, v, k) RETURNING trial_id"
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(statement, params).first() is not None
+
+    def _write(self, statement: sa.Executable) -> bool:
+        with self.engine.begin() as conn:
+            return conn.execute(statement).first() is not None
+
+
+def _running(trial_id: int) -> sa.ColumnElement[bool]:
+    return sa.and_(_trials.c.trial_id == trial_id, _trials.c.state == TrialState.RUNNING)
+
+
+def create_trial_once(
+    storage: optuna.storages.BaseStorage,
+    study_id: int,
+    template: FrozenTrial,
+    conn: sa.Connection | None = None,
+) -> FrozenTrial:
+    """Optuna's ``create_new_trial``, tried once (SQLite's path, and re-queued points).
+
+    Optuna's own retries trial creation after any database error, including a COMMIT whose
+    answer was lost after the server had committed: the trial then exists twice (a re-queued
+    point evaluated twice, a trial left running forever). The callers retry with
+    ``with_db_retry`` and first look for the trial an earlier try made, by a system attribute
+    unique to it (pinned by the lost-answer tests of ``tests/test_faults.py``). Through a
+    ``_CachedStorage`` the trial is also cached, as Optuna's method does, so that the study's
+    sampler may set its parameters.
+
+    Given ``conn``, the trial is made in that connection's transaction (committed with it,
+    not cached: the next sync reads it, as it reads other processes' trials)."""
+    cached = storage if isinstance(storage, _CachedStorage) else None
+    backend = cached._backend if cached is not None else storage
+    assert isinstance(backend, optuna.storages.RDBStorage)
+    scope = _create_scoped_session(backend.scoped_session) if conn is None else _joined(conn)
+    with scope as session:
+        models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+        row: Any = backend._get_prepared_new_trial(study_id, template, session)
+        frozen = copy.deepcopy(template)
+        frozen.number, frozen.datetime_start = row.number, row.datetime_start
+        frozen._trial_id = row.trial_id
+    if cached is not None and conn is None:
+        remember(cached, study_id, frozen)
+    return frozen
+
+
+@contextmanager
+def _joined(conn: sa.Connection) -> Iterator[orm.Session]:
+    """An ORM session inside ``conn``'s transaction, which it neither commits nor ends."""
+    session = orm.Session(bind=conn)
+    try:
+        yield session
+        session.flush()
+    finally:
+        session.close()
+
+
+def remember(storage: optuna.storages.BaseStorage, study_id: int, trial: FrozenTrial) -> None:
+    """Put a trial this process made, or found made by a lost try of its own, in Optuna's
+    per-study cache (what ``_CachedStorage.create_new_trial`` does)."""
+    if not isinstance(storage, _CachedStorage):
+        return
+    with storage._lock:
+        if study_id not in storage._studies:
+            storage._studies[study_id] = _StudyInfo()
+        storage._add_trials_to_cache(study_id, [trial])
+
+
+_LOCK_STUDY = sa.text("SELECT study_id FROM studies WHERE study_id = :s FOR UPDATE")
+
+# A new trial with its two attributes, bound to its ticket, unless a waiting trial is there
+# to pop first or the ticket is no longer this worker's.
+_CREATE_PG = sa.text(
+    """
+    WITH waiting AS (
+        SELECT 1 FROM trials WHERE study_id = :s AND state = 'WAITING' LIMIT 1
+    ),
+    t AS (
+        INSERT INTO trials (number, study_id, state, datetime_start)
+        SELECT (SELECT coalesce(max(number), -1) + 1 FROM trials WHERE study_id = :s),
+               :s, 'RUNNING', :start
+        WHERE NOT EXISTS (SELECT 1 FROM waiting)
+          AND EXISTS (SELECT 1 FROM hpo_tickets WHERE ticket_id = :ticket AND worker = :w)
+        RETURNING trial_id, number
+    ),
+    u AS (
+        INSERT INTO trial_user_attributes (trial_id, key, value_json)
+        SELECT trial_id, :uk, :uv FROM t
+    ),
+    y AS (
+        INSERT INTO trial_system_attributes (trial_id, key, value_json)
+        SELECT trial_id, :yk, :yv FROM t
+    ),
+    b AS (
+        UPDATE hpo_tickets SET trial_id = t.trial_id FROM t
+        WHERE hpo_tickets.ticket_id = :ticket AND hpo_tickets.worker = :w
+    )
+    SELECT (SELECT trial_id FROM t) AS trial_id, (SELECT number FROM t) AS number,
+           EXISTS (SELECT 1 FROM waiting) AS waiting
+    """
+)
