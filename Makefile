@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: setup
 test: setup
 	@scripts/ensure-postgres
 	$(PY) -m pytest
+
+# The edit-run loop: no database server, no Docker engine (tests/unit).
+test-fast: setup
+	$(PY) -m pytest -q tests/unit
 
 lint: setup
 	$(VENV)/bin/ruff check hpo_framework workers experiments tests bench

@@ -48,7 +48,7 @@ from bench.run import (  # noqa: E402
 START, END = "<!-- capacity:start -->", "<!-- capacity:end -->"
 SERVER_CORES = 16  # the database server the table is sized for
 ROUND_TRIP_MS = 0.5  # a LAN round trip between a worker and the database (or its pooler)
-STATEMENTS_PER_TRIAL = 8  # tests/test_db_cost.py counts them; README: 8 per trial
+STATEMENTS_PER_TRIAL = 8  # tests/pool/test_db_cost.py counts them; README: 8 per trial
 
 
 def server_cpu_s() -> float:

@@ -1,7 +1,7 @@
 """Count what an engine sends to its database: statements and transactions.
 
 Counted, not timed, so the numbers are the same on a loaded machine; ``bench/run.py``
-reports them beside the times and ``tests/test_db_cost.py`` holds the trial path to them.
+reports them beside the times and ``tests/pool/test_db_cost.py`` holds the trial path to them.
 """
 
 from __future__ import annotations

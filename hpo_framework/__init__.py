@@ -8,7 +8,7 @@ executor that runs sessions, a command-line tool) does not pay for all of them; 
 the package imports this face. ``checkpoint`` is the session's module of that name.
 
 The package, by layer (a module imports only from its own layer and those before it; the
-rules are checked by ``tests/test_layers.py``):
+rules are checked by ``tests/unit/test_layers.py``):
 
 - the foundation: ``exceptions``, ``defaults``, ``logs``, ``_checks``, ``_version``;
 - ``config/`` and ``param_sampler``: what a study is, checked without a database;

@@ -460,8 +460,7 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
 
 
 def serve_forever(fd: int) -> None:
-    """The executor process's whole life (``python -m hpo_framework.runtime._executor_main FD``)
-    """
+    """The executor process's whole life (``python -m`` :data:`_MAIN` ``FD``)."""
     die_with_parent()
     try:
         _serve(Connection(fd))

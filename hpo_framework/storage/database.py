@@ -244,7 +244,7 @@ def open_storage(
     raise AssertionError("unreachable")
 
 
-#: The schema revision of the Optuna range in pyproject.toml (``tests/test_db_cost.py`` checks
+#: The schema revision of the Optuna range in pyproject.toml (``tests/pool/test_db_cost.py`` checks
 #: it against Optuna's own): workers check it with one query instead of importing alembic.
 OPTUNA_SCHEMA_HEAD = "v3.2.0.a"
 

@@ -24,7 +24,7 @@ trial cache (``_CachedStorage``) with three changes, all for the trials *this pr
   transaction of one or two statements instead of Optuna's read-lock-write sequences.
 
 Everything else is Optuna's. This leans on Optuna's private ``_CachedStorage`` and its table
-models, pinned to the Optuna range in ``pyproject.toml``; ``tests/test_db_cost.py``
+models, pinned to the Optuna range in ``pyproject.toml``; ``tests/pool/test_db_cost.py``
 counts the statements of a trial and compares what this writes with what Optuna reads back,
 so an Optuna upgrade that changes them fails there first.
 """
@@ -311,7 +311,7 @@ def create_trial_once(
     answer was lost after the server had committed: the trial then exists twice (a re-queued
     point evaluated twice, a trial left running forever). The callers retry with
     ``with_db_retry`` and first look for the trial an earlier try made, by a system attribute
-    unique to it (pinned by the lost-answer tests of ``tests/test_faults.py``). Through a
+    unique to it (pinned by the lost-answer tests of ``tests/faults/test_faults.py``). Through a
     ``_CachedStorage`` the trial is also cached, as Optuna's method does, so that the study's
     sampler may set its parameters.
 

@@ -6,7 +6,7 @@ attributes, intermediate values), after a read of the study's row. Here the chil
 aggregated as JSON arrays beside each trial row, and the study's row is the query's outer
 table: one statement, in autocommit, and an unknown study still raises ``KeyError`` as in
 Optuna. The trials built are the ones Optuna's ``_build_frozen_trial_from_trial_model`` would
-build from the same rows (``tests/test_db_cost.py`` compares the two). Float values travel
+build from the same rows (``tests/pool/test_db_cost.py`` compares the two). Float values travel
 as text inside the JSON, exactly: PostgreSQL 12 and later print a ``double precision`` in its
 shortest round-trip form, and infinities and NaN are stored by Optuna as NULL with a type.
 """

@@ -1,5 +1,6 @@
 """Dockerfile, docker-compose.yml, the Swarm stack and the Kubernetes manifests keep their
-contract. The compose path itself runs for real, in a Docker engine: tests/test_containers.py."""
+contract. The compose path itself runs for real, in a Docker engine:
+tests/containers/test_containers.py."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import pytest
 from hpo_framework.cli.commands import coordinator, inspect_command
 from workers.cli import main as worker_command
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _commands() -> Iterator[tuple[str, click.Command]]:

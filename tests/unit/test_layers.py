@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "hpo_framework"
 
 FOUNDATION = {"exceptions", "defaults", "logs", "_checks", "_version"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -82,3 +83,18 @@ def test_capacity_script_runs_at_a_tiny_size() -> None:
     fleets = [row.split("|")[1].strip() for row in rows]
     assert {"100", "1,000", "10,000"} <= set(fleets)
     assert any("server CPU per trial" in row for row in rows)
+
+
+def test_the_fast_tier_needs_no_database_server_and_no_docker() -> None:
+    """``make test-fast`` (tests/unit) passes with PostgreSQL and Docker out of reach, under
+    CI=true, where a test needing either would fail instead of skipping."""
+    env = {
+        **os.environ, "CI": "true", "DOCKER_HOST": "tcp://127.0.0.1:1",
+        "HPO_TEST_PG_URL": "postgresql+psycopg2://nobody@127.0.0.1:1/none",
+    }  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout

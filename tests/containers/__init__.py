@@ -1,0 +1,1 @@
+"""Docker images, compose, Swarm and Kubernetes manifests (the container tier)."""

@@ -1,0 +1,1 @@
+"""Lost answers, outages, frozen and killed workers, hostile configs and database writers."""
