@@ -700,7 +700,7 @@ def main() -> None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(
             f"# Benchmarks\n\nProduced by `make bench` (bench/run.py); what the numbers mean is "
-            f"in the README's Benchmarks section.\n\n{header}\n\n{table}\n"
+            f"in docs/PERFORMANCE.md.\n\n{header}\n\n{table}\n"
         )
 
 

@@ -38,7 +38,7 @@ _SAMPLER_NEEDS = {"gp": ("torch", "scipy"), "cmaes": ("cmaes",), "qmc": ("scipy"
 _SINGLE_OBJECTIVE = {"cmaes", "gp"}
 #: Samplers that store their state in the database as a pickle, which every worker unpickles:
 #: whoever can write the database could run code in the workers. Refused unless the operator
-#: opts in (see the README's Security section).
+#: opts in (see docs/SECURITY.md).
 UNPICKLING_SAMPLERS = {"cmaes"}
 # Options the framework sets itself; config.yaml may not pass them.
 _RESERVED = {"seed", "search_space"}

@@ -1,9 +1,10 @@
-"""The README's container path, run for real: a Docker engine, the image, `docker compose`.
+"""The container path of docs/DEPLOYMENT.md, run for real: a Docker engine, the image,
+`docker compose`.
 
-The engine, the base images and the project image come from the scripts the README's
+The engine, the base images and the project image come from the scripts the docs'
 development section names (scripts/docker-engine, docker-base-images, docker-image), so this
 tier runs on a bare Debian host as root, and on any machine with a working engine. Each
-command below is the README's, run as written; only the environment differs: a project name
+command below is the docs', run as written; only the environment differs: a project name
 of the test's own (COMPOSE_PROJECT_NAME, so a user's `hpo` project is never touched) and a
 free dashboard port. Without an engine this tier skips locally and fails under CI=true.
 """
@@ -318,8 +319,8 @@ def test_host_side_commands_through_the_published_port(compose: Compose) -> None
 def test_the_pgbouncer_profile_serves_the_workers_over_two_server_connections(
     docker_image: str,
 ) -> None:
-    """The README's PgBouncer line, in a project of its own: PgBouncer (Debian's package,
-    built from deploy/pgbouncer) in transaction mode with 2 server connections in front of
+    """The PgBouncer line of docs/DEPLOYMENT.md, in a project of its own: PgBouncer (Debian's
+    package, built from deploy/pgbouncer) in transaction mode with 2 server connections in front of
     PostgreSQL, three workers and the coordinator through it, the exact budget."""
     project = Compose()
     project.env.update(POSTGRES_HOST="pgbouncer", POSTGRES_PORT="6432", PGBOUNCER_POOL_SIZE="2")
@@ -405,7 +406,7 @@ def _docker(*args: str, timeout: float = 300, check: bool = True) -> str:
 
 @pytest.fixture
 def swarm(docker_image: str) -> Iterator[str]:
-    """A single-node swarm on this engine, its node labelled for the database as the README
+    """A single-node swarm on this engine, its node labelled for the database as the docs
     says; left as it was found (a swarm this test made is left, a label it added removed)."""
     made = _docker("info", "--format", "{{.Swarm.LocalNodeState}}") != "active"
     bridge = "docker_gwbridge"  # the network `swarm init` makes for its containers' egress
@@ -439,7 +440,7 @@ class Stack:
             **os.environ, "HPO_IMAGE": "hpo:latest", "POSTGRES_PASSWORD": uuid.uuid4().hex,
             "HPO_WORKERS": "3", "HPO_CHECKPOINT_KEY": uuid.uuid4().hex,
         }  # fmt: skip
-        # The README's command, and the test's small study on top (a second -c file).
+        # The documented command, and the test's small study on top (a second -c file).
         self.small = tmp / "small.yml"
         command = ["create", "config.yaml", "--resume", *SMALL]
         self.small.write_text(
@@ -476,8 +477,9 @@ class Stack:
         return found
 
     def remove(self) -> None:
-        """As the README says: the workers first (they finish or hand back their trials while
-        the database is still up; swarm stops a stack's services all at once), then the rest."""
+        """As docs/DEPLOYMENT.md says: the workers first (they finish or hand back their trials
+        while the database is still up; swarm stops a stack's services all at once), then the
+        rest."""
         _docker("service", "scale", f"{self.name}_worker=0", timeout=900, check=False)
         _docker("stack", "rm", self.name, check=False)
         label = f"label=com.docker.stack.namespace={self.name}"
@@ -494,9 +496,9 @@ class Stack:
 def test_the_swarm_stack_runs_the_exact_budget_and_scales_down_gracefully(
     swarm: str, tmp_path: Any
 ) -> None:
-    """The README's Swarm steps on a single-node swarm: deploy, the coordinator's study done
-    with its exact budget over the worker tasks, a scale-down whose stopped tasks finish their
-    running trials, and `docker stack rm` (plus the data volume) leaving nothing."""
+    """The Swarm steps of docs/DEPLOYMENT.md on a single-node swarm: deploy, the coordinator's
+    study done with its exact budget over the worker tasks, a scale-down whose stopped tasks
+    finish their running trials, and `docker stack rm` (plus the data volume) leaving nothing."""
     stack = Stack(tmp_path)
     try:
         stack.deploy()

@@ -1,7 +1,7 @@
 """What a trial costs the database, counted (not timed, so it holds on a loaded machine), and
 what the framework's own trial writes (``trial_store``) look like to plain Optuna.
 
-The README promises at most 8 statements in at most 8 transactions per trial (TPE, one
+The docs promise at most 8 statements in at most 8 transactions per trial (TPE, one
 worker, the benchmark's study shape); an Optuna upgrade that changes the tables the trial
 store writes fails the round-trip test here.
 """

@@ -561,8 +561,8 @@ def test_a_retry_carries_on_from_the_checkpoint_of_a_killed_worker(
 def test_a_longer_idle_poll_cuts_an_idle_worker_s_queries(
     pg_url: str, pg_admin: sa.Engine, tmp_path: Path
 ) -> None:
-    """README, Capacity: ``HPO_IDLE_POLL_MAX=5`` for fleets of thousands. An idle worker
-    runs far fewer transactions with it than with the default 0.25 s poll."""
+    """docs/DEPLOYMENT.md, capacity: ``HPO_IDLE_POLL_MAX=5`` for fleets of thousands. An idle
+    worker runs far fewer transactions with it than with the default 0.25 s poll."""
     database = sa.engine.make_url(pg_url).database
     create(tmp_path, pg_url, study_={"n_trials": 1})  # the schema, and a study to stop
     query = sa.text("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = :d")

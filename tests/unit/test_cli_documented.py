@@ -1,5 +1,5 @@
-"""Every option of every command is in the README, in both languages: a flag a user can only
-find with --help is a flag they never find."""
+"""Every option of every command is in the documentation (the README and docs/), in both
+languages: a flag a user can only find with --help is a flag they never find."""
 
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ def test_the_commands_have_options_to_check() -> None:
     assert {"hpo-inspect", "hpo-worker", "hpo-coordinator create"} <= names
 
 
-@pytest.mark.parametrize("readme", ["README.md", "README.ko.md"])
-def test_every_cli_option_is_in_the_readme(readme: str) -> None:
-    text = (ROOT / readme).read_text()
+@pytest.mark.parametrize(("readme", "docs"), [("README.md", "docs"), ("README.ko.md", "docs/ko")])
+def test_every_cli_option_is_documented(readme: str, docs: str) -> None:
+    text = "\n".join(p.read_text() for p in [ROOT / readme, *sorted((ROOT / docs).glob("*.md"))])
     missing = sorted(
         {
             f"{name} {option}"
@@ -53,4 +53,4 @@ def test_every_cli_option_is_in_the_readme(readme: str) -> None:
             if not re.search(re.escape(option) + r"(?![\w-])", text)
         }
     )
-    assert not missing, f"{readme} does not mention: {missing}"
+    assert not missing, f"{readme} and {docs}/ do not mention: {missing}"

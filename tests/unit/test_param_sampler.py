@@ -111,7 +111,7 @@ def test_grid_sampler_covers_the_grid_exactly_once(tmp_path: Path) -> None:
 def test_each_sampler_runs_a_study(
     tmp_path: Path, sampler: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("HPO_UNSAFE_ALLOW_PICKLE", "1")  # cmaes: see the README's Security
+    monkeypatch.setenv("HPO_UNSAFE_ALLOW_PICKLE", "1")  # cmaes: see docs/SECURITY.md
     config = make_config(study_={"n_trials": 6, "sampler": {"name": sampler, "seed": 0}})
     config["search_space"]["y"] = {"type": "int", "low": 0, "high": 3}
     study = run_hpo(
