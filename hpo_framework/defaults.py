@@ -1,12 +1,15 @@
-"""Every interval, timeout and limit of the framework, in one place.
-
-Config keys (``study.heartbeat_interval`` ...) override the per-study values; environment
-variables override the per-process ones. Nothing else in the package hard-codes a number.
+"""The framework's intervals, timeouts and limits that an operator may want to look up or
+change: config keys (``study.heartbeat_interval`` ...) override the per-study values,
+environment variables the per-process ones. Constants that only shape one module's own
+mechanism (a retry's jitter, a log line's rate) stay beside the code they shape.
 """
 
 from __future__ import annotations
 
 import os
+
+#: The longest error text kept on a trial or a study (the rest of a long traceback is cut).
+ERROR_TEXT_MAX = 2000
 
 #: Storage used when neither ``--storage``, ``HPO_STORAGE`` nor ``storage:`` names one.
 STORAGE_URL = "sqlite:///hpo.db"

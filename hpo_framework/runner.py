@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from hpo_framework.runtime.heartbeat import Heartbeat
 from hpo_framework.runtime.progress import progress_bar
 from hpo_framework.runtime.trials import StudyHandle
 from hpo_framework.storage.database import open_storage, resolve_storage_url
+from hpo_framework.storage.presence import worker_id
 from hpo_framework.storage.registry import FAILED, Registry
 
 log = logging.getLogger("hpo.runner")
@@ -76,9 +75,7 @@ def _run(
     record = create_study(rdb, config, resume=True, check_session=False)
     if ref is not None:
         record = replace(record, session_ref=ref)
-    handle = StudyHandle(
-        rdb, record, config, executor, worker_id=f"{socket.gethostname()}:{os.getpid()}"
-    )
+    handle = StudyHandle(rdb, record, config, executor, worker_id=worker_id())
     with (
         Heartbeat(rdb) as heartbeat,
         progress_bar(

@@ -8,10 +8,8 @@ trial per study -> back off when idle; teardown in ``finally``.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import signal
-import socket
 import threading
 import time
 from functools import partial
@@ -45,6 +43,7 @@ from hpo_framework.runtime.serving import (
     schema_exists,
     scrub,
     with_db_retry,
+    worker_id,
 )
 
 log = logging.getLogger("hpo.worker")
@@ -62,10 +61,6 @@ class ColdShutdown(BaseException):
 
     def __init__(self) -> None:
         super().__init__("worker stopped by a second signal")
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Worker:

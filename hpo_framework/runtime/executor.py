@@ -44,6 +44,7 @@ from multiprocessing.connection import Connection
 from numbers import Real
 from typing import Any
 
+from hpo_framework import defaults
 from hpo_framework.exceptions import SessionError, TrialLost, TrialPruned
 from hpo_framework.session.reporting import TrialLink, bound_to
 
@@ -159,7 +160,7 @@ def describe_error(e: BaseException) -> str:
     if isinstance(e, SessionError):  # our own wording already says what went wrong
         return str(e)
     text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}"[:2000] if text else type(e).__name__
+    return f"{type(e).__name__}: {text}"[: defaults.ERROR_TEXT_MAX] if text else type(e).__name__
 
 
 def _short_traceback(e: BaseException) -> str:

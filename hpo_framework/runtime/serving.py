@@ -30,12 +30,13 @@ from hpo_framework.storage.database import (
     scrub,
     with_db_retry,
 )
-from hpo_framework.storage.presence import Presence
+from hpo_framework.storage.presence import Presence, worker_id
 from hpo_framework.storage.registry import FAILED, Registry, StudyRecord
 from hpo_framework.storage.tickets import Tickets
 from hpo_framework.storage.trial_attrs import CANNOT_SERVE_PREFIX
 
 __all__ = [
+    "worker_id",
     "FAILED",
     "TRANSIENT_ERRORS",
     "CannotServeHere",

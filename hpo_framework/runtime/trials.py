@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 import uuid
@@ -29,6 +30,7 @@ import optuna
 import sqlalchemy as sa
 from optuna.trial import TrialState
 
+from hpo_framework import defaults
 from hpo_framework.config.algorithms import build_pruner, build_sampler, worker_seed
 from hpo_framework.config.schema import Config
 from hpo_framework.exceptions import StorageError, TrialLost, TrialPruned
@@ -365,7 +367,7 @@ class StudyHandle:
             with_db_retry(lambda: self.registry.set_state(self.name, "failed", error), "stop")
             if self.config.study.on_failed:
                 self._fire_hook_if_ended()
-            return TrialOutcome(**{**outcome.__dict__, "fatal": True})
+            return dataclasses.replace(outcome, fatal=True)
         return outcome
 
     def _finish(
@@ -512,7 +514,9 @@ class StudyHandle:
         """Record the result; False if the trial had been finished by someone else (stale)."""
         try:
             if error is not None:
-                self.store.set_trial_user_attr(trial._trial_id, ERROR_ATTR, error[:2000])
+                self.store.set_trial_user_attr(
+                    trial._trial_id, ERROR_ATTR, error[: defaults.ERROR_TEXT_MAX]
+                )
             if tb:
                 self.store.set_trial_user_attr(trial._trial_id, TRACEBACK_ATTR, tb[-8000:])
             try:
@@ -531,5 +535,7 @@ class StudyHandle:
             if stored.state != state:
                 return False
             if state == TrialState.FAIL:  # the stale sweep writes its own error
-                return stored.user_attrs.get(ERROR_ATTR) == (error or "")[:2000]
+                return (
+                    stored.user_attrs.get(ERROR_ATTR) == (error or "")[: defaults.ERROR_TEXT_MAX]
+                )
             return values is None or stored.values == values

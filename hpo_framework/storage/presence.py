@@ -20,6 +20,12 @@ from hpo_framework.storage.registry import db_now, hpo_workers
 
 log = logging.getLogger("hpo.presence")
 
+
+def worker_id() -> str:
+    """This process's name among the workers (and in trials' ``worker`` attribute): host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 #: Seconds between two refreshes of a worker's row (env HPO_PRESENCE_INTERVAL).
 PRESENCE_EVERY_S = defaults.PRESENCE_EVERY_S
 #: A worker whose row is older than this is shown as lost.

@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from hpo_framework import defaults
 from hpo_framework._checks import did_you_mean
 from hpo_framework.exceptions import StudyNotFoundError
 from hpo_framework.storage.optuna_tables import studies, trials
@@ -234,7 +235,7 @@ class Registry:
         stmt = hpo_studies.update().where(c.study_name == name, c.state == OPEN)
         values: dict[str, Any] = {"state": state}
         if error is not None:
-            values["error"] = error[:2000]
+            values["error"] = error[: defaults.ERROR_TEXT_MAX]
         with self.engine.begin() as conn:
             return conn.execute(stmt.values(**values)).rowcount == 1
 
