@@ -46,7 +46,7 @@ from hpo_framework.session import checkpoint_store
 from hpo_framework.storage import metrics
 from hpo_framework.storage.database import with_db_retry, without_waiting
 from hpo_framework.storage.optuna_tables import has_waiting_trials
-from hpo_framework.storage.registry import OPEN, STOPPED, Registry, StudyRecord
+from hpo_framework.storage.registry import FAILED, OPEN, STOPPED, Registry, StudyRecord
 from hpo_framework.storage.tickets import Tickets
 from hpo_framework.storage.trial_attrs import (
     ATTEMPT_ATTR,
@@ -139,6 +139,23 @@ class TrialOutcome:
     fatal: bool = False
 
 
+@dataclass(frozen=True)
+class Finished:
+    """A trial whose result is recorded, as the after-trial steps see it."""
+
+    ticket: int
+    trial: optuna.Trial
+    state: TrialState
+    values: list[float] | None
+    duration_s: float
+    error: str | None
+
+
+#: One job after a recorded trial (like Optuna's callbacks); ``StudyHandle.after_trial``
+#: lists them in the order they run.
+AfterTrial = Callable[[Finished], None]
+
+
 class StudyHandle:
     """A study loaded in this process: its checked config, session, sampler and Optuna study."""
 
@@ -190,6 +207,18 @@ class StudyHandle:
         )
         self.sweeper = sweeper or Sweeper(storage, worker_id, spec.heartbeat_interval)
         self.sweeper.ledgers[record.study_id] = self.ledger
+        # What happens once a trial's result is recorded, in order: the ticket first (the
+        # budget's exactness rests on it), then what this study's config asks for.
+        self.after_trial: list[AfterTrial] = [self._settle]
+        if config.checkpoints is not None:
+            self.after_trial.append(self._clean_checkpoints_of)
+        if spec.stop_when:
+            self.after_trial.append(self._apply_stop_rules)
+        if self.trackers is not None:
+            self.after_trial.append(self._track)
+        if spec.on_done or spec.on_failed:
+            self.after_trial.append(self._fire_hook_if_ended)
+        self.after_trial.append(self._log)
 
     @property
     def name(self) -> str:
@@ -364,7 +393,7 @@ class StudyHandle:
             ticket, trial, TrialState.FAIL, None, started, error, result.traceback
         )
         if result.fatal:
-            with_db_retry(lambda: self.registry.set_state(self.name, "failed", error), "stop")
+            with_db_retry(lambda: self.registry.set_state(self.name, FAILED, error), "stop")
             if self.config.study.on_failed:
                 self._fire_hook_if_ended()
             return dataclasses.replace(outcome, fatal=True)
@@ -380,51 +409,59 @@ class StudyHandle:
         error: str | None,
         tb: str | None = None,
     ) -> TrialOutcome:
+        """Record the result, then run the after-trial steps in order."""
         duration = time.monotonic() - started
         kept = with_db_retry(
             lambda: self._tell(trial, state, values, error, tb), "saving a result"
         )
-        outcome = TrialOutcome(self.name, trial.number, state, values, duration, error)
         if not kept:
             return self._dropped(trial, started)
-        if state == TrialState.FAIL:
-            failed = with_db_retry(lambda: self.storage.get_trial(trial._trial_id), "reading")
-            settle_failure(self.ledger, failed, ticket, self.worker_id)
-        else:  # the ticket is spent
+        finished = Finished(ticket, trial, state, values, duration, error)
+        for step in self.after_trial:
+            step(finished)
+        return TrialOutcome(self.name, trial.number, state, values, finished.duration_s, error)
+
+    # --- after a trial (StudyHandle.after_trial) ----------------------------------------------
+
+    def _settle(self, f: Finished) -> None:
+        """A failed trial's point is re-queued, then its ticket returned; any other spends it."""
+        if f.state == TrialState.FAIL:
+            failed = with_db_retry(lambda: self.storage.get_trial(f.trial._trial_id), "reading")
+            settle_failure(self.ledger, failed, f.ticket, self.worker_id)
+        else:
             with_db_retry(
-                lambda: self.tickets.settle(ticket, self.worker_id, returned=False, failure=False),
+                lambda: self.tickets.settle(
+                    f.ticket, self.worker_id, returned=False, failure=False
+                ),
                 "settling a ticket",
             )
-            if self.config.checkpoints is not None:
-                self._clean_checkpoints(_point_of(trial.user_attrs, trial.number))
-            if self.config.study.stop_when:
-                self._apply_stop_rules(trial.number)
-        if self.trackers is not None:
-            self.trackers.send(
-                FinishedTrial(
-                    trial.number,
-                    trial._trial_id,
-                    state.name,
-                    values,
-                    dict(trial.params),
-                    int_attr(trial.user_attrs, ATTEMPT_ATTR, 0),
-                    self.worker_id,
-                )  # fmt: skip
-            )
-        spec = self.config.study
-        if spec.on_done or spec.on_failed:
-            self._fire_hook_if_ended()
-        value = "-" if values is None else ",".join(f"{v:.6g}" for v in values)
+
+    def _track(self, f: Finished) -> None:
+        assert self.trackers is not None
+        self.trackers.send(
+            FinishedTrial(
+                f.trial.number,
+                f.trial._trial_id,
+                f.state.name,
+                f.values,
+                dict(f.trial.params),
+                int_attr(f.trial.user_attrs, ATTEMPT_ATTR, 0),
+                self.worker_id,
+            )  # fmt: skip
+        )
+
+    def _log(self, f: Finished) -> None:
+        value = "-" if f.values is None else ",".join(f"{v:.6g}" for v in f.values)
         fields = {
-            "study": self.name, "trial": trial.number, "state": state.name, "values": values,
-            "duration_s": round(duration, 3), "worker": self.worker_id, "error": error,
+            "study": self.name, "trial": f.trial.number, "state": f.state.name,
+            "values": f.values, "duration_s": round(f.duration_s, 3), "worker": self.worker_id,
+            "error": f.error,
         }  # fmt: skip
         log.info(
             "study=%s trial=%d state=%s value=%s duration=%.2fs worker=%s%s",
-            self.name, trial.number, state.name, value, duration, self.worker_id,
-            f" error={error}" if error else "", extra={"hpo": fields},
+            self.name, f.trial.number, f.state.name, value, f.duration_s, self.worker_id,
+            f" error={f.error}" if f.error else "", extra={"hpo": fields},
         )  # fmt: skip
-        return outcome
 
     # --- checkpoints (hpo_framework.session.checkpoint) -----------------------------------------
 
@@ -439,6 +476,10 @@ class StudyHandle:
             **location,
             "id": checkpoint_store.artifact_id(location, self.record.study_id, point),
         }
+
+    def _clean_checkpoints_of(self, f: Finished) -> None:
+        if f.state != TrialState.FAIL:  # a failed point may run again: its checkpoint stays
+            self._clean_checkpoints(_point_of(f.trial.user_attrs, f.trial.number))
 
     def _clean_checkpoints(self, point: int) -> None:
         """A finished point's checkpoint goes, unless it is among the ``keep_best`` best;
@@ -471,16 +512,18 @@ class StudyHandle:
         except Exception as e:  # a store that is away costs space, never the trial (or time)
             log.warning("study=%s checkpoints not cleaned up: %s", self.name, e)
 
-    def _fire_hook_if_ended(self) -> None:
+    def _fire_hook_if_ended(self, f: Finished | None = None) -> None:
         """``on_done``/``on_failed`` if this trial was the study's last (see ``hooks``)."""
         try:
             with_db_retry(lambda: fire_if_ended(self.storage, self.record.study_id), "a hook")
         except Exception as e:  # a hook never takes a worker down
             log.warning("study=%s hook not fired: %s", self.name, e)
 
-    def _apply_stop_rules(self, number: int) -> None:
+    def _apply_stop_rules(self, f: Finished) -> None:
         """Stop the study if ``study.stop_when`` is met now (the first worker to see it wins)."""
-        study_id = self.record.study_id
+        if f.state == TrialState.FAIL:
+            return
+        study_id, number = self.record.study_id, f.trial.number
         finished = with_db_retry(
             lambda: self.store.get_all_trials(
                 study_id, deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)
