@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -14,9 +11,6 @@ import click
 import optuna
 import sqlalchemy.exc
 import yaml
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 from sqlalchemy.engine import make_url
 
 from hpo_framework.cli.options import (
@@ -24,6 +18,18 @@ from hpo_framework.cli.options import (
     storage_option,
     translate_errors,
     version_option,
+)
+from hpo_framework.cli.render import (
+    FORMATS,
+    make_console,
+    metrics_view,
+    print_study_list,
+    print_summary,
+    show,
+    study_list_view,
+    summary_view,
+    trial_view,
+    workers_view,
 )
 from hpo_framework.config.schema import load_config, read_yaml_file
 from hpo_framework.exceptions import ConfigError, StorageError
@@ -45,7 +51,6 @@ from hpo_framework.storage.database import (
     schema_exists,
 )
 from hpo_framework.views.inspection import (
-    STATES,
     best_config,
     list_studies,
     metric_histories,
@@ -95,16 +100,6 @@ def _first_line(e: BaseException) -> str:
     return " ".join(str(inner).split())[:300]
 
 
-def _fmt(values: list[float] | None) -> str:
-    return "-" if not values else ", ".join(f"{v:.6g}" for v in values)
-
-
-def _console(stderr: bool = False) -> Console:
-    # markup off: study names, parameters and error texts are the user's, printed as written
-    # (a study named "exp[/v2]" must not be read as a closing style tag).
-    return Console(soft_wrap=False, width=120, highlight=False, markup=False, stderr=stderr)
-
-
 # --- hpo-coordinator ---------------------------------------------------------------------------
 
 
@@ -152,8 +147,8 @@ def create(
     )
     summary = None
     if wait:
-        summary = watch_study(rdb, record.name, _console(stderr=True))
-        _print_summary(summary, stderr=True)
+        summary = watch_study(rdb, record.name, make_console(stderr=True))
+        print_summary(summary, stderr=True)
     else:  # the next step, as `wandb sweep` prints `wandb agent`
         click.echo(f"start workers: HPO_STORAGE={shlex.quote(redact(rdb.url))} hpo-worker")
     click.echo(record.name)
@@ -199,7 +194,7 @@ def check(config_path: str, assignments: tuple[str, ...]) -> None:
 @translate_errors
 def list_command(storage: str | None) -> None:
     """One line per study: state, budget progress, best value."""
-    _print_study_list(list_studies(_open(storage)), _console())
+    print_study_list(list_studies(_open(storage)), make_console())
 
 
 @coordinator.command()
@@ -331,7 +326,7 @@ def run(config_path: str, assignments: tuple[str, ...], storage: str | None) -> 
 
     study = run_hpo(config.session, config, storage)
     summary = summarize(_open(storage, config.storage), study.study_name)
-    _print_summary(summary)
+    print_summary(summary)
     _exit_if_failed(summary)
 
 
@@ -370,7 +365,7 @@ def dashboard(host: str, port: int, storage: str | None) -> None:
 @version_option
 @click.argument("study", required=False)
 @click.option(
-    "--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+    "--format", "fmt", type=click.Choice(FORMATS), default="table",
     show_default=True, help="Output format.",
 )  # fmt: skip
 @click.option(
@@ -413,291 +408,55 @@ def inspect_command(
     if (trial_number is not None or best_config_path or show_metrics) and study is None:
         raise click.UsageError("--trial, --best-config and --metrics need a STUDY")
     if show_metrics:
-        _emit_metrics(metrics.long_rows(metric_histories(rdb, study or "")), fmt, output)
-        return
-    if best_config_path:
-        cfg, asked = best_config(rdb, study or "")
-        content = {**cfg, SUGGESTED_KEY: asked} if asked else cfg
-        try:
-            Path(best_config_path).write_text(yaml.safe_dump(content, sort_keys=False))
-        except OSError as e:
-            raise click.ClickException(f"cannot write {best_config_path}: {e.strerror}") from None
-        if asked:
-            click.echo(
-                f"note: the session asked for {', '.join(sorted(asked))} itself "
-                f"(trial().suggest_*): kept under {SUGGESTED_KEY}:, which "
-                "hpo_framework.load_best(FILE) hands back to trial().suggest_*", err=True,
-            )  # fmt: skip
-        click.echo(f"wrote {best_config_path}: the complete cfg of the best trial of {study!r}")
-        return
-    if trial_number is not None:
-        detail = trial_detail(rdb, study or "", trial_number)
-        if fmt == "json":
-            _emit(json.dumps(detail, indent=2, default=str) + "\n", output)
-        else:
-            _emit(_trial_text(detail), output)
-        return
-    if show_workers:
+        show(metrics_view(metrics.long_rows(metric_histories(rdb, study or ""))), fmt, output)
+    elif best_config_path:
+        _write_best_config(rdb, study or "", best_config_path)
+    elif trial_number is not None:
+        show(trial_view(trial_detail(rdb, study or "", trial_number)), fmt, output)
+    elif show_workers:
         if study or plot_dir or watch:
             raise click.UsageError("--workers takes no STUDY, --plot or --watch")
-        _emit_workers(worker_status(rdb), fmt, output)
-        return
-    if study is None:
+        show(workers_view(worker_status(rdb)), fmt, output)
+    elif study is None:
         if plot_dir or watch:
             raise click.UsageError("--plot and --watch need a STUDY")
-        _emit(_study_list_text(list_studies(rdb), fmt), output)
-        return
-    if watch:
-        _print_summary(watch_study(rdb, study, _console(), top=top))
-        return
-    summary = summarize(rdb, study, top=top, all_trials=fmt != "table" or bool(plot_dir))
-    if plot_dir:
-        from hpo_framework.views.plots import write_plots  # plotting libraries only when asked for
-
-        loaded = optuna.load_study(study_name=study, storage=rdb)
-        files = write_plots(
-            loaded,
-            Path(plot_dir),
-            summary,
-            progress=lambda t: click.echo(f"plotting {t}", err=True),
-            histories=metric_histories(rdb, study),
-        )
-        click.echo(f"wrote {len(files)} files; open {Path(plot_dir) / 'index.html'}")
-        return
-    if fmt == "json":
-        _emit(json.dumps(summary, indent=2, default=str) + "\n", output)
-    elif fmt == "csv":
-        _emit(_trials_csv(summary["trials"], summary["directions"]), output)
-    elif output:
-        console = _console()
-        with console.capture() as captured:
-            _print_summary(summary, console=console)
-        _emit(captured.get(), output)
+        show(study_list_view(list_studies(rdb)), fmt, output)
+    elif watch:
+        print_summary(watch_study(rdb, study, make_console(), top=top))
+    elif plot_dir:
+        _write_plots(rdb, study, plot_dir, top)
     else:
-        _print_summary(summary)
+        show(summary_view(summarize(rdb, study, top=top, all_trials=fmt != "table")), fmt, output)
 
 
-def _emit(text: str, output: str | None) -> None:
-    if output:
-        Path(output).write_text(text)
-        click.echo(f"wrote {output}", err=True)
-    else:
-        click.echo(text, nl=False)
-
-
-def _study_list_text(rows: list[dict[str, Any]], fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps(rows, indent=2) + "\n"
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out)
-        writer.writerow(["study", "state", "finished", "budget", "best", "running", "failed"])
-        for r in rows:
-            best = "" if r["best"] is None else ";".join(map(str, r["best"]))
-            writer.writerow(
-                [
-                    r["study"],
-                    r["state"],
-                    r["finished"],
-                    r["budget"],
-                    best,
-                    r["running"],
-                    r["failed"],
-                ]
-            )
-        return out.getvalue()
-    console = _console()
-    with console.capture() as captured:
-        _print_study_list(rows, console)
-    return captured.get()
-
-
-def _print_study_list(rows: list[dict[str, Any]], console: Console) -> None:
-    if not rows:
-        console.print("no studies yet: create one with `hpo-coordinator create config.yaml`")
-        return
-    table = Table("study", "state", "progress", "best", "running", "failed")
-    for r in rows:
-        budget = "∞" if r["budget"] is None else r["budget"]
-        table.add_row(
-            r["study"], r["state"], f"{r['finished']}/{budget}", _fmt(r["best"]),
-            str(r["running"]), str(r["failed"]),
+def _write_best_config(rdb: Any, study: str, path: str) -> None:
+    """``--best-config FILE``: the best trial's complete cfg as YAML."""
+    cfg, asked = best_config(rdb, study)
+    content = {**cfg, SUGGESTED_KEY: asked} if asked else cfg
+    try:
+        Path(path).write_text(yaml.safe_dump(content, sort_keys=False))
+    except OSError as e:
+        raise click.ClickException(f"cannot write {path}: {e.strerror}") from None
+    if asked:
+        click.echo(
+            f"note: the session asked for {', '.join(sorted(asked))} itself "
+            f"(trial().suggest_*): kept under {SUGGESTED_KEY}:, which "
+            "hpo_framework.load_best(FILE) hands back to trial().suggest_*", err=True,
         )  # fmt: skip
-    console.print(table)
+    click.echo(f"wrote {path}: the complete cfg of the best trial of {study!r}")
 
 
-def _trial_text(d: dict[str, Any]) -> str:
-    """One trial as lines a person reads; the JSON format has the same fields."""
-    values = _fmt(d["values"])
-    duration = "-" if d["duration_s"] is None else f"{d['duration_s']:.2f}s"
-    lines = [
-        f"trial {d['number']}  state {d['state']}  value {values}  worker {d['worker']}  "
-        f"duration {duration}",
-        f"attempt {d['attempt']}"
-        + (f" (of trial {d['retry_of']})" if d["retry_of"] is not None else "")
-        + (f"  copied from {d['copied_from']}" if d["copied_from"] else ""),
-        "cfg:",
-        *("  " + line for line in yaml.safe_dump(d["cfg"], sort_keys=False).splitlines()),
-    ]
-    if d["asked"]:
-        lines.append(f"asked for by the session (not in cfg): {json.dumps(d['asked'])}")
-    if d["intermediate_values"]:
-        steps = " ".join(f"{k}:{v:.6g}" for k, v in d["intermediate_values"].items())
-        lines.append(f"intermediate values: {steps}")
-    if d["metrics"]:
-        lines.append("logged metrics (step:value; all of them: --metrics):")
-        for name, points in d["metrics"].items():
-            shown = " ".join(f"{p['step'] if p['step'] is not None else '-'}:{p['value']:.6g}"
-                             for p in points[-12:])  # fmt: skip
-            more = f"... ({len(points)} values) " if len(points) > 12 else ""
-            lines.append(f"  {name}: {more}{shown}")
-    for key, value in d["attributes"].items():
-        lines.append(f"{key}: {json.dumps(value)}")
-    if len(d["attempts"]) > 1:
-        tried = ", ".join(f"#{a['number']} {a['state']}" for a in d["attempts"])
-        lines.append(f"attempts of this point: {tried}")
-    if d["error"]:
-        lines.append(f"error: {d['error']}")
-    if d["traceback"]:
-        lines += ["traceback:", *("  " + line for line in d["traceback"].splitlines())]
-    return "\n".join(lines) + "\n"
+def _write_plots(rdb: Any, study: str, plot_dir: str, top: int) -> None:
+    """``--plot DIR``: PNG and HTML plots and an index.html."""
+    from hpo_framework.views.plots import write_plots  # plotting libraries only when asked for
 
-
-def _emit_metrics(rows: list[dict[str, Any]], fmt: str, output: str | None) -> None:
-    """``--metrics``: the long form as JSON, CSV or a table."""
-    keys = ["trial", "metric", "step", "value", "at"]
-    if fmt == "json":
-        _emit(json.dumps(rows, indent=2) + "\n", output)
-        return
-    if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, keys)
-        writer.writeheader()
-        writer.writerows(rows)
-        _emit(buffer.getvalue(), output)
-        return
-    table = Table(*keys[:4], title=f"{len(rows)} logged value(s)", title_justify="left")
-    for r in rows:
-        step = "-" if r["step"] is None else str(r["step"])
-        table.add_row(str(r["trial"]), r["metric"], step, f"{r['value']:.6g}")
-    console = _console()
-    with console.capture() as captured:
-        console.print(table)
-    _emit(captured.get(), output)
-
-
-def _emit_workers(rows: list[dict[str, Any]], fmt: str, output: str | None) -> None:
-    if fmt == "json":
-        _emit(json.dumps(rows, indent=2) + "\n", output)
-        return
-    if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        keys = ["worker", "state", "seen_s_ago", "version", "gpus", "serves", "running"]
-        writer.writerow(keys)
-        for r in rows:
-            writer.writerow([";".join(r[k]) if k == "running" else r[k] for k in keys])
-        _emit(buffer.getvalue(), output)
-        return
-    table = Table(
-        "worker", "state", "last seen", "version", "gpus", "serves", "running", "skips",
-        title=f"{sum(r['state'] == 'live' for r in rows)} live, "
-        f"{sum(r['state'] == 'lost' for r in rows)} lost worker(s)", title_justify="left",
-    )  # fmt: skip
-    for r in rows:
-        skips = "; ".join(f"{study}: {why}" for study, why in r["cannot_serve"].items())
-        table.add_row(
-            r["worker"], r["state"], f"{r['seen_s_ago']:.0f}s ago", r["version"],
-            r["gpus"] or "-", r["serves"], ", ".join(r["running"]) or "-", skips or "-",
-        )  # fmt: skip
-    console = _console()
-    with console.capture() as captured:
-        console.print(table)
-    _emit(captured.get(), output)
-
-
-def _print_summary(
-    s: dict[str, Any], stderr: bool = False, console: Console | None = None
-) -> None:
-    console = console or _console(stderr)
-    budget = "∞" if s["budget"] is None else s["budget"]
-    console.print(
-        Text.assemble(
-            (s["study"], "bold"),
-            f"  state {s['state']}  directions {', '.join(s['directions'])}"
-            f"  progress {s['finished']}/{budget}",
-        )
+    summary = summarize(rdb, study, top=top, all_trials=True)
+    loaded = optuna.load_study(study_name=study, storage=rdb)
+    files = write_plots(
+        loaded,
+        Path(plot_dir),
+        summary,
+        progress=lambda t: click.echo(f"plotting {t}", err=True),
+        histories=metric_histories(rdb, study),
     )
-    console.print("  ".join(f"{k} {s['counts'][k]}" for k in STATES))
-    d = s["duration_s"]
-    if d["mean"] is not None:
-        console.print(f"duration mean {d['mean']:.2f}s  p50 {d['p50']:.2f}s  p95 {d['p95']:.2f}s")
-    if s["study_error"] and s["state"] == "stopped":  # a stop rule met (study.stop_when)
-        console.print(Text(f"stopped: {s['study_error']}"))
-    elif s["study_error"]:
-        console.print(Text(f"study error: {s['study_error']}", style="red"))
-
-    title = "Pareto front" if len(s["directions"]) > 1 else "best trial"
-    best = Table("trial", "value", "params", title=title, title_justify="left")
-    for b in s["best"]:
-        best.add_row(str(b["number"]), _fmt(b["values"]), json.dumps(b["params_nested"]))
-    console.print(best)
-
-    top = Table(
-        "trial",
-        "value",
-        "worker",
-        "duration",
-        "params",
-        title=f"top {len(s['top'])}",
-        title_justify="left",
-    )
-    for t in s["top"]:
-        top.add_row(
-            str(t["number"]),
-            _fmt(t["values"]),
-            str(t["worker"]),
-            f"{t['duration_s']:.2f}s",
-            json.dumps(t["params"]),
-        )
-    console.print(top)
-
-    workers = Table("worker", "trials", title="trials per worker", title_justify="left")
-    for worker, n in s["workers"].items():
-        workers.add_row(worker, str(n))
-    console.print(workers)
-    if s["cannot_serve"]:
-        skipped = Table(
-            "worker", "why it skips this study", title="workers that cannot serve it here",
-            title_justify="left",
-        )  # fmt: skip
-        for worker, why in s["cannot_serve"].items():
-            skipped.add_row(worker, why)
-        console.print(skipped)
-    for r in s["reopened"]:
-        error = f": {r['error']}" if r.get("error") else ""
-        console.print(
-            Text(f"reopened {r['at']} (was {r['was']}{error}): {r.get('reason') or '-'}")
-        )
-    if s["errors"]:
-        errors = Table("trial", "error", title="last errors", title_justify="left")
-        for e in s["errors"]:
-            errors.add_row(str(e["number"]), str(e["error"]))
-        console.print(errors)
-
-
-def _trials_csv(trials: list[dict[str, Any]], directions: list[str]) -> str:
-    params = sorted({p for t in trials for p in t["params"]})
-    value_cols = (
-        ["value"] if len(directions) == 1 else [f"value_{i}" for i in range(len(directions))]
-    )
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["number", "state", *value_cols, *params, "worker", "duration_s", "error"])
-    for t in trials:
-        values = t["values"] or [None] * len(value_cols)
-        writer.writerow(
-            [t["number"], t["state"], *values, *(t["params"].get(p) for p in params),
-             t["worker"], t["duration_s"], t["error"]]
-        )  # fmt: skip
-    return out.getvalue()
+    click.echo(f"wrote {len(files)} files; open {Path(plot_dir) / 'index.html'}")
