@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 
 from hpo_framework.cli.options import (
     config_storage_option,
+    set_option,
     storage_option,
     translate_errors,
     version_option,
@@ -114,10 +115,7 @@ def coordinator() -> None:
 @click.option("--name", help="Study name (default: the config's study.name).")
 @click.option("--resume", is_flag=True, help="Continue an existing study of the same config.")
 @click.option("--wait", is_flag=True, help="Show live progress until the study finishes.")
-@click.option(
-    "--set", "assignments", multiple=True, metavar="KEY.PATH=VALUE",
-    help="Override a config value, e.g. --set study.n_trials=8 (read as YAML; repeatable).",
-)  # fmt: skip
+@set_option
 @click.option(
     "--from", "copy_from", metavar="OLD",
     help="Copy study OLD's completed trials that fit this search space (warm start).",
@@ -171,10 +169,7 @@ def _exit_if_failed(summary: dict[str, Any]) -> None:
 
 @coordinator.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
-@click.option(
-    "--set", "assignments", multiple=True, metavar="KEY.PATH=VALUE",
-    help="Override a config value, as for create (read as YAML; repeatable).",
-)  # fmt: skip
+@set_option
 @translate_errors
 def check(config_path: str, assignments: tuple[str, ...]) -> None:
     """Check CONFIG as create would (the session imported on this host); write nothing."""
@@ -308,10 +303,7 @@ def enqueue(name: str, points_path: str, storage: str | None) -> None:
 
 @coordinator.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
-@click.option(
-    "--set", "assignments", multiple=True, metavar="KEY.PATH=VALUE",
-    help="Override a config value, as for create (read as YAML; repeatable).",
-)  # fmt: skip
+@set_option
 @config_storage_option
 @translate_errors
 def run(config_path: str, assignments: tuple[str, ...], storage: str | None) -> None:

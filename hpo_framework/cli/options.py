@@ -32,6 +32,11 @@ config_storage_option = click.option(
 
 
 #: ``--version`` on every command: the installed package's version.
+#: ``--set KEY.PATH=VALUE`` of the commands that read a config (create, check, run).
+set_option = click.option(
+    "--set", "assignments", multiple=True, metavar="KEY.PATH=VALUE",
+    help="Override a config value, e.g. --set study.n_trials=8 (read as YAML; repeatable).",
+)  # fmt: skip
 version_option = click.version_option(version=__version__, message="%(prog)s (hpo) %(version)s")
 
 

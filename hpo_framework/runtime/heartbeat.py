@@ -105,7 +105,10 @@ class Heartbeat:
                     False,
                 )
             wait = interval
-            if ticket is not None and not fresh and self._defer():
+            since = time.monotonic() - self._last_beat
+            if ticket is not None and not fresh and since < interval:
+                wait = interval - since  # written meanwhile (handed over): not due yet
+            elif ticket is not None and not fresh and self._defer():
                 with self._lock:
                     self._handoff = ticket  # written as the main thread hands the connection back
                 wait = min(interval, 0.2)  # soon again: the main thread may be done by then
@@ -132,14 +135,25 @@ class Heartbeat:
             ticket, self._handoff = self._handoff, None
             if ticket is None or ticket != self._ticket or dbapi_connection is None:
                 return
+            if time.monotonic() - self._last_beat < self._interval:
+                return  # the thread beat meanwhile
         try:
             owned = self._tickets.beat_on(dbapi_connection, *ticket)
-        except Exception as e:  # the heartbeat thread tries again, on a connection of its own
+        except BaseException as e:
+            # The heartbeat thread tries again, on a connection of its own. This one goes
+            # back to the pool only if it is sound and idle: a dead one, or one left inside
+            # the beat's transaction by a signal (a second SIGTERM, Ctrl-C), is closed, so
+            # its next use reconnects and no lock on the ticket's row outlives it.
             log.debug("heartbeat of ticket %d not written on checkin: %s", ticket[0], e)
-            try:
-                dbapi_connection.rollback()
-            except Exception:  # a dead connection: its next use finds out and reconnects
-                pass
+            if isinstance(e, Exception) and not is_transient(e):
+                try:
+                    dbapi_connection.rollback()
+                    return
+                except Exception:
+                    pass
+            record.invalidate(e)
+            if not isinstance(e, Exception):
+                raise
             return
         # Not owned: settled by the statement this connection just ran, most likely (untrack
         # comes after it); a ticket truly recovered is found by the thread's next beat.

@@ -307,6 +307,38 @@ def test_a_beat_due_while_the_main_thread_holds_the_connection_needs_no_second_o
     assert max(silences) < grace, silences
 
 
+def test_a_busy_connection_gets_one_beat_an_interval_not_more(pg_url: str, tmp_path: Path) -> None:
+    """Handed-over beats do not add up: with the main thread holding the connection most of
+    the time, the ticket is still beaten about once an interval (each beat is a commit)."""
+    create(tmp_path, pg_url)
+    storage = open_storage(pg_url, create_schema=False, role="hpo-worker")
+    with storage.engine.connect() as conn:
+        study_id = conn.execute(sa.text("select study_id from hpo_studies")).scalar_one()
+    tickets = Tickets(storage.engine)
+    ticket = tickets.claim(study_id, "t:1", 20.0, "k")
+    assert ticket is not None
+    beats: list[float] = []
+    try:
+        with Heartbeat(storage) as heartbeat:
+            for name in ("beat", "beat_on"):  # count every beat, the thread's and handed-over
+                original = getattr(heartbeat._tickets, name)
+
+                def counted(*args: Any, _original: Any = original) -> bool:
+                    beats.append(time.monotonic())
+                    return bool(_original(*args))
+
+                setattr(heartbeat._tickets, name, counted)
+            heartbeat.track(ticket, "t:1", interval=0.5, grace=20.0)
+            started = time.monotonic()
+            while time.monotonic() - started < 4.0:  # 8 intervals, the connection mostly busy
+                with storage.engine.connect() as conn:
+                    conn.execute(sa.text("select pg_sleep(0.05)"))
+            heartbeat.untrack()
+    finally:
+        storage.engine.dispose()
+    assert 4 <= len(beats) <= 10, [round(b - started, 2) for b in beats]
+
+
 def test_a_failure_is_settled_on_one_connection_when_the_server_is_full(
     private_pg,
     tmp_path: Path,  # type: ignore[no-untyped-def]
