@@ -99,7 +99,7 @@ def test_a_checkpoint_of_another_key_is_refused(tmp_path: Path, sqlite_url: str)
         "import sys, pickle\n"
         "from hpo_framework.session.reporting import current_info\n"
         "from hpo_framework import checkpoint\n"
-        "from tests.test_database_writer import _Payload\n"
+        "from tests.faults.test_database_writer import _Payload\n"
         "from pathlib import Path\n"
         f"t = {{'dir': {str(folder)!r}, 's3': None, 'endpoint_url': None, "
         "'id': 'study-1/point-0.pkl'}\n"
