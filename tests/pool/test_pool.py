@@ -235,7 +235,7 @@ def test_128_workers_on_100_connections_lose_no_trial(private_pg, tmp_path: Path
     idle_in_transaction_session_timeout; heartbeats that needed a second connection from a
     full server (now written on the process's own connection as it is handed back); and
     sweepers re-queueing on a second connection while holding the study's lock (stalled).
-    0 FAIL in 4 of 5 runs; in one full-suite run under load, 3 trials failed (retried): a
+    0 FAIL in 4 of 5 runs; in one full-suite run under load, 2 trials failed (retried): a
     process starved of CPU held its one connection past half the grace period. Before these
     fixes 9 to 18 failed a run, so more than 8 is a regression."""
     url = private_pg.url
