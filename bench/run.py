@@ -308,7 +308,8 @@ def cost(
     from hpo_framework.operations.coordinator import create_study
     from hpo_framework.runtime.executor import InProcessExecutor
     from hpo_framework.runtime.heartbeat import Heartbeat
-    from hpo_framework.runtime.trials import StudyHandle
+    from hpo_framework.runtime.trials import open_study
+    from hpo_framework.storage.backend import Backend
     from hpo_framework.storage.database import open_storage
 
     def measure(engine: sa.Engine, run_trials: Callable[[int], None]) -> dict[str, float]:
@@ -361,7 +362,9 @@ def cost(
         rdb = open_storage(url, create_schema=True)
         record = create_study(rdb, config, check_session=False)
         add_history(url, "bench", history)
-        handle = StudyHandle(rdb, record, config, InProcessExecutor(quadratic), worker_id="b")
+        handle = open_study(
+            Backend(rdb), record, config, InProcessExecutor(quadratic), worker_id="b"
+        )
         with Heartbeat(rdb) as heartbeat:
 
             def hpo_trials(k: int) -> None:

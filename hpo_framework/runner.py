@@ -20,10 +20,11 @@ from hpo_framework.runtime.executor import (
 )
 from hpo_framework.runtime.heartbeat import Heartbeat
 from hpo_framework.runtime.progress import progress_bar
-from hpo_framework.runtime.trials import StudyHandle
+from hpo_framework.runtime.trials import open_study
+from hpo_framework.storage.backend import Backend
 from hpo_framework.storage.database import open_storage, resolve_storage_url
 from hpo_framework.storage.presence import worker_id
-from hpo_framework.storage.registry import FAILED, Registry
+from hpo_framework.storage.registry import FAILED
 
 log = logging.getLogger("hpo.runner")
 
@@ -75,7 +76,8 @@ def _run(
     record = create_study(rdb, config, resume=True, check_session=False)
     if ref is not None:
         record = replace(record, session_ref=ref)
-    handle = StudyHandle(rdb, record, config, executor, worker_id=worker_id())
+    backend = Backend(rdb)
+    handle = open_study(backend, record, config, executor, worker_id=worker_id())
     with (
         Heartbeat(rdb) as heartbeat,
         progress_bar(
@@ -87,7 +89,7 @@ def _run(
     if broken is not None:
         key = "study.directions" if len(config.study.directions) > 1 else "study.direction"
         raise ConfigError(config.source, key, str(broken.error))
-    final = Registry(rdb.engine).get(record.name)
+    final = backend.registry.get(record.name)
     if final.state == FAILED:  # returned all the same: the trials are the caller's to look at
         log.error("study %r failed: %s", final.name, final.error or "see its failed trials")
     return handle.study

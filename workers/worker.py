@@ -12,7 +12,6 @@ import random
 import signal
 import threading
 import time
-from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -22,6 +21,7 @@ from hpo_framework.runtime import health
 from hpo_framework.runtime.serving import (
     FAILED,
     TRANSIENT_ERRORS,
+    Backend,
     CannotServeHere,
     Heartbeat,
     InvalidStudy,
@@ -32,7 +32,6 @@ from hpo_framework.runtime.serving import (
     StudyHandle,
     StudyRecord,
     Sweeper,
-    Tickets,
     bound_retries_for_stop,
     defaults,
     is_server_full,
@@ -42,7 +41,6 @@ from hpo_framework.runtime.serving import (
     redact,
     schema_exists,
     scrub,
-    with_db_retry,
     worker_id,
 )
 
@@ -107,7 +105,7 @@ class Worker:
             presence = Presence(storage.engine, self.id, self.study_filter)
             presence.register()
             with Heartbeat(storage, presence, self.health_file) as heartbeat:
-                self._loop(storage, heartbeat)
+                self._loop(Backend(storage), heartbeat)
             presence.leave()
             log.info("worker %s: stopped", self.id)
             return 0
@@ -173,10 +171,9 @@ class Worker:
 
     # --- the loop -----------------------------------------------------------------------------
 
-    def _loop(self, storage: optuna.storages.RDBStorage, heartbeat: Heartbeat) -> None:
-        registry = Registry(storage.engine)
-        self._sweeper = Sweeper(storage, self.id, defaults.SWEEP_INTERVAL_S)
-        tickets = Tickets(storage.engine)
+    def _loop(self, backend: Backend, heartbeat: Heartbeat) -> None:
+        registry, tickets = backend.registry, backend.tickets
+        self._sweeper = Sweeper(backend, self.id, defaults.SWEEP_INTERVAL_S)
         # --study NAME that does not exist yet: waiting for its coordinator is not idleness
         awaited = self.study_filter is not None and not self._check_study_filter(registry)
         idle_since = time.monotonic()
@@ -184,7 +181,7 @@ class Worker:
         waiting_said = ""
         while not self._stopping:
             self._sweeper.sweep()  # every study, whatever its state
-            records = with_db_retry(registry.open, "listing open studies")
+            records = registry.open()
             if self.study_filter is not None:
                 records = [r for r in records if r.name == self.study_filter]
                 if awaited and (records or self._study_exists(registry)):
@@ -197,7 +194,7 @@ class Worker:
                     break
                 if not record.claimable:  # its session is not even imported
                     continue
-                handle = self._handle(storage, registry, record)
+                handle = self._handle(backend, record)
                 if handle is None:
                     continue
                 # Serve this study while it has budget; re-list studies at least every second
@@ -224,7 +221,7 @@ class Worker:
             elif self._idle_expired(idle_since):
                 # Trials still in flight may fail and hand their tickets back, or belong to a
                 # lost worker this one must recover: idle means none is left anywhere.
-                if with_db_retry(tickets.held, "counting tickets in flight") > 0:
+                if tickets.held() > 0:
                     idle_since = time.monotonic() - self.idle_exit / 2  # type: ignore[operator]
                 else:
                     log.info("worker %s: idle for %ss, exiting", self.id, self.idle_exit)
@@ -232,9 +229,7 @@ class Worker:
             self._wake.wait(wait)
             wait = min(wait * 2, defaults.IDLE_POLL_MAX)
 
-    def _handle(
-        self, storage: optuna.storages.RDBStorage, registry: Registry, record: StudyRecord
-    ) -> StudyHandle | None:
+    def _handle(self, backend: Backend, record: StudyRecord) -> StudyHandle | None:
         """The loaded study, loading it on first sight; None for a study this worker can't run."""
         if record.study_id in self._broken:
             return None
@@ -243,7 +238,7 @@ class Worker:
             handle.record = record
             return handle
         try:
-            handle = load_for_serving(storage, record, self._executor, self.id, self._sweeper)
+            handle = load_for_serving(backend, record, self._executor, self.id, self._sweeper)
         except KeyError:  # deleted a moment ago
             self._deleted(record)
             return None
@@ -251,9 +246,7 @@ class Worker:
             self._broken.add(record.study_id)
             error = f"worker {self.id}: {e}"
             log.error("worker %s: cannot serve study %r: %s", self.id, record.name, e)
-            with_db_retry(
-                lambda: registry.set_state(record.name, FAILED, error), "recording a study error"
-            )
+            backend.registry.set_state(record.name, FAILED, error)
             return None
         except CannotServeHere as e:  # this host's problem: skip it, say why, serve the others
             self._broken.add(record.study_id)
@@ -261,7 +254,7 @@ class Worker:
                 "worker %s: cannot serve study %r on this host, skipping it: %s",
                 self.id, record.name, e,
             )  # fmt: skip
-            note_cannot_serve(storage, record, self.id, str(e))
+            note_cannot_serve(backend, record, self.id, str(e))
             return None
         log.info(
             "worker %s: serving study %r (session %s)", self.id, record.name, record.session_ref
@@ -273,7 +266,7 @@ class Worker:
         """Drop the loaded studies that are no longer open (stopped, failed or deleted)."""
         for study_id in set(self._handles) - open_ids:
             handle = self._handles.pop(study_id)
-            if with_db_retry(partial(registry.by_id, study_id), "reading") is None:
+            if registry.by_id(study_id) is None:
                 self._deleted(handle.record)
 
     def _deleted(self, record: StudyRecord) -> None:
@@ -302,14 +295,14 @@ class Worker:
 
     def _study_exists(self, registry: Registry) -> bool:
         name = self.study_filter or ""
-        return with_db_retry(lambda: registry.find(name), "reading") is not None
+        return registry.find(name) is not None
 
     def _check_study_filter(self, registry: Registry) -> bool:
         """Whether the study --study names exists; if not, say so once with the names there
         are (the worker then waits for it)."""
         if self._study_exists(registry):
             return True
-        names = [r.name for r in with_db_retry(registry.all, "listing studies")]
+        names = [r.name for r in registry.all()]
         log.warning(
             "worker %s: no study named %r (yet); studies here: %s", self.id,
             self.study_filter, ", ".join(repr(n) for n in names) or "none",

@@ -25,7 +25,8 @@ from hpo_framework.exceptions import (
 from hpo_framework.operations.day2 import LIMITS, compatible_trials, identity, set_limits
 from hpo_framework.runtime.hooks import fire_if_ended, rearm
 from hpo_framework.session.reference import import_session
-from hpo_framework.storage.database import redact, with_db_retry
+from hpo_framework.storage.backend import Backend
+from hpo_framework.storage.database import redact
 from hpo_framework.storage.registry import OPEN, PAUSED, STOPPED, Registry, StudyRecord
 
 log = logging.getLogger("hpo.coordinator")
@@ -47,7 +48,9 @@ def create_study(
     """
     budget = check_config(config, check_session=check_session)
     registry = Registry(storage.engine)
-    with_db_retry(registry.create_table, "creating the hpo_studies table")
+    # The one step of the CLI that waits for the database: the coordinator (a Kubernetes Job,
+    # a compose service) may start before the database does.
+    Registry(storage.engine, patient=True).create_table()
     name = config.study.name
     copies = [] if copy_from is None else compatible_trials(storage, copy_from, config)
     if budget is not None and len(copies) + len(config.enqueue) > budget:
@@ -202,7 +205,7 @@ def stop_study(storage: optuna.storages.RDBStorage, name: str) -> bool:
     registry.get(name)  # raises StudyNotFoundError
     stopped = registry.move(name, OPEN, STOPPED) or registry.move(name, PAUSED, STOPPED)
     if stopped:  # with nothing running, nobody else will see it end
-        fire_if_ended(storage, registry.get(name).study_id)
+        fire_if_ended(Backend(storage, patient=False), registry.get(name).study_id)
     return stopped
 
 

@@ -30,9 +30,9 @@ from typing import Any
 import optuna
 
 from hpo_framework.config.host_policy import hook_url_refusal
-from hpo_framework.storage.optuna_tables import insert_study_attr_once, study_user_attrs
-from hpo_framework.storage.registry import FAILED, OPEN, STOPPED, Registry, StudyRecord
-from hpo_framework.storage.tickets import Tickets
+from hpo_framework.storage.backend import Backend
+from hpo_framework.storage.optuna_tables import study_user_attrs
+from hpo_framework.storage.registry import FAILED, OPEN, STOPPED, StudyRecord
 
 log = logging.getLogger("hpo.hooks")
 
@@ -62,15 +62,15 @@ def hooks_of(record: StudyRecord) -> tuple[str | None, str | None]:
     return study.get("on_done"), study.get("on_failed")
 
 
-def fire_if_ended(storage: optuna.storages.RDBStorage, study_id: int) -> None:
+def fire_if_ended(backend: Backend, study_id: int) -> None:
     """Fire the study's hook if it has ended and no process fired it yet. Reads nothing more
     than the study's row when the study has no hook."""
-    registry = Registry(storage.engine)
+    registry = backend.registry
     record = registry.by_id(study_id)
     if record is None or hooks_of(record) == (None, None):
         return
     if record.state != FAILED:  # nothing may be running for "done": then read the row again
-        if Tickets(storage.engine).held(study_id) > 0:
+        if backend.tickets.held(study_id) > 0:
             return
         record = registry.by_id(study_id)
         if record is None:
@@ -91,11 +91,11 @@ def fire_if_ended(storage: optuna.storages.RDBStorage, study_id: int) -> None:
         return
     at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     fired = {"event": event, "at": at}
-    if not insert_study_attr_once(storage.engine, record.study_id, FIRED_ATTR, fired):
+    if not backend.set_study_attr_once(record.study_id, FIRED_ATTR, fired):
         return  # another process fired it
     from hpo_framework.views.inspection import summarize  # the read side, only when a hook fires
 
-    summary = summarize(storage, record.name)
+    summary = summarize(backend.storage, record.name)
     body = {"text": one_line(event, summary), "event": event, **summary}
     run_hook(hook, json.dumps(body, default=str), record.name, event)
 

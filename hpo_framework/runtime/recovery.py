@@ -18,16 +18,15 @@ from __future__ import annotations
 import logging
 import time
 
-import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from hpo_framework.config.schema import Config
 from hpo_framework.runtime.hooks import fire_if_ended, hooks_of
 from hpo_framework.runtime.settle import Ledger, settle_failure
-from hpo_framework.storage.database import DB_HEALTH, with_db_retry
-from hpo_framework.storage.registry import Registry, StudyRecord
-from hpo_framework.storage.tickets import StaleTicket, Tickets
-from hpo_framework.storage.trial_attrs import ERROR_ATTR
+from hpo_framework.storage.backend import Backend
+from hpo_framework.storage.database import DB_HEALTH
+from hpo_framework.storage.registry import StudyRecord
+from hpo_framework.storage.tickets import StaleTicket
 
 log = logging.getLogger("hpo.trial")
 
@@ -35,14 +34,10 @@ log = logging.getLogger("hpo.trial")
 class Sweeper:
     """One process's recovery of lost workers' tickets."""
 
-    def __init__(
-        self, storage: optuna.storages.RDBStorage, worker_id: str, interval: float
-    ) -> None:
-        self.storage = storage
+    def __init__(self, backend: Backend, worker_id: str, interval: float) -> None:
+        self.backend = backend
         self.worker_id = worker_id
         self.interval = interval
-        self.registry = Registry(storage.engine)
-        self.tickets = Tickets(storage.engine)
         self.ledgers: dict[int, Ledger] = {}  # of the studies this process serves
         self._next = 0.0
 
@@ -54,36 +49,28 @@ class Sweeper:
             return 0
         self._next = now + self.interval
         recovered = 0
-        stale = with_db_retry(self.tickets.stale, "sweeping")
+        tickets = self.backend.tickets
+        stale = tickets.stale()
         connected = DB_HEALTH.connected_for()
         for ticket in stale:
             if connected < ticket.grace:
                 continue  # this process may have been cut off itself: no evidence yet
-            if self._take_over(ticket):
+            if tickets.take_over(ticket.ticket_id, self.worker_id):
                 self._recover(ticket)
                 recovered += 1
-        for trial_id in with_db_retry(self.tickets.orphans, "sweeping"):
-            fail_trial(self.storage, trial_id, "its ticket was recovered before the trial began")
+        for trial_id in tickets.orphans():
+            self.backend.fail_trial(trial_id, "its ticket was recovered before the trial began")
         return recovered
 
-    def _take_over(self, ticket: StaleTicket) -> bool:
-        return with_db_retry(
-            lambda: self.tickets.take_over(ticket.ticket_id, self.worker_id),
-            "taking over a lost ticket",
-        )
-
     def _recover(self, ticket: StaleTicket) -> None:
-        me, tickets = self.worker_id, self.tickets
-        record = with_db_retry(lambda: self.registry.by_id(ticket.study_id), "reading")
+        me, backend, tickets = self.worker_id, self.backend, self.backend.tickets
+        record = backend.registry.by_id(ticket.study_id)
         trial_id = ticket.trial_id
         if trial_id is None:
-            trial_id = with_db_retry(lambda: tickets.trial_of(ticket.ticket_id), "reading")
-        trial = None if trial_id is None else _get_trial(self.storage, trial_id)
+            trial_id = tickets.trial_of(ticket.ticket_id)
+        trial = None if trial_id is None else backend.trial(trial_id)
         if record is None or trial is None:  # lost before its trial began, or study deleted
-            with_db_retry(
-                lambda: tickets.settle(ticket.ticket_id, me, returned=True, failure=False),
-                "returning a ticket",
-            )
+            tickets.settle(ticket.ticket_id, me, returned=True, failure=False)
             name = record.name if record is not None else f"#{ticket.study_id} (deleted)"
             log.warning(
                 "study=%s ticket of worker %s returned: lost before its trial began "
@@ -92,25 +79,22 @@ class Sweeper:
             return
         if trial.state == TrialState.RUNNING:
             error = f"worker {ticket.worker} lost: no heartbeat for over {ticket.grace:g}s"
-            if fail_trial(self.storage, trial._trial_id, error):
+            if backend.fail_trial(trial._trial_id, error):
                 log.warning(
                     "study=%s trial=%d failed: worker %s lost (no heartbeat for %.0fs, grace "
                     "%gs)%s", record.name, trial.number, ticket.worker, ticket.silent_s,
                     ticket.grace, "; params re-queued" if trial.params else "",
                 )  # fmt: skip
-            trial = _get_trial(self.storage, trial._trial_id) or trial
+            trial = backend.trial(trial._trial_id) or trial
         if trial.state == TrialState.FAIL:
             # A trial lost before it had parameters never ran: no failure of the study's.
             ledger = self._ledger(record)
             settle_failure(ledger, trial, ticket.ticket_id, me, failure=bool(trial.params))
         else:  # it finished; its worker was lost before settling: the result counts
-            with_db_retry(
-                lambda: tickets.settle(ticket.ticket_id, me, returned=False, failure=False),
-                "settling a ticket",
-            )
+            tickets.settle(ticket.ticket_id, me, returned=False, failure=False)
         if hooks_of(record) != (None, None):  # the lost worker's trial may have been the last
             try:
-                with_db_retry(lambda: fire_if_ended(self.storage, record.study_id), "a hook")
+                fire_if_ended(backend, record.study_id)
             except Exception as e:  # a hook never takes the sweeping worker down
                 log.warning("study=%s hook not fired: %s", record.name, e)
 
@@ -122,28 +106,4 @@ class Sweeper:
             retries = Config.stored(record.name, record.config).study.max_retries
         except Exception:  # a study whose stored config no longer checks: no retries
             retries = 0
-        return Ledger(
-            self.storage, self.registry, self.tickets, record.study_id, record.name, retries
-        )
-
-
-def fail_trial(storage: optuna.storages.RDBStorage, trial_id: int, error: str) -> bool:
-    """RUNNING -> FAIL with ``error``, under Optuna's row lock; False if it had finished."""
-
-    def fail() -> bool:
-        try:
-            storage.set_trial_user_attr(trial_id, ERROR_ATTR, error)
-            return storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return False  # it finished after all, or a retry of ours committed first
-        except KeyError:
-            return False  # deleted with its study
-
-    return with_db_retry(fail, "failing a lost trial")
-
-
-def _get_trial(storage: optuna.storages.RDBStorage, trial_id: int) -> FrozenTrial | None:
-    try:
-        return with_db_retry(lambda: storage.get_trial(trial_id), "reading a trial")
-    except KeyError:
-        return None
+        return Ledger(self.backend, record.study_id, record.name, retries)

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import zlib
 
-import optuna
-
 from hpo_framework import defaults
 from hpo_framework.config.schema import Config
 from hpo_framework.exceptions import HostConfigError, HPOError, StorageError
 from hpo_framework.runtime.executor import ProcessExecutor, die_with_parent
 from hpo_framework.runtime.heartbeat import Heartbeat
 from hpo_framework.runtime.recovery import Sweeper
-from hpo_framework.runtime.trials import StudyHandle
+from hpo_framework.runtime.trials import StudyHandle, open_study
+from hpo_framework.storage.backend import Backend
 from hpo_framework.storage.database import (
     TRANSIENT_ERRORS,
     bound_retries_for_stop,
@@ -28,15 +27,14 @@ from hpo_framework.storage.database import (
     redact,
     schema_exists,
     scrub,
-    with_db_retry,
 )
 from hpo_framework.storage.presence import Presence, worker_id
 from hpo_framework.storage.registry import FAILED, Registry, StudyRecord
-from hpo_framework.storage.tickets import Tickets
 from hpo_framework.storage.trial_attrs import CANNOT_SERVE_PREFIX
 
 __all__ = [
     "worker_id",
+    "Backend",
     "FAILED",
     "TRANSIENT_ERRORS",
     "CannotServeHere",
@@ -49,7 +47,6 @@ __all__ = [
     "StudyHandle",
     "StudyRecord",
     "Sweeper",
-    "Tickets",
     "defaults",
     "die_with_parent",
     "bound_retries_for_stop",
@@ -60,7 +57,6 @@ __all__ = [
     "redact",
     "schema_exists",
     "scrub",
-    "with_db_retry",
 ]
 
 
@@ -73,7 +69,7 @@ class CannotServeHere(HPOError):
 
 
 def load_for_serving(
-    storage: optuna.storages.RDBStorage,
+    backend: Backend,
     record: StudyRecord,
     executor: ProcessExecutor,
     worker_id: str,
@@ -90,20 +86,14 @@ def load_for_serving(
         raise InvalidStudy(str(e)) from e
     try:  # what fails here may be this host's (modules allowed, packages, a GPU)
         executor.check(record.session_ref)
-        return StudyHandle(
-            storage, record, config, executor,
+        return open_study(
+            backend, record, config, executor,
             worker_id=worker_id, worker_index=zlib.crc32(worker_id.encode()), sweeper=sweeper,
         )  # fmt: skip
     except (HPOError, ImportError) as e:
         raise CannotServeHere(str(e)) from e
 
 
-def note_cannot_serve(
-    storage: optuna.storages.RDBStorage, record: StudyRecord, worker_id: str, reason: str
-) -> None:
+def note_cannot_serve(backend: Backend, record: StudyRecord, worker_id: str, reason: str) -> None:
     """Record, per worker, why this worker skips the study (``hpo-inspect STUDY`` shows it)."""
-    key, why = f"{CANNOT_SERVE_PREFIX}{worker_id}", reason[:1000]
-    with_db_retry(
-        lambda: storage.set_study_user_attr(record.study_id, key, why),
-        "recording why this worker skips a study",
-    )
+    backend.set_study_attr(record.study_id, f"{CANNOT_SERVE_PREFIX}{worker_id}", reason[:1000])

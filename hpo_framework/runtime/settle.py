@@ -4,7 +4,8 @@ ticket holder must find the re-queued point), so it lives here and nowhere else.
 
 Both steps are idempotent: the retry carries the failed trial's id, so re-queueing again after
 a lost answer (or a recoverer finishing what a lost settler began) finds it and adds nothing;
-the ticket is settled by one conditional statement (``Tickets.settle``).
+the ticket is settled by one conditional statement (``Tickets.settle``). The retry policy
+(whether a point runs again) is ``retries_left``; the mechanism is the rest.
 """
 
 from __future__ import annotations
@@ -15,17 +16,14 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo_framework.storage.database import with_db_retry
-from hpo_framework.storage.optuna_tables import trial_with_system_attr
-from hpo_framework.storage.registry import OPEN, PAUSED, Registry, StudyRecord, study_lock
-from hpo_framework.storage.tickets import Tickets
+from hpo_framework.storage.backend import Backend
+from hpo_framework.storage.registry import OPEN, PAUSED, StudyRecord
 from hpo_framework.storage.trial_attrs import (
     ATTEMPT_ATTR,
     REQUEUED_FROM_ATTR,
     RETRY_OF_ATTR,
     int_attr,
 )
-from hpo_framework.storage.trial_store import create_trial_once
 
 log = logging.getLogger("hpo.trial")
 
@@ -34,9 +32,7 @@ log = logging.getLogger("hpo.trial")
 class Ledger:
     """What settling needs to know of a study, whether this process serves it or not."""
 
-    storage: optuna.storages.RDBStorage
-    registry: Registry
-    tickets: Tickets
+    backend: Backend
     study_id: int
     name: str
     max_retries: int
@@ -47,10 +43,7 @@ def settle_failure(
 ) -> None:
     """Re-queue the failed trial's point (once), then give its ticket back."""
     requeue_once(ledger, failed)
-    state = with_db_retry(
-        lambda: ledger.tickets.settle(ticket_id, worker, returned=True, failure=failure),
-        "returning a ticket",
-    )
+    state = ledger.backend.tickets.settle(ticket_id, worker, returned=True, failure=failure)
     if state is not None and state != OPEN:
         log.error("study=%s stopped: %s", ledger.name, "max_failed_trials reached")
 
@@ -62,12 +55,8 @@ def requeue_once(ledger: Ledger, failed: FrozenTrial) -> None:
     params = failed.params or failed.system_attrs.get("fixed_params") or {}
     if not params:
         return
-    record = with_db_retry(lambda: ledger.registry.by_id(ledger.study_id), "reading")
-    if record is None or not _goes_on(record):
-        return
-    # max_retries may have been changed on the live study (hpo-coordinator set)
-    max_retries = int_attr(record.config.get("study") or {}, "max_retries", ledger.max_retries)
-    if attempt >= max_retries:
+    record = ledger.backend.registry.by_id(ledger.study_id)
+    if record is None or not retries_left(record, attempt, ledger.max_retries):
         return
     root = failed.user_attrs.get(RETRY_OF_ATTR, failed.number)
     retry = optuna.trial.create_trial(
@@ -75,21 +64,15 @@ def requeue_once(ledger: Ledger, failed: FrozenTrial) -> None:
         system_attrs={"fixed_params": dict(params), REQUEUED_FROM_ATTR: failed._trial_id},
         user_attrs={RETRY_OF_ATTR: root, ATTEMPT_ATTR: attempt + 1},
     )
-
-    def requeue() -> None:
-        engine = ledger.storage.engine
-        # retry-failed may be at it too. One connection: a full server may refuse a second
-        # one, and a hundred sweepers each holding one and waiting for another stall for good.
-        with study_lock(engine, ledger.study_id) as conn:
-            if trial_with_system_attr(conn or engine, REQUEUED_FROM_ATTR, failed._trial_id):
-                return  # an earlier try committed (its answer was lost), or a settler before us
-            create_trial_once(ledger.storage, ledger.study_id, retry, conn)
-
-    with_db_retry(requeue, "re-queueing a failed trial")
+    ledger.backend.requeue(ledger.study_id, failed._trial_id, retry)
 
 
-def _goes_on(record: StudyRecord) -> bool:
-    """Whether the study goes on after one more failure (no retry for a study that this
-    failure stops: its point would be left WAITING). A paused study goes on when resumed."""
+def retries_left(record: StudyRecord, attempt: int, max_retries: int) -> bool:
+    """The retry policy: whether a point whose ``attempt``-th try failed runs again. Not if
+    the study does not go on after one more failure (its point would be left WAITING), nor
+    past ``max_retries`` (the live study's value wins: ``hpo-coordinator set`` may change it).
+    A paused study goes on when resumed."""
     limit = record.max_failures
-    return record.state in (OPEN, PAUSED) and (limit is None or record.failures + 1 < limit)
+    goes_on = record.state in (OPEN, PAUSED) and (limit is None or record.failures + 1 < limit)
+    live = int_attr(record.config.get("study") or {}, "max_retries", max_retries)
+    return goes_on and attempt < live

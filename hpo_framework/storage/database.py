@@ -2,12 +2,18 @@
 
 Every entry point resolves the URL with :func:`resolve_storage_url` and opens it with
 :func:`open_storage`; database-driver errors become :class:`StorageError` here and only here.
+
+The retry policy lives here too, and the storage layer applies it: a method that is a whole
+database step is marked :func:`retried`, and a caller outside ``storage`` just calls it. Steps
+nest (a retried step may call others); only the outermost one waits out an outage and runs
+again, so a step is replayed as the unit whose idempotency it promises.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import random
@@ -16,7 +22,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import optuna
 import sqlalchemy
@@ -361,6 +367,31 @@ def bound_retries_for_stop() -> None:
         _stopping_since = time.monotonic()
 
 
+#: Set while a step runs under :func:`with_db_retry`: a step it calls runs once, and the outer
+#: one owns the waiting (a replay of the inner step alone could break the outer's idempotency).
+_IN_STEP: contextvars.ContextVar[bool] = contextvars.ContextVar("hpo_db_in_step", default=False)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def retried(what: str) -> Callable[[F], F]:
+    """Mark a method as one database step. On an object whose ``patient`` attribute is true
+    (a worker's storage) it runs under :func:`with_db_retry`, ``what`` naming it in the log
+    and in the error; otherwise (a CLI command, which should say so rather than hang) once."""
+
+    def mark(method: F) -> F:
+        @functools.wraps(method)
+        def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not self.patient:
+                return method(self, *args, **kwargs)
+            return with_db_retry(lambda: method(self, *args, **kwargs), what)
+
+        return cast(F, step)
+
+    return mark
+
+
 def with_db_retry(op: Callable[[], T], what: str, deadline: float | None = None) -> T:
     """Run ``op``, waiting out database outages with capped exponential backoff and jitter.
 
@@ -368,8 +399,19 @@ def with_db_retry(op: Callable[[], T], what: str, deadline: float | None = None)
     delays work instead of ending it. Gives up (StorageError) after ``DB_RETRY_DEADLINE``.
     Only connection-level failures are retried (:func:`is_transient`); any other database
     error is a StorageError at once, with the database's reason. Steps run here must be
-    idempotent: a step whose answer was lost is run again.
+    idempotent: a step whose answer was lost is run again. Inside another step it runs once:
+    the outer step is what is replayed.
     """
+    if _IN_STEP.get():
+        return op()
+    token = _IN_STEP.set(True)
+    try:
+        return _retrying(op, what, deadline)
+    finally:
+        _IN_STEP.reset(token)
+
+
+def _retrying(op: Callable[[], T], what: str, deadline: float | None) -> T:
     if _NO_WAIT.get():
         deadline = _NO_WAIT_DEADLINE_S
     started = time.monotonic()

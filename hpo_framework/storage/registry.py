@@ -9,6 +9,7 @@ however many workers race; a failed trial hands its ticket back so its parameter
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from sqlalchemy.engine import Engine
 from hpo_framework import defaults
 from hpo_framework._checks import did_you_mean
 from hpo_framework.exceptions import StudyNotFoundError
+from hpo_framework.storage.database import retried
 from hpo_framework.storage.optuna_tables import studies, trials
 
 metadata = sa.MetaData()
@@ -83,14 +85,30 @@ hpo_metrics = sa.Table(
 )
 
 
-OPEN, PAUSED, STOPPED, FAILED = "open", "paused", "stopped", "failed"
+class StudyState(str, enum.Enum):
+    """A study's state in ``hpo_studies.state``. A ``str``: it is stored, compared, printed and
+    serialized as its value (``"open"``), as the state strings were before."""
+
+    OPEN = "open"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+OPEN, PAUSED, STOPPED, FAILED = StudyState
 
 
 @dataclass(frozen=True)
 class StudyRecord:
     study_id: int
     name: str
-    state: str
+    state: StudyState
     budget: int | None
     claimed: int
     failures: int
@@ -139,10 +157,13 @@ def _lost_create_race(e: sa.exc.DatabaseError) -> bool:
 
 
 class Registry:
-    """Reads and conditional writes of ``hpo_studies`` over one engine."""
+    """Reads and conditional writes of ``hpo_studies`` over one engine. A ``patient`` one (a
+    worker's, from ``Backend``) waits out outages in every step; otherwise (the CLI) a step
+    fails at once."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, patient: bool = False) -> None:
         self.engine = engine
+        self.patient = patient
         self._now = db_now(engine)
 
     @property
@@ -150,6 +171,7 @@ class Registry:
         """The database's clock, as an SQL expression (deadlines are set by it)."""
         return self._now
 
+    @retried("creating hpo's tables")
     def create_table(self) -> None:
         """hpo's tables, and two indexes on Optuna's ``trials`` that keep a trial's start
         independent of the study's size (the waiting-trial probe and the next number)."""
@@ -206,6 +228,7 @@ class Registry:
                 )  # fmt: skip
             )
 
+    @retried("reading a study")
     def get(self, name: str) -> StudyRecord:
         records = self._select(hpo_studies.c.study_name == name)
         if not records:
@@ -215,21 +238,26 @@ class Registry:
             raise StudyNotFoundError(f"no study named {name!r} in this storage{hint}")
         return records[0]
 
+    @retried("reading a study")
     def find(self, name: str) -> StudyRecord | None:
         records = self._select(hpo_studies.c.study_name == name)
         return records[0] if records else None
 
+    @retried("listing studies")
     def all(self) -> list[StudyRecord]:
         return self._select(sa.true())
 
+    @retried("listing open studies")
     def open(self) -> list[StudyRecord]:
         return self._select(hpo_studies.c.state == OPEN)
 
+    @retried("reading a study")
     def by_id(self, study_id: int) -> StudyRecord | None:
         records = self._select(hpo_studies.c.study_id == study_id)
         return records[0] if records else None
 
-    def set_state(self, name: str, state: str, error: str | None = None) -> bool:
+    @retried("setting a study's state")
+    def set_state(self, name: str, state: StudyState, error: str | None = None) -> bool:
         """Move an open study to ``state``; False if it was not open."""
         c = hpo_studies.c
         stmt = hpo_studies.update().where(c.study_name == name, c.state == OPEN)
@@ -239,7 +267,8 @@ class Registry:
         with self.engine.begin() as conn:
             return conn.execute(stmt.values(**values)).rowcount == 1
 
-    def move(self, name: str, from_state: str, to_state: str, **values: Any) -> bool:
+    @retried("moving a study's state")
+    def move(self, name: str, from_state: StudyState, to_state: StudyState, **values: Any) -> bool:
         """Move the study from ``from_state`` to ``to_state`` (with other column ``values``);
         False if it was not in ``from_state`` (someone else moved it first)."""
         c = hpo_studies.c
@@ -247,6 +276,7 @@ class Registry:
         with self.engine.begin() as conn:
             return conn.execute(stmt.values(state=to_state, **values)).rowcount == 1
 
+    @retried("reopening a study")
     def reopen(self, name: str, timeout: float | None) -> None:
         """Resume a study: open again, with a fresh deadline counted from now."""
         c = hpo_studies.c
@@ -258,10 +288,12 @@ class Registry:
                 .values(state=OPEN, deadline=deadline, error=None, failures=0)
             )
 
+    @retried("deleting a study")
     def delete(self, name: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(hpo_studies.delete().where(hpo_studies.c.study_name == name))
 
+    @retried("deleting metric histories")
     def delete_metrics(self, study_id: int) -> None:
         """The metric histories of a study's trials (before Optuna deletes the trials)."""
         mine = sa.select(trials.c.trial_id).where(trials.c.study_id == study_id)
@@ -282,7 +314,7 @@ class Registry:
             StudyRecord(
                 study_id=r.study_id,
                 name=r.study_name,
-                state=r.state,
+                state=StudyState(r.state),
                 budget=r.budget,
                 claimed=r.claimed,
                 failures=r.failures,

@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import Connection, Engine
 
 from hpo_framework.storage import pg_guards
+from hpo_framework.storage.database import retried
 from hpo_framework.storage.optuna_tables import (
     trial_system_attrs,
     trial_user_attrs,
@@ -63,13 +64,15 @@ class Tickets:
     """The ticket protocol over one engine (PostgreSQL: single statements; SQLite: one
     transaction each, which SQLite serializes anyway)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, patient: bool = False) -> None:
         self.engine = engine
+        self.patient = patient  # steps wait out outages (a worker's); the heartbeat's do not
         self._pg = engine.dialect.name == "postgresql"
         self._now = db_now(engine)
 
     # --- claim -------------------------------------------------------------------------------
 
+    @retried("claiming a ticket")
     def claim(self, study_id: int, worker: str, grace: float, key: str) -> int | None:
         """The ticket id if this worker holds one for ``key`` (now or from an earlier try whose
         answer was lost), None if the study has no budget, is not open or has timed out."""
@@ -110,11 +113,13 @@ class Tickets:
 
     # --- the trial of a ticket ---------------------------------------------------------------
 
+    @retried("binding a ticket")
     def bind(self, ticket_id: int, worker: str, trial_id: int) -> bool:
         """Record the ticket's new trial; False if the ticket is no longer this worker's."""
         with self.engine.begin() as conn:
             return _bind(conn, ticket_id, worker, trial_id)
 
+    @retried("taking a waiting trial")
     def pop_waiting(self, ticket_id: int, worker: str, trial_id: int) -> bool:
         """Start the waiting trial ``trial_id`` (an enqueued point or a retry) on this ticket:
         WAITING -> RUNNING, the ticket bound and the trial's worker recorded, all in one
@@ -140,6 +145,7 @@ class Tickets:
             )
         return True
 
+    @retried("reading a ticket")
     def trial_of(self, ticket_id: int) -> int | None:
         """The trial a ticket started: bound, or created but not yet bound (its holder was
         lost in between; the trial carries the ticket id as a system attribute)."""
@@ -182,6 +188,7 @@ class Tickets:
 
     # --- settle ------------------------------------------------------------------------------
 
+    @retried("settling a ticket")
     def settle(self, ticket_id: int, worker: str, *, returned: bool, failure: bool) -> str | None:
         """End the ticket: its unit of budget goes back if ``returned``; a ``failure`` counts
         towards ``max_failed_trials`` (the study that reaches it is failed in the same
@@ -221,6 +228,7 @@ class Tickets:
 
     # --- recovery ----------------------------------------------------------------------------
 
+    @retried("sweeping")
     def stale(self) -> list[StaleTicket]:
         """Tickets of every study (whatever its state) silent for longer than their grace."""
         t = hpo_tickets.c
@@ -235,6 +243,7 @@ class Tickets:
             for r in rows
         ]
 
+    @retried("taking over a lost ticket")
     def take_over(self, ticket_id: int, worker: str) -> bool:
         """Become the holder of a stale ticket; one live worker wins it. The winner's own
         heartbeat is now the ticket's: if it is lost too, another worker takes over."""
@@ -251,6 +260,7 @@ class Tickets:
             )
             return won.rowcount == 1
 
+    @retried("sweeping")
     def orphans(self) -> list[int]:
         """RUNNING trials made on a ticket that is gone: the trial was created after its
         ticket was recovered (its worker froze between the two). Trials made by other tools
@@ -269,6 +279,7 @@ class Tickets:
         with self.engine.connect() as conn:
             return [int(i) for i in conn.execute(query).scalars()]
 
+    @retried("counting tickets in flight")
     def held(self, study_id: int | None = None) -> int:
         """Tickets held right now, in one study or in all."""
         query = sa.select(sa.func.count()).select_from(hpo_tickets)

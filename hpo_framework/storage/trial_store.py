@@ -23,6 +23,11 @@ trial cache (``_CachedStorage``) with three changes, all for the trials *this pr
   binding, on PostgreSQL), setting a parameter and telling a result each take one
   transaction of one or two statements instead of Optuna's read-lock-write sequences.
 
+Every read and write here is a :func:`~hpo_framework.storage.database.retried` step: Optuna's
+``Trial`` and sampler call it, and an outage is waited out inside, not by the caller. Starting
+a trial (``start``) and recording its result (``tell``) are steps of their own, replayed as
+one unit, each idempotent after a lost answer.
+
 Everything else is Optuna's. This leans on Optuna's private ``_CachedStorage`` and its table
 models, pinned to the Optuna range in ``pyproject.toml``; ``tests/pool/test_db_cost.py``
 counts the statements of a trial and compares what this writes with what Optuna reads back,
@@ -33,7 +38,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -49,17 +54,26 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import orm
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from hpo_framework.storage import trial_sync
+from hpo_framework import defaults
+from hpo_framework.storage import metrics, trial_sync
+from hpo_framework.storage.database import retried
+from hpo_framework.storage.optuna_tables import has_waiting_trials
 from hpo_framework.storage.optuna_tables import trial_params as _params
 from hpo_framework.storage.optuna_tables import trial_system_attrs as _system_attrs
 from hpo_framework.storage.optuna_tables import trial_user_attrs as _user_attrs
 from hpo_framework.storage.optuna_tables import trial_values as _values
 from hpo_framework.storage.optuna_tables import trials as _trials
-from hpo_framework.storage.trial_attrs import TICKET_ATTR, WORKER_ATTR
+from hpo_framework.storage.tickets import Tickets
+from hpo_framework.storage.trial_attrs import ERROR_ATTR, TICKET_ATTR, TRACEBACK_ATTR, WORKER_ATTR
+
+#: How often a worker looks for a waiting trial that others keep popping first.
+_POP_ROUNDS = 5
 
 
 class TrialStore(_CachedStorage):
     """Optuna's trial cache over one ``RDBStorage``, with this process's trials in memory."""
+
+    patient = True  # a worker's: every step waits out an outage
 
     def __init__(self, backend: optuna.storages.RDBStorage) -> None:
         super().__init__(backend)
@@ -68,8 +82,75 @@ class TrialStore(_CachedStorage):
         self._own: dict[int, FrozenTrial] = {}
         self._reuse_sync = False
         self._synced = False
+        self._starting: str | None = None  # the claim whose trial a try began to start
+
+    @retried("loading a study")
+    def load_study(
+        self, name: str, sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner
+    ) -> optuna.Study:
+        return optuna.load_study(study_name=name, storage=self, sampler=sampler, pruner=pruner)
 
     # --- starting a trial ----------------------------------------------------------------------
+
+    @retried("starting a trial")
+    def start(
+        self, study_id: int, ticket: int, key: str, worker: str, tickets: Tickets
+    ) -> int | None:
+        """Take a waiting trial (an enqueued point or a retry) if any, else create a new one;
+        either way bound to ``ticket``, and run by this process from now on. None if the
+        ticket is no longer this worker's (recovered while it was frozen). ``key`` is the
+        claim's, unique to this start: a replay of it looks for the trial a lost try made."""
+        if self._starting == key:  # an earlier try may have committed; its answer was lost
+            found = tickets.trial_of(ticket)
+            if found is not None:
+                self.adopt(study_id, self._backend.get_trial(found))
+                return found
+        self._starting = key
+        return self._start(study_id, ticket, worker, tickets)
+
+    def _start(self, study_id: int, ticket: int, worker: str, tickets: Tickets) -> int | None:
+        for _ in range(_POP_ROUNDS):
+            if self.pg:  # one transaction: create and bind, unless a trial is waiting
+                started = self.start_new(study_id, ticket, worker)
+                if started is not True:
+                    return started
+            elif not has_waiting_trials(self._backend, study_id):
+                return self._create_and_bind(study_id, ticket, worker, tickets)
+            popped = self._pop_waiting(study_id, ticket, worker, tickets)
+            if popped is not None:
+                return popped
+            # Each waiting trial seen was popped by another worker first: look again.
+        return None  # or this ticket was taken over, which makes every pop fail
+
+    def _pop_waiting(
+        self, study_id: int, ticket: int, worker: str, tickets: Tickets
+    ) -> int | None:
+        waiting = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
+        for trial in waiting:
+            if tickets.pop_waiting(ticket, worker, trial._trial_id):
+                running = copy.deepcopy(trial)
+                running.state, running.datetime_start = TrialState.RUNNING, datetime.now()
+                running.user_attrs[WORKER_ATTR] = worker
+                self.adopt(study_id, running)
+                return trial._trial_id
+        return None
+
+    def _create_and_bind(
+        self, study_id: int, ticket: int, worker: str, tickets: Tickets
+    ) -> int | None:
+        """SQLite's way to a new trial: Optuna's steps, then the ticket's binding."""
+        template = optuna.trial.create_trial(state=TrialState.WAITING)
+        template.state = TrialState.RUNNING
+        template.datetime_start = datetime.now()
+        template.user_attrs = {WORKER_ATTR: worker}
+        template.system_attrs = {TICKET_ATTR: ticket}
+        trial = create_trial_once(self, study_id, template)
+        if not tickets.bind(ticket, worker, trial._trial_id):
+            # Recovered while this worker was frozen; the new trial is an orphan the sweep
+            # of any worker fails (it has no parameters yet: nothing to re-queue).
+            return None
+        self.adopt(study_id, trial)
+        return int(trial._trial_id)
 
     def start_new(self, study_id: int, ticket: int, worker: str) -> int | None | bool:
         """Create a RUNNING trial bound to ``ticket`` (PostgreSQL: one transaction).
@@ -109,8 +190,56 @@ class TrialStore(_CachedStorage):
         self._own = {trial._trial_id: trial}
         remember(self, study_id, trial)
 
+    # --- the result ------------------------------------------------------------------------------
+
+    @retried("saving a result")
+    def tell(
+        self,
+        study: optuna.Study,
+        trial: optuna.Trial,
+        state: TrialState,
+        values: list[float] | None,
+        error: str | None,
+        tb: str | None = None,
+    ) -> bool:
+        """Record a trial's result; False if the trial had been finished by someone else
+        (failed as stale while this worker was silent)."""
+        try:
+            if error is not None:
+                self.set_trial_user_attr(
+                    trial._trial_id, ERROR_ATTR, error[: defaults.ERROR_TEXT_MAX]
+                )
+            if tb:
+                self.set_trial_user_attr(trial._trial_id, TRACEBACK_ATTR, tb[-8000:])
+            try:
+                study.tell(trial, values, state=state)
+            except RuntimeError as e:
+                # GridSampler calls Study.stop() once the grid is covered, which Optuna only
+                # allows inside study.optimize; the result is stored before it raises, and the
+                # budget (capped at the grid size) already ends the study.
+                if "Study.stop" not in str(e):
+                    raise
+            return True
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            # Either our own earlier try committed before the connection dropped, or a live
+            # worker failed this trial because our heartbeat stopped (e.g. SIGSTOP).
+            stored = self._backend.get_trial(trial._trial_id)
+            if stored.state != state:
+                return False
+            if state == TrialState.FAIL:  # the stale sweep writes its own error
+                return (
+                    stored.user_attrs.get(ERROR_ATTR) == (error or "")[: defaults.ERROR_TEXT_MAX]
+                )
+            return values is None or stored.values == values
+
+    @retried("logging metrics")
+    def log_metrics(self, trial_id: int, step: int | None, values: Any) -> None:
+        """A session's logged values, into their history (``hpo_metrics``)."""
+        metrics.append(self.engine, trial_id, step, values)
+
     # --- reads ---------------------------------------------------------------------------------
 
+    @retried("reading a trial")
     def get_trial(self, trial_id: int) -> FrozenTrial:
         own = self._own.get(trial_id)
         if own is not None:
@@ -125,6 +254,15 @@ class TrialStore(_CachedStorage):
             yield
         finally:
             self._reuse_sync = False
+
+    @retried("reading the study's trials")
+    def get_all_trials(
+        self,
+        study_id: int,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+    ) -> list[FrozenTrial]:
+        return super().get_all_trials(study_id, deepcopy=deepcopy, states=states)
 
     def _read_trials_from_remote_storage(self, study_id: int) -> None:
         """Optuna's ``_CachedStorage`` sync; on PostgreSQL its read is ``trial_sync``'s."""
@@ -154,6 +292,7 @@ class TrialStore(_CachedStorage):
 
     # --- writes --------------------------------------------------------------------------------
 
+    @retried("sampling a parameter")
     def set_trial_param(
         self,
         trial_id: int,
@@ -188,6 +327,7 @@ class TrialStore(_CachedStorage):
             own.params[param_name] = distribution.to_external_repr(param_value_internal)
             own.distributions[param_name] = distribution
 
+    @retried("saving a result")
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
@@ -227,6 +367,7 @@ class TrialStore(_CachedStorage):
         own.values = None if values is None else list(values)
         return True
 
+    @retried("reporting a step")
     def set_trial_intermediate_value(
         self, trial_id: int, step: int, intermediate_value: float
     ) -> None:
@@ -235,6 +376,7 @@ class TrialStore(_CachedStorage):
         if own is not None:
             own.intermediate_values[step] = intermediate_value
 
+    @retried("recording an attribute")
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         own = self._own.get(trial_id)
         if own is None or not self.pg:
@@ -244,6 +386,7 @@ class TrialStore(_CachedStorage):
         if own is not None:
             own.user_attrs[key] = value
 
+    @retried("recording an attribute")
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         own = self._own.get(trial_id)
         if own is None or not self.pg:
@@ -295,6 +438,16 @@ class TrialStore(_CachedStorage):
             return conn.execute(statement).first() is not None
 
 
+# The rest of Optuna's reads a sampler, a pruner or ``Study`` may make, as retried steps too.
+for _name in (
+    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+    "get_study_user_attrs", "get_study_system_attrs", "get_n_trials", "get_best_trial",
+    "get_trial_id_from_study_id_trial_number", "get_trial_params", "get_trial_user_attrs",
+    "get_trial_system_attrs", "get_trial_number_from_id",
+):  # fmt: skip
+    setattr(TrialStore, _name, retried("reading")(getattr(_CachedStorage, _name)))
+
+
 def _running(trial_id: int) -> sa.ColumnElement[bool]:
     return sa.and_(_trials.c.trial_id == trial_id, _trials.c.state == TrialState.RUNNING)
 
@@ -310,7 +463,7 @@ def create_trial_once(
     Optuna's own retries trial creation after any database error, including a COMMIT whose
     answer was lost after the server had committed: the trial then exists twice (a re-queued
     point evaluated twice, a trial left running forever). The callers retry with
-    ``with_db_retry`` and first look for the trial an earlier try made, by a system attribute
+    as a retried step and first look for the trial an earlier try made, by a system attribute
     unique to it (pinned by the lost-answer tests of ``tests/faults/test_faults.py``). Through a
     ``_CachedStorage`` the trial is also cached, as Optuna's method does, so that the study's
     sampler may set its parameters.

@@ -54,7 +54,7 @@ STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 def display_state(record: StudyRecord, counts: Counter[str]) -> str:
     """open / done / timeout / stopped / failed, as a person would describe the study."""
     if record.state != OPEN:
-        return record.state
+        return record.state.value
     finished = counts["COMPLETE"] + counts["PRUNED"]
     if record.budget is not None and finished >= record.budget:
         return "done"

@@ -16,7 +16,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from hpo_framework.storage.database import with_db_retry
+from hpo_framework.storage.database import retried
 from hpo_framework.views.inspection import summarize
 
 DONE_STATES = ("done", "timeout", "stopped", "failed")
@@ -98,12 +98,8 @@ def watch(
         BarColumn(), TextColumn("{task.completed}/{task.total}"), console=console,
     )  # fmt: skip
 
-    def read() -> dict[str, Any]:
-        return with_db_retry(
-            lambda: summarize(storage, name, top=0, all_trials=False), "reading the study"
-        )
-
-    summary = read()
+    reader = _Reader(storage, name)
+    summary = reader.summary(top=0, all_trials=False)
     task = progress.add_task(name, total=summary["budget"], completed=summary["finished"])
     deadline = None if timeout is None else time.monotonic() + timeout
     with Live(_view(progress, summary), console=console, refresh_per_second=4) as live:
@@ -111,7 +107,21 @@ def watch(
             if deadline is not None and time.monotonic() >= deadline:
                 break
             time.sleep(refresh)
-            summary = read()
+            summary = reader.summary(top=0, all_trials=False)
             progress.update(task, completed=summary["finished"], total=summary["budget"])
             live.update(_view(progress, summary))
-    return with_db_retry(lambda: summarize(storage, name, top=top), "reading the study")
+    return reader.summary(top=top)
+
+
+class _Reader:
+    """The watched study's summary; a read that fails waits the outage out (a watch outlives
+    a database restart)."""
+
+    patient = True
+
+    def __init__(self, storage: optuna.storages.RDBStorage, name: str) -> None:
+        self.storage, self.name = storage, name
+
+    @retried("reading the study")
+    def summary(self, *, top: int, all_trials: bool = True) -> dict[str, Any]:
+        return summarize(self.storage, self.name, top=top, all_trials=all_trials)

@@ -405,14 +405,15 @@ def test_on_failed_posts_to_a_url_and_commands_need_the_hosts_consent(
     allowed = run_cli("hpo-coordinator", "stop", name, url=storage_url)
     assert "was not open" in allowed.stdout
     from hpo_framework.runtime.hooks import fire_if_ended
+    from hpo_framework.storage.backend import Backend
     from hpo_framework.storage.registry import Registry
 
     storage = open_storage(storage_url, create_schema=False)
     study_id = Registry(storage.engine).get(name).study_id
     os.environ["HPO_ALLOW_HOOK_COMMANDS"] = "1"
     try:
-        fire_if_ended(storage, study_id)
-        fire_if_ended(storage, study_id)
+        fire_if_ended(Backend(storage), study_id)
+        fire_if_ended(Backend(storage), study_id)
     finally:
         del os.environ["HPO_ALLOW_HOOK_COMMANDS"]
     assert (tmp_path / "never").exists()

@@ -19,7 +19,8 @@ from hpo_framework.exceptions import StorageError
 from hpo_framework.operations.coordinator import create_study
 from hpo_framework.runtime.executor import InProcessExecutor
 from hpo_framework.runtime.heartbeat import Heartbeat
-from hpo_framework.runtime.trials import StudyHandle
+from hpo_framework.runtime.trials import StudyHandle, open_study
+from hpo_framework.storage.backend import Backend
 from hpo_framework.storage.database import open_storage
 from tests import sessions
 from tests.conftest import make_config
@@ -41,13 +42,15 @@ def _handle(url: str, session: object, **study: object) -> StudyHandle:
     )
     storage = open_storage(url, create_schema=True)
     record = create_study(storage, config, check_session=False)
-    return StudyHandle(storage, record, config, InProcessExecutor(session), worker_id="t:1")
+    return open_study(
+        Backend(storage), record, config, InProcessExecutor(session), worker_id="t:1"
+    )
 
 
 def test_a_trial_costs_at_most_8_statements_in_8_transactions(pg_driver_url: str) -> None:
     handle = _handle(pg_driver_url, sessions.quadratic)
-    counter = SqlCounter(handle.storage.engine)
-    with Heartbeat(handle.storage) as heartbeat:
+    counter = SqlCounter(handle.backend.storage.engine)
+    with Heartbeat(handle.backend.storage) as heartbeat:
         for _ in range(12):  # past TPE's start-up trials: the model's trials are measured
             assert handle.run_one(heartbeat) is not None
         with counter.counting():
@@ -56,7 +59,7 @@ def test_a_trial_costs_at_most_8_statements_in_8_transactions(pg_driver_url: str
     per_trial = counter.statements / ran, counter.transactions / ran
     assert per_trial[0] <= STATEMENTS_PER_TRIAL, counter.by_statement.most_common(10)
     assert per_trial[1] <= TRANSACTIONS_PER_TRIAL, per_trial
-    handle.storage.engine.dispose()
+    handle.backend.storage.engine.dispose()
 
 
 def test_trials_written_by_the_trial_store_read_back_through_plain_optuna(
@@ -67,7 +70,7 @@ def test_trials_written_by_the_trial_store_read_back_through_plain_optuna(
         pg_driver_url, sessions.two_objectives,
         directions=["minimize", "maximize"], n_trials=6, direction=None,
     )  # fmt: skip
-    with Heartbeat(handle.storage) as heartbeat:
+    with Heartbeat(handle.backend.storage) as heartbeat:
         while handle.run_one(heartbeat) is not None:
             pass
     stored = optuna.load_study(study_name=handle.name, storage=pg_driver_url).trials
@@ -79,7 +82,7 @@ def test_trials_written_by_the_trial_store_read_back_through_plain_optuna(
         assert trial.user_attrs["worker"] == "t:1"
         assert trial.datetime_start is not None and trial.datetime_complete is not None
         assert trial.datetime_complete >= trial.datetime_start
-    handle.storage.engine.dispose()
+    handle.backend.storage.engine.dispose()
 
 
 def test_a_report_and_a_pruned_trial_go_through_the_trial_store(pg_url: str) -> None:
@@ -87,7 +90,7 @@ def test_a_report_and_a_pruned_trial_go_through_the_trial_store(pg_url: str) -> 
         pg_url, sessions.reports_steps, n_trials=12,
         pruner={"name": "median", "options": {"n_startup_trials": 2, "n_warmup_steps": 0}},
     )  # fmt: skip
-    with Heartbeat(handle.storage) as heartbeat:
+    with Heartbeat(handle.backend.storage) as heartbeat:
         outcomes = []
         while (outcome := handle.run_one(heartbeat)) is not None:
             outcomes.append(outcome)
@@ -101,20 +104,20 @@ def test_a_report_and_a_pruned_trial_go_through_the_trial_store(pg_url: str) -> 
         assert trial.intermediate_values, trial
         if trial.state == TrialState.PRUNED:  # Optuna's tell keeps the last report as value
             assert trial.value == trial.intermediate_values[max(trial.intermediate_values)]
-    handle.storage.engine.dispose()
+    handle.backend.storage.engine.dispose()
 
 
 def test_a_trial_failed_by_another_worker_refuses_the_late_result(sqlite_url: str) -> None:
     """Memory is not the truth: the late write is checked against the database."""
     handle = _handle(sqlite_url, sessions.quadratic, n_trials=2)
     store = handle.store
-    with Heartbeat(handle.storage) as heartbeat:
+    with Heartbeat(handle.backend.storage) as heartbeat:
         handle.run_one(heartbeat)
-    ticket = handle.tickets.claim(handle.record.study_id, "t:1", 20.0, "k")
+    ticket = handle.backend.tickets.claim(handle.record.study_id, "t:1", 20.0, "k")
     assert ticket is not None
-    trial_id = handle._start_trial(ticket)
+    trial_id = store.start(handle.record.study_id, ticket, "k", "t:1", handle.backend.tickets)
     assert trial_id is not None
-    handle.storage.set_trial_state_values(trial_id, TrialState.FAIL)  # "the stale sweep"
+    handle.backend.storage.set_trial_state_values(trial_id, TrialState.FAIL)  # "the stale sweep"
     assert store.get_trial(trial_id).state == TrialState.RUNNING  # what this worker believes
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         store.set_trial_state_values(trial_id, TrialState.COMPLETE, [1.0])
@@ -122,19 +125,19 @@ def test_a_trial_failed_by_another_worker_refuses_the_late_result(sqlite_url: st
         store.set_trial_param(
             trial_id, "x", 0.5, optuna.distributions.FloatDistribution(-5.0, 5.0)
         )
-    assert handle.storage.get_trial(trial_id).state == TrialState.FAIL
-    handle.storage.engine.dispose()
+    assert handle.backend.storage.get_trial(trial_id).state == TrialState.FAIL
+    handle.backend.storage.engine.dispose()
 
 
 def test_the_trial_store_reads_what_others_wrote(sqlite_url: str) -> None:
     """Only the sampler's reads within one ask share a sync; a later read sees new trials."""
     handle = _handle(sqlite_url, sessions.quadratic, n_trials=4)
-    with Heartbeat(handle.storage) as heartbeat:
+    with Heartbeat(handle.backend.storage) as heartbeat:
         handle.run_one(heartbeat)
     assert len(handle.study.trials) == 1
     optuna.load_study(study_name=handle.name, storage=sqlite_url).enqueue_trial({"x": 1.0})
     assert [t.state for t in handle.study.trials] == [TrialState.COMPLETE, TrialState.WAITING]
-    handle.storage.engine.dispose()
+    handle.backend.storage.engine.dispose()
 
 
 def test_workers_open_the_schema_as_optuna_would_without_its_version_manager(
@@ -240,11 +243,11 @@ def test_a_worker_searches_exactly_as_plain_optuna_with_the_same_seed(pg_url: st
     """The trial store changes how trials are read and written, not what the sampler sees:
     one worker and plain Optuna's ``optimize`` with the same TPE seed try the same points."""
     handle = _handle(pg_url, sessions.quadratic, n_trials=24)
-    with Heartbeat(handle.storage) as heartbeat:
+    with Heartbeat(handle.backend.storage) as heartbeat:
         while handle.run_one(heartbeat) is not None:
             pass
     ours = [t.params["x"] for t in handle.study.get_trials(deepcopy=False)]
-    handle.storage.engine.dispose()
+    handle.backend.storage.engine.dispose()
 
     def objective(trial: optuna.Trial) -> float:
         return sessions.quadratic({"x": trial.suggest_float("x", -5.0, 5.0)})

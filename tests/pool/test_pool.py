@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from hpo_framework.runtime.heartbeat import Heartbeat
 from hpo_framework.runtime.settle import Ledger, requeue_once
+from hpo_framework.storage.backend import Backend
 from hpo_framework.storage.database import open_storage, without_waiting
 from hpo_framework.storage.registry import PG_NOW_SQL, Registry
 from hpo_framework.storage.tickets import Tickets
@@ -357,7 +358,7 @@ def test_a_failure_is_settled_on_one_connection_when_the_server_is_full(
     storage = open_storage(url, create_schema=False, role="hpo-worker")
     registry = Registry(storage.engine)
     record = registry.get(name)
-    ledger = Ledger(storage, registry, Tickets(storage.engine), record.study_id, name, 1)
+    ledger = Ledger(Backend(storage), record.study_id, name, 1)
     fillers: list[Any] = []
     try:
         fillers = _fill_server(url)  # the process keeps the one connection it has

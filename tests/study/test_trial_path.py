@@ -19,7 +19,8 @@ from hpo_framework.operations.coordinator import create_study
 from hpo_framework.runtime.executor import InProcessExecutor, ProcessExecutor
 from hpo_framework.runtime.serving import CannotServeHere, InvalidStudy, load_for_serving
 from hpo_framework.runtime.settle import settle_failure
-from hpo_framework.runtime.trials import StudyHandle
+from hpo_framework.runtime.trials import StudyHandle, open_study
+from hpo_framework.storage.backend import Backend
 from hpo_framework.storage.database import open_storage
 from hpo_framework.storage.registry import Registry
 from tests import sessions
@@ -136,21 +137,23 @@ def handle(tmp_path: Path) -> Iterator[StudyHandle]:
     )
     storage = open_storage(f"sqlite:///{tmp_path / 'hpo.db'}", create_schema=True)
     record = create_study(storage, config, check_session=False)
-    yield StudyHandle(
-        storage, record, config, InProcessExecutor(sessions.quadratic), worker_id="test:1"
+    yield open_study(
+        Backend(storage), record, config, InProcessExecutor(sessions.quadratic), worker_id="test:1"
     )
     storage.engine.dispose()
 
 
 def _failed_trial(handle: StudyHandle, **user_attrs: Any) -> tuple[int, FrozenTrial]:
-    ticket = handle.tickets.claim(handle.record.study_id, "test:1", 20.0, f"key-{user_attrs}")
+    ticket = handle.backend.tickets.claim(
+        handle.record.study_id, "test:1", 20.0, f"key-{user_attrs}"
+    )
     assert ticket is not None
     trial = handle.study.ask()
     trial.suggest_float("x", -5.0, 5.0)
     for key, value in user_attrs.items():
         trial.set_user_attr(key, value)
     handle.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-    return ticket, handle.storage.get_trial(trial._trial_id)
+    return ticket, handle.backend.storage.get_trial(trial._trial_id)
 
 
 def _waiting(handle: StudyHandle) -> list[FrozenTrial]:
@@ -163,7 +166,7 @@ def test_settle_requeues_the_point_then_returns_the_ticket(handle: StudyHandle) 
     [waiting] = _waiting(handle)
     assert waiting.system_attrs["fixed_params"] == failed.params
     assert waiting.user_attrs == {"retry_of": failed.number, "attempt": 1}
-    record = Registry(handle.storage.engine).get(handle.name)
+    record = Registry(handle.backend.storage.engine).get(handle.name)
     assert (record.failures, record.state, record.claimed) == (1, "open", 0)
 
 
@@ -173,28 +176,30 @@ def test_settling_twice_changes_nothing(handle: StudyHandle) -> None:
     settle_failure(handle.ledger, failed, ticket, "test:1")
     settle_failure(handle.ledger, failed, ticket, "test:1")
     assert len(_waiting(handle)) == 1
-    record = Registry(handle.storage.engine).get(handle.name)
+    record = Registry(handle.backend.storage.engine).get(handle.name)
     assert (record.failures, record.claimed) == (1, 0)
 
 
 def test_a_claim_replayed_with_its_key_takes_no_second_ticket(handle: StudyHandle) -> None:
     study_id = handle.record.study_id
-    first = handle.tickets.claim(study_id, "test:1", 20.0, "same-key")
-    assert handle.tickets.claim(study_id, "test:1", 20.0, "same-key") == first
-    assert Registry(handle.storage.engine).get(handle.name).claimed == 1
+    first = handle.backend.tickets.claim(study_id, "test:1", 20.0, "same-key")
+    assert handle.backend.tickets.claim(study_id, "test:1", 20.0, "same-key") == first
+    assert Registry(handle.backend.storage.engine).get(handle.name).claimed == 1
 
 
 def test_settle_stops_retrying_after_max_retries(handle: StudyHandle) -> None:
     ticket, failed = _failed_trial(handle, attempt=1, retry_of=0)
     settle_failure(handle.ledger, failed, ticket, "test:1")
     assert _waiting(handle) == []
-    assert Registry(handle.storage.engine).get(handle.name).failures == 1
+    assert Registry(handle.backend.storage.engine).get(handle.name).failures == 1
 
 
 def test_only_the_holder_settles_a_ticket(handle: StudyHandle) -> None:
     ticket, failed = _failed_trial(handle)
-    assert handle.tickets.settle(ticket, "someone:else", returned=True, failure=True) is None
-    record = Registry(handle.storage.engine).get(handle.name)
+    assert (
+        handle.backend.tickets.settle(ticket, "someone:else", returned=True, failure=True) is None
+    )
+    record = Registry(handle.backend.storage.engine).get(handle.name)
     assert (record.failures, record.claimed) == (0, 1)
 
 
@@ -212,10 +217,10 @@ def test_a_package_missing_on_this_host_is_the_hosts_problem(
         importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
     )
     with pytest.raises(CannotServeHere, match="needs the Python package 'torch'"):
-        load_for_serving(handle.storage, record, executor, "test:1")
+        load_for_serving(handle.backend, record, executor, "test:1")
     broken = type(handle.record)(**{**handle.record.__dict__, "config": {"study": {}}})
     with pytest.raises(InvalidStudy, match=r"study\.name"):
-        load_for_serving(handle.storage, broken, executor, "test:1")
+        load_for_serving(handle.backend, broken, executor, "test:1")
 
 
 def test_patience_counts_trials_finished_after_the_best_by_the_clock() -> None:

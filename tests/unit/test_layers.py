@@ -113,3 +113,27 @@ def test_the_layer_check_sees_a_breach() -> None:
     assert layer_of("hpo_framework.storage.tickets") == "storage"
     assert "runtime" not in MAY_IMPORT["storage"]
     assert "hpo_framework.runtime.heartbeat" in project_imports(PACKAGE / "runtime" / "serving.py")
+
+
+def retry_calls(path: Path) -> list[int]:
+    """Lines of ``path`` that call ``with_db_retry`` (the storage layer's own mechanism)."""
+    return [
+        node.lineno
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", getattr(node.func, "attr", None)) == "with_db_retry"
+    ]
+
+
+def test_the_storage_layer_owns_its_retries() -> None:
+    """Outside ``storage/database.py`` nobody wraps a database call in a retry: a step is a
+    storage method marked ``@retried``, and callers just call it."""
+    owner = PACKAGE / "storage" / "database.py"
+    wrapping = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for path in sorted([*PACKAGE.rglob("*.py"), *(ROOT / "workers").glob("*.py")])
+        if path != owner
+        for line in retry_calls(path)
+    ]
+    assert not wrapping, wrapping
+    assert retry_calls(owner), "the check is vacuous: database.py no longer calls it"
