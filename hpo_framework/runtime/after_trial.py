@@ -38,6 +38,8 @@ class Finished:
     values: list[float] | None
     duration_s: float
     error: str | None
+    #: Its ticket was spent together with the result (``TrialStore.tell``).
+    settled: bool = False
 
 
 #: One job after a recorded trial.
@@ -64,6 +66,8 @@ class Settle:
 
     def __call__(self, f: Finished) -> None:
         backend = self.ledger.backend
+        if f.settled:
+            return
         if f.state == TrialState.FAIL:
             failed = backend.trial(f.trial._trial_id)
             if failed is not None:  # None: deleted with its study, nothing left to settle

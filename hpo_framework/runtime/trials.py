@@ -237,15 +237,17 @@ class StudyHandle:
         """Run one trial if the study has budget left; None when it has none."""
         study_id, me, spec = self.record.study_id, self.worker_id, self.config.study
         key = uuid.uuid4().hex  # makes the claim idempotent: a retry finds its own ticket
-        tickets = self.backend.tickets
-        ticket = tickets.claim(study_id, me, spec.grace_period, key)
+        ticket, trial_id = self.store.begin(
+            study_id, key, me, spec.grace_period, self.backend.tickets
+        )
         if ticket is None:
             return None
         heartbeat.track(ticket, me, spec.heartbeat_interval, spec.grace_period)
         try:
-            trial_id = self.store.start(study_id, ticket, key, me, tickets)
-            if trial_id is None:  # silent past the grace period: the ticket was recovered
+            if trial_id is None:  # recovered meanwhile, or every waiting trial popped by others
                 log.warning("study=%s ticket %d lost before its trial began", self.name, ticket)
+                # still ours (no other worker took it over): its unit of budget goes back now
+                self.backend.tickets.settle(ticket, me, returned=True, failure=False)
                 return None
             return self._run_trial(ticket, trial_id)
         finally:
@@ -319,10 +321,12 @@ class StudyHandle:
     ) -> TrialOutcome:
         """Record the result, then run the after-trial steps in order."""
         duration = time.monotonic() - started
-        kept = self.store.tell(self.study, trial, state, values, error, tb)
-        if not kept:
+        told = self.store.tell(
+            self.study, trial, state, values, error, tb, spends=(ticket, self.worker_id)
+        )
+        if not told.kept:
             return self._dropped(trial, started)
-        finished = Finished(ticket, trial, state, values, duration, error)
+        finished = Finished(ticket, trial, state, values, duration, error, told.settled)
         for step in self.after_trial:
             step(finished)
         return TrialOutcome(self.name, trial.number, state, values, finished.duration_s, error)

@@ -94,6 +94,14 @@ class StudyState(str, enum.Enum):
     STOPPED = "stopped"
     FAILED = "failed"
 
+    @classmethod
+    def _missing_(cls, value: object) -> StudyState:
+        """A state this version does not know (a newer one wrote it): kept as it is, and
+        like every state but ``open``, not served."""
+        member = str.__new__(cls, str(value))
+        member._name_, member._value_ = str(value).upper(), str(value)
+        return member
+
     def __str__(self) -> str:
         return str(self.value)
 

@@ -15,9 +15,10 @@ The ticket is also the trial's heartbeat: ``beat_at`` is written by the database
 (epoch seconds, whatever the time zones of server, session or host), and so is every
 comparison with it. A ticket silent for longer than its ``grace`` belongs to a lost worker;
 a live worker takes it over (one conditional update, one winner) and settles it in
-``recovery``. On PostgreSQL, claim and settle are single statements, each followed by its
-COMMIT: a client frozen between the two holds the study's row for at most the server's
-``idle_in_transaction_session_timeout``.
+``recovery``. On PostgreSQL, claim and settle are single statements; a worker runs the claim
+in the transaction that creates its trial and the settle in the one that records its result
+(``trial_store``), short ones: a client frozen inside holds the study's row for at most the
+server's ``idle_in_transaction_session_timeout``.
 """
 
 from __future__ import annotations
@@ -106,10 +107,8 @@ class Tickets:
 
     def _claim_pg(self, study_id: int, worker: str, grace: float, key: str) -> int | None:
         with self.engine.begin() as conn:
-            row = conn.execute(
-                _CLAIM_PG, {"s": study_id, "w": worker, "g": grace, "k": key, "open": OPEN}
-            ).first()
-        return None if row is None else int(row[0])
+            claimed = claim_on(conn, study_id, worker, grace, key)
+        return None if claimed is None else claimed[0]
 
     # --- the trial of a ticket ---------------------------------------------------------------
 
@@ -150,13 +149,7 @@ class Tickets:
         """The trial a ticket started: bound, or created but not yet bound (its holder was
         lost in between; the trial carries the ticket id as a system attribute)."""
         with self.engine.connect() as conn:
-            bound = conn.execute(
-                sa.select(hpo_tickets.c.trial_id).where(hpo_tickets.c.ticket_id == ticket_id)
-            ).scalar()
-            if bound is not None:
-                return int(bound)
-        # Not bound yet: its holder was lost between creating the trial and binding it.
-        return trial_with_system_attr(self.engine, TICKET_ATTR, ticket_id)
+            return trial_of_on(conn, ticket_id)
 
     # --- heartbeat ---------------------------------------------------------------------------
 
@@ -194,11 +187,9 @@ class Tickets:
         towards ``max_failed_trials`` (the study that reaches it is failed in the same
         statement). Returns the study's state, or None if the ticket was not this worker's
         to settle (already settled by an earlier try, or taken over)."""
-        params = {"t": ticket_id, "w": worker, "r": int(returned), "f": int(failure)}
         if self._pg:
             with self.engine.begin() as conn:
-                row = conn.execute(_SETTLE_PG, {**params, "open": OPEN, "failed": FAILED}).first()
-            return None if row is None else str(row[0])
+                return settle_on(conn, ticket_id, worker, returned=returned, failure=failure)
         c, t = hpo_studies.c, hpo_tickets.c
         with self.engine.begin() as conn:
             study_id = conn.execute(
@@ -292,6 +283,37 @@ class Tickets:
 MAX_FAILED = "max_failed_trials reached"
 
 
+def claim_on(
+    conn: Connection, study_id: int, worker: str, grace: float, key: str
+) -> tuple[int, bool] | None:
+    """``Tickets.claim`` inside ``conn``'s transaction (PostgreSQL): the ticket id and whether
+    an earlier try of ``key`` had claimed it already; None if there is no budget."""
+    row = conn.execute(
+        _CLAIM_PG, {"s": study_id, "w": worker, "g": grace, "k": key, "open": OPEN}
+    ).first()
+    return None if row is None else (int(row.ticket_id), bool(row.replay))
+
+
+def trial_of_on(conn: Connection, ticket_id: int) -> int | None:
+    """``Tickets.trial_of`` on ``conn``."""
+    bound = conn.execute(
+        sa.select(hpo_tickets.c.trial_id).where(hpo_tickets.c.ticket_id == ticket_id)
+    ).scalar()
+    if bound is not None:
+        return int(bound)
+    # Not bound yet: its holder was lost between creating the trial and binding it.
+    return trial_with_system_attr(conn, TICKET_ATTR, ticket_id)
+
+
+def settle_on(
+    conn: Connection, ticket_id: int, worker: str, *, returned: bool, failure: bool
+) -> str | None:
+    """``Tickets.settle`` inside ``conn``'s transaction (PostgreSQL)."""
+    params = {"t": ticket_id, "w": worker, "r": int(returned), "f": int(failure)}
+    row = conn.execute(_SETTLE_PG, {**params, "open": OPEN, "failed": FAILED}).first()
+    return None if row is None else str(row[0])
+
+
 def _bind(conn: Connection, ticket_id: int, worker: str, trial_id: int) -> bool:
     c = hpo_tickets.c
     done = conn.execute(
@@ -318,7 +340,7 @@ _CLAIM_PG = sa.text(
         SELECT :k, study_id, :w, :g, extract(epoch from clock_timestamp()) FROM won
         RETURNING ticket_id
     )
-    SELECT ticket_id FROM new UNION ALL SELECT ticket_id FROM old
+    SELECT ticket_id, false AS replay FROM new UNION ALL SELECT ticket_id, true FROM old
     """
 )
 

@@ -19,9 +19,11 @@ trial cache (``_CachedStorage``) with three changes, all for the trials *this pr
   sync, no transaction stays open while a process starved of CPU builds the trials: 128
   workers on two cores used to sit idle in Optuna's transaction past the server's
   ``idle_in_transaction_session_timeout`` and lose their connection mid-sync.
-* **Writes in single statements.** Starting a trial (create, attributes and the ticket's
-  binding, on PostgreSQL), setting a parameter and telling a result each take one
-  transaction of one or two statements instead of Optuna's read-lock-write sequences.
+* **Four transactions a trial** (PostgreSQL). Claiming the ticket and creating its trial
+  (with its attributes and the ticket's binding) are one transaction; the sync another (in
+  autocommit); the parameters and attributes sampled in one ask are written together as
+  sampling ends (``one_sync``), each one conditional upsert; and the result spends its
+  ticket in the transaction that records it. Optuna's path takes thirteen.
 
 Every read and write here is a :func:`~hpo_framework.storage.database.retried` step: Optuna's
 ``Trial`` and sampler call it, and an outage is waited out inside, not by the caller. Starting
@@ -36,12 +38,13 @@ so an Optuna upgrade that changes them fails there first.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Container, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import optuna
 import sqlalchemy as sa
@@ -56,18 +59,25 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from hpo_framework import defaults
 from hpo_framework.storage import metrics, trial_sync
-from hpo_framework.storage.database import retried
+from hpo_framework.storage.database import retried, without_waiting
 from hpo_framework.storage.optuna_tables import has_waiting_trials
 from hpo_framework.storage.optuna_tables import trial_params as _params
 from hpo_framework.storage.optuna_tables import trial_system_attrs as _system_attrs
 from hpo_framework.storage.optuna_tables import trial_user_attrs as _user_attrs
 from hpo_framework.storage.optuna_tables import trial_values as _values
 from hpo_framework.storage.optuna_tables import trials as _trials
-from hpo_framework.storage.tickets import Tickets
+from hpo_framework.storage.tickets import Tickets, claim_on, settle_on, trial_of_on
 from hpo_framework.storage.trial_attrs import ERROR_ATTR, TICKET_ATTR, TRACEBACK_ATTR, WORKER_ATTR
 
 #: How often a worker looks for a waiting trial that others keep popping first.
 _POP_ROUNDS = 5
+
+
+class Told(NamedTuple):
+    """What ``TrialStore.tell`` did: the result kept, and its ticket settled with it."""
+
+    kept: bool
+    settled: bool
 
 
 class TrialStore(_CachedStorage):
@@ -83,6 +93,9 @@ class TrialStore(_CachedStorage):
         self._reuse_sync = False
         self._synced = False
         self._starting: str | None = None  # the claim whose trial a try began to start
+        self._pending: list[sa.Executable] | None = None  # writes held for one transaction
+        self._settle_with: tuple[int, str] | None = None  # the ticket the result spends
+        self._settled = False
 
     @retried("loading a study")
     def load_study(
@@ -91,6 +104,57 @@ class TrialStore(_CachedStorage):
         return optuna.load_study(study_name=name, storage=self, sampler=sampler, pruner=pruner)
 
     # --- starting a trial ----------------------------------------------------------------------
+
+    @retried("starting a trial")
+    def begin(
+        self, study_id: int, key: str, worker: str, grace: float, tickets: Tickets
+    ) -> tuple[int | None, int | None]:
+        """Claim a ticket and start its trial: ``(ticket, trial id)``; ``(None, None)`` if the
+        study has no budget left, ``(ticket, None)`` if the ticket was recovered before its
+        trial began. ``key`` makes the claim idempotent: a replay finds its own ticket, and
+        the trial an earlier try made for it.
+
+        On PostgreSQL, claiming and creating the trial are one transaction (unless a waiting
+        trial is there to pop: then the pop is a second one)."""
+        if not self.pg:
+            ticket = tickets.claim(study_id, worker, grace, key)
+            if ticket is None:
+                return None, None
+            return ticket, self.start(study_id, ticket, key, worker, tickets)
+        try:
+            return self._claim_and_create(study_id, key, worker, grace, tickets)
+        except sa.exc.IntegrityError:
+            # An earlier try of this key was still running at the server when this one
+            # started; it has committed by now, so this finds its ticket (and trial).
+            return self._claim_and_create(study_id, key, worker, grace, tickets)
+
+    def _claim_and_create(
+        self, study_id: int, key: str, worker: str, grace: float, tickets: Tickets
+    ) -> tuple[int | None, int | None]:
+        start = datetime.now()
+        found = None
+        with self.engine.begin() as conn:
+            claimed = claim_on(conn, study_id, worker, grace, key)
+            if claimed is None:
+                return None, None
+            ticket, replay = claimed
+            if replay:  # an earlier try committed; its answer was lost
+                found = trial_of_on(conn, ticket)
+            row = (
+                None
+                if found is not None
+                else self._create_on(conn, study_id, ticket, worker, start)
+            )
+        if found is not None:
+            self.adopt(study_id, self._backend.get_trial(found))
+            return ticket, found
+        assert row is not None
+        if row.trial_id is not None:
+            self._adopt_new(study_id, row, start, ticket, worker)
+            return ticket, int(row.trial_id)
+        if row.waiting:
+            return ticket, self._start(study_id, ticket, worker, tickets)
+        return ticket, None
 
     @retried("starting a trial")
     def start(
@@ -161,20 +225,32 @@ class TrialStore(_CachedStorage):
         """
         start = datetime.now()
         with self.engine.begin() as conn:
-            # The study's row serializes trial creation, as in Optuna: the number (Optuna's: the
-            # count of the study's trials, so one past the highest) is read by the next
-            # statement, a fresh snapshot under the lock.
-            conn.execute(_LOCK_STUDY, {"s": study_id})
-            row = conn.execute(
-                _CREATE_PG,
-                {
-                    "s": study_id, "start": start, "ticket": ticket, "w": worker,
-                    "uk": WORKER_ATTR, "uv": json.dumps(worker),
-                    "yk": TICKET_ATTR, "yv": json.dumps(ticket),
-                },
-            ).one()  # fmt: skip
+            row = self._create_on(conn, study_id, ticket, worker, start)
         if row.trial_id is None:
             return True if row.waiting else None
+        self._adopt_new(study_id, row, start, ticket, worker)
+        return int(row.trial_id)
+
+    @staticmethod
+    def _create_on(
+        conn: sa.Connection, study_id: int, ticket: int, worker: str, start: datetime
+    ) -> Any:
+        # The study's row serializes trial creation, as in Optuna: the number (Optuna's: the
+        # count of the study's trials, so one past the highest) is read by the next
+        # statement, a fresh snapshot under the lock.
+        conn.execute(_LOCK_STUDY, {"s": study_id})
+        return conn.execute(
+            _CREATE_PG,
+            {
+                "s": study_id, "start": start, "ticket": ticket, "w": worker,
+                "uk": WORKER_ATTR, "uv": json.dumps(worker),
+                "yk": TICKET_ATTR, "yv": json.dumps(ticket),
+            },
+        ).one()  # fmt: skip
+
+    def _adopt_new(
+        self, study_id: int, row: Any, start: datetime, ticket: int, worker: str
+    ) -> None:
         trial = FrozenTrial(
             number=int(row.number), state=TrialState.RUNNING, value=None,
             datetime_start=start, datetime_complete=None, params={}, distributions={},
@@ -182,7 +258,6 @@ class TrialStore(_CachedStorage):
             intermediate_values={}, trial_id=int(row.trial_id),
         )  # fmt: skip
         self.adopt(study_id, trial)
-        return int(row.trial_id)
 
     def adopt(self, study_id: int, trial: FrozenTrial) -> None:
         """Run ``trial`` in this process: it is served from memory until the next one starts
@@ -201,9 +276,29 @@ class TrialStore(_CachedStorage):
         values: list[float] | None,
         error: str | None,
         tb: str | None = None,
+        *,
+        spends: tuple[int, str] | None = None,
+    ) -> Told:
+        """Record a trial's result. ``kept`` is False if the trial had been finished by
+        someone else (failed as stale while this worker was silent). ``spends`` names the
+        ticket and its holder: on PostgreSQL a result with values spends the ticket in the
+        same transaction (``settled``); otherwise the caller settles it."""
+        self._settled, self._settle_with = False, spends
+        try:
+            kept = self._tell(study, trial, state, values, error, tb)
+            return Told(kept, kept and self._settled)
+        finally:
+            self._settle_with = None
+
+    def _tell(
+        self,
+        study: optuna.Study,
+        trial: optuna.Trial,
+        state: TrialState,
+        values: list[float] | None,
+        error: str | None,
+        tb: str | None,
     ) -> bool:
-        """Record a trial's result; False if the trial had been finished by someone else
-        (failed as stale while this worker was silent)."""
         try:
             if error is not None:
                 self.set_trial_user_attr(
@@ -248,12 +343,35 @@ class TrialStore(_CachedStorage):
 
     @contextmanager
     def one_sync(self) -> Iterator[None]:
-        """Within this block the study's trial list is read from the database once."""
+        """Within this block the study's trial list is read from the database once, and (on
+        PostgreSQL) the parameters and attributes sampled for this process's trial are
+        written together, in one transaction, as the block ends."""
         self._reuse_sync, self._synced = True, False
+        self._pending = [] if self.pg else None
         try:
             yield
+        except Exception:
+            pending, self._pending = self._pending, None
+            if pending:  # what was sampled before the error: a retry of the point needs it
+                with contextlib.suppress(Exception), without_waiting():
+                    self._write_all(pending)
+            raise
+        else:
+            pending, self._pending = self._pending, None
+            if pending:
+                self._write_all(pending)
         finally:
-            self._reuse_sync = False
+            self._reuse_sync, self._pending = False, None
+
+    @retried("recording the sampled parameters")
+    def _write_all(self, statements: list[sa.Executable]) -> None:
+        """Conditional writes of the running trial, in one transaction; each must write a
+        row (it is idempotent: an upsert), or the trial was failed meanwhile."""
+        with self.engine.begin() as conn:
+            for statement in statements:
+                if conn.execute(statement).first() is None:
+                    conn.rollback()
+                    raise UpdateFinishedTrialError("the trial is no longer running")
 
     @retried("reading the study's trials")
     def get_all_trials(
@@ -308,20 +426,28 @@ class TrialStore(_CachedStorage):
             super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
         else:
             distributions.check_distribution_compatibility(known[param_name], distribution)
-            written = self._write(
+            columns = ["trial_id", "param_name", "param_value", "distribution_json"]
+            row = sa.select(
+                _trials.c.trial_id,
+                sa.literal(param_name),
+                sa.literal(param_value_internal, sa.Float),
+                sa.literal(distributions.distribution_to_json(distribution)),
+            ).where(_running(trial_id))
+            if self.pg:  # an upsert: a replay after a lost answer writes the same row again
+                insert = pg_insert(_params).from_select(columns, row)
+                upsert = insert.on_conflict_do_update(
+                    index_elements=["trial_id", "param_name"],
+                    set_={"param_value": insert.excluded.param_value},
+                ).returning(_params.c.param_id)
+                if self._pending is not None:  # while sampling: written with the others
+                    self._pending.append(upsert)
+                elif not self._write(upsert):
+                    raise UpdateFinishedTrialError(f"trial {trial_id} is no longer running")
+            elif not self._write(
                 _params.insert()
-                .from_select(
-                    ["trial_id", "param_name", "param_value", "distribution_json"],
-                    sa.select(
-                        _trials.c.trial_id,
-                        sa.literal(param_name),
-                        sa.literal(param_value_internal, sa.Float),
-                        sa.literal(distributions.distribution_to_json(distribution)),
-                    ).where(_running(trial_id)),
-                )
+                .from_select(columns, row)
                 .returning(_params.c.param_id)  # psycopg 3: no rowcount for INSERT ... SELECT
-            )
-            if not written:
+            ):
                 raise UpdateFinishedTrialError(f"trial {trial_id} is no longer running")
         if own is not None:
             own.params[param_name] = distribution.to_external_repr(param_value_internal)
@@ -408,6 +534,9 @@ class TrialStore(_CachedStorage):
         upsert = insert.on_conflict_do_update(
             index_elements=["trial_id", "key"], set_={"value_json": insert.excluded.value_json}
         ).returning(table.c.trial_id)
+        if self._pending is not None:  # while sampling: written with the parameters
+            self._pending.append(upsert)
+            return
         if not self._write(upsert):
             raise UpdateFinishedTrialError(f"trial {trial_id} is no longer running")
 
@@ -431,7 +560,13 @@ class TrialStore(_CachedStorage):
             "AS v (o, v, k) RETURNING trial_id"
         )
         with self.engine.begin() as conn:
-            return conn.execute(statement, params).first() is not None
+            if conn.execute(statement, params).first() is None:
+                return False
+            if self._settle_with is not None and state != TrialState.FAIL:
+                ticket, worker = self._settle_with  # the result spends its ticket, atomically
+                spent = settle_on(conn, ticket, worker, returned=False, failure=False)
+                self._settled = spent is not None
+            return True
 
     def _write(self, statement: sa.Executable) -> bool:
         with self.engine.begin() as conn:

@@ -60,7 +60,7 @@ def display_state(record: StudyRecord, counts: Counter[str]) -> str:
         return "done"
     if record.timed_out and not counts["RUNNING"]:
         return "timeout"
-    return OPEN
+    return OPEN.value
 
 
 def list_studies(storage: optuna.storages.RDBStorage) -> list[dict[str, Any]]:
