@@ -285,21 +285,6 @@ class TrialStore(_CachedStorage):
         same transaction (``settled``); otherwise the caller settles it."""
         self._settled, self._settle_with = False, spends
         try:
-            kept = self._tell(study, trial, state, values, error, tb)
-            return Told(kept, kept and self._settled)
-        finally:
-            self._settle_with = None
-
-    def _tell(
-        self,
-        study: optuna.Study,
-        trial: optuna.Trial,
-        state: TrialState,
-        values: list[float] | None,
-        error: str | None,
-        tb: str | None,
-    ) -> bool:
-        try:
             if error is not None:
                 self.set_trial_user_attr(
                     trial._trial_id, ERROR_ATTR, error[: defaults.ERROR_TEXT_MAX]
@@ -314,18 +299,19 @@ class TrialStore(_CachedStorage):
                 # budget (capped at the grid size) already ends the study.
                 if "Study.stop" not in str(e):
                     raise
-            return True
+            return Told(True, self._settled)
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
             # Either our own earlier try committed before the connection dropped, or a live
             # worker failed this trial because our heartbeat stopped (e.g. SIGSTOP).
             stored = self._backend.get_trial(trial._trial_id)
             if stored.state != state:
-                return False
+                return Told(False, False)
             if state == TrialState.FAIL:  # the stale sweep writes its own error
-                return (
-                    stored.user_attrs.get(ERROR_ATTR) == (error or "")[: defaults.ERROR_TEXT_MAX]
-                )
-            return values is None or stored.values == values
+                error_kept = (error or "")[: defaults.ERROR_TEXT_MAX]
+                return Told(stored.user_attrs.get(ERROR_ATTR) == error_kept, False)
+            return Told(values is None or stored.values == values, False)
+        finally:
+            self._settle_with = None
 
     @retried("logging metrics")
     def log_metrics(self, trial_id: int, step: int | None, values: Any) -> None:
