@@ -36,10 +36,18 @@ def has_waiting_trials(storage: optuna.storages.RDBStorage, study_id: int) -> bo
         return conn.execute(query).first() is not None
 
 
-def trial_with_system_attr(bind: sa.Engine | sa.Connection, key: str, value: object) -> int | None:
-    """The id of a trial carrying the system attribute ``key`` = ``value``, if any."""
+def trial_with_system_attr(
+    bind: sa.Engine | sa.Connection, key: str, value: object, *, running: bool = False
+) -> int | None:
+    """The id of a trial carrying the system attribute ``key`` = ``value`` (and still
+    RUNNING, if ``running``), if any."""
     a = trial_system_attrs.c
-    query = sa.select(a.trial_id).where(a.key == key, a.value_json == json.dumps(value)).limit(1)
+    query = sa.select(a.trial_id).where(a.key == key, a.value_json == json.dumps(value))
+    if running:
+        query = query.join(trials, trials.c.trial_id == a.trial_id).where(
+            trials.c.state == TrialState.RUNNING
+        )
+    query = query.limit(1)
     if isinstance(bind, sa.Connection):
         found = bind.execute(query).scalar()
     else:

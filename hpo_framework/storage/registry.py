@@ -55,6 +55,7 @@ hpo_tickets = sa.Table(
     sa.Column("trial_id", sa.Integer, nullable=True),  # set once the trial exists
     sa.Column("grace", sa.Float, nullable=False),  # seconds of silence before it is stale
     sa.Column("beat_at", sa.Float, nullable=False),  # epoch seconds, database clock
+    sqlite_autoincrement=True,  # ids never reused: a trial names its ticket by id
 )
 
 #: One row per live worker process (``presence``); removed when it stops cleanly.

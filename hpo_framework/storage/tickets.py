@@ -301,8 +301,10 @@ def trial_of_on(conn: Connection, ticket_id: int) -> int | None:
     ).scalar()
     if bound is not None:
         return int(bound)
-    # Not bound yet: its holder was lost between creating the trial and binding it.
-    return trial_with_system_attr(conn, TICKET_ATTR, ticket_id)
+    # Not bound yet: its holder was lost between creating the trial and binding it. Such a
+    # trial is still RUNNING; a finished one with this id is an older ticket's (SQLite may
+    # reuse the id of a deleted row in a database made before hpo_tickets autoincremented).
+    return trial_with_system_attr(conn, TICKET_ATTR, ticket_id, running=True)
 
 
 def settle_on(

@@ -249,3 +249,21 @@ def test_patience_counts_trials_finished_after_the_best_by_the_clock() -> None:
     assert stop_reason(rule, False, [*fast, best, *later], later[-1]) == (
         "stop_when.patience: 3 finished trials without improvement since trial 0 (1)"
     )
+
+
+def test_a_ticket_is_never_mistaken_for_an_older_one_with_its_id(handle: StudyHandle) -> None:
+    """A trial names its ticket by id. Ids are not reused (SQLite autoincrement), and the
+    recovery's lookup of a trial made but not yet bound takes only a RUNNING one: a finished
+    trial named by an older ticket with the same id must not count as this ticket's."""
+    tickets, study_id = handle.backend.tickets, handle.record.study_id
+    first = tickets.claim(study_id, "test:1", 20.0, "key-1")
+    assert first is not None
+    assert tickets.settle(first, "test:1", returned=True, failure=False) == "open"
+    second = tickets.claim(study_id, "test:1", 20.0, "key-2")
+    assert second is not None and second != first  # the deleted row's id is not taken again
+    # a finished trial claiming to be the new ticket's (as one of a reused id would)
+    old = optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE, value=1.0, system_attrs={"hpo:ticket": second}
+    )
+    handle.study.add_trial(old)
+    assert tickets.trial_of(second) is None
