@@ -221,7 +221,8 @@ def sets_a_reserved_attr(cfg: dict[str, Any]) -> float:
 
 def checkpointed(cfg: dict[str, Any]) -> float:
     """20 epochs, saving its state after each and carrying on from a checkpoint when there is
-    one; leaves a file ``epoch-<attempt>-<epoch>`` per epoch it runs in cfg["dir"]. With
+    one; leaves a file ``epoch-<attempt>-<epoch>`` per epoch it runs in cfg["dir"], and
+    ``saved-<attempt>-<epoch>`` once that epoch's save has returned. With
     ``as_file``, the state goes through a JSON file (checkpoint.save_file / load_file); with
     ``fail_at``, the first attempt fails after saving that epoch."""
     import json
@@ -251,6 +252,7 @@ def checkpointed(cfg: dict[str, Any]) -> float:
             checkpoint.save_file(local)
         else:
             checkpoint.save(state)
+        open(os.path.join(cfg["dir"], f"saved-{attempt}-{epoch}"), "w").close()  # save returned
         if attempt == 0 and epoch == cfg.get("fail_at"):
             raise RuntimeError(f"failed after epoch {epoch}")
         time.sleep(cfg["epoch_s"])

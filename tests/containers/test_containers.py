@@ -456,11 +456,18 @@ class Stack:
         assert result.returncode == 0, result.stderr
 
     def in_a_worker(self, *command: str) -> str:
-        """Run a command in one of the stack's running worker containers."""
-        label = f"label=com.docker.swarm.service.name={self.name}_worker"
-        ids = _docker("ps", "-q", "--filter", label, "--filter", "status=running").split()
-        assert ids, "no running worker container"
-        return _docker("exec", ids[0], *command)
+        """Run a command in one of the stack's worker containers that stays: a task a
+        scale-down is stopping still runs (finishing its trial), and goes, exec and all."""
+        service = f"{self.name}_worker"
+        staying = _docker(
+            "service", "ps", "-q", "--no-trunc", "--filter", "desired-state=running", service
+        ).split()
+        for task in staying:
+            label = f"label=com.docker.swarm.task.id={task}"
+            ids = _docker("ps", "-q", "--filter", label, "--filter", "status=running").split()
+            if ids:
+                return _docker("exec", ids[0], *command)
+        raise AssertionError("no running worker container")
 
     def summary(self, study: str) -> dict[str, Any]:
         try:

@@ -188,14 +188,14 @@ def test_an_s3_outage_at_clean_up_costs_space_not_the_trial(
     )  # fmt: skip
 
     def cut_after_the_last_save() -> None:  # the session then sleeps 2 s and returns
-        def last_saved() -> bool:
-            listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
-            if not listed:
-                return False
-            body = client.get_object(Bucket=bucket, Key=listed[0]["Key"])["Body"].read()
-            return bool(unpickle_checkpoint(body)["epoch"] == 20)
-
-        wait_until("the last epoch's checkpoint", last_saved, every=0.05)
+        # The session's own word that its last save returned (the object being there is not
+        # enough: the answer to the PUT may still be on its way through the relay).
+        wait_until(
+            "the last epoch's save", (tmp_path / "saved-0-19").exists, timeout=120, every=0.05
+        )
+        listed = client.list_objects_v2(Bucket=bucket)["Contents"]
+        body = client.get_object(Bucket=bucket, Key=listed[0]["Key"])["Body"].read()
+        assert unpickle_checkpoint(body)["epoch"] == 20
         relay.hang_up()  # gone for good: the worker's clean-up finds nobody
 
     warnings: list[str] = []
