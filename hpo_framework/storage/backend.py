@@ -50,9 +50,7 @@ class Backend:
         try:
             self.storage.set_trial_user_attr(trial_id, ERROR_ATTR, error)
             return self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return False
-        except KeyError:
+        except (optuna.exceptions.UpdateFinishedTrialError, KeyError):
             return False
 
     @retried("re-queueing a failed trial")

@@ -27,7 +27,7 @@ trial cache (``_CachedStorage``) with three changes, all for the trials *this pr
 
 Every read and write here is a :func:`~hpo_framework.storage.database.retried` step: Optuna's
 ``Trial`` and sampler call it, and an outage is waited out inside, not by the caller. Starting
-a trial (``start``) and recording its result (``tell``) are steps of their own, replayed as
+a trial (``begin``) and recording its result (``tell``) are steps of their own, replayed as
 one unit, each idempotent after a lost answer.
 
 Everything else is Optuna's. This leans on Optuna's private ``_CachedStorage`` and its table
@@ -320,11 +320,14 @@ class TrialStore(_CachedStorage):
 
     # --- reads ---------------------------------------------------------------------------------
 
-    @retried("reading a trial")
     def get_trial(self, trial_id: int) -> FrozenTrial:
         own = self._own.get(trial_id)
         if own is not None:
-            return copy.deepcopy(own)
+            return copy.deepcopy(own)  # from memory: no database step (Optuna asks often)
+        return self._read_trial(trial_id)
+
+    @retried("reading a trial")
+    def _read_trial(self, trial_id: int) -> FrozenTrial:
         return super().get_trial(trial_id)
 
     @contextmanager
