@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import optuna
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
 
 
 class HPOError(Exception):
@@ -75,11 +78,32 @@ class SessionError(HPOError):
     """Raised when a session reference cannot be imported, or a session returns a bad value."""
 
 
-class TrialPruned(HPOError, optuna.TrialPruned):
-    """Raised by :func:`hpo_framework.report` when the pruner stops the running trial.
+if TYPE_CHECKING:
 
-    Sessions never need to catch it; it also is an :class:`optuna.TrialPruned`.
-    """
+    class TrialPruned(HPOError, optuna.TrialPruned):
+        """Raised by :func:`hpo_framework.report` when the pruner stops the running trial."""
+
+
+def _define_trial_pruned() -> type[HPOError]:
+    # Made on first use: it subclasses Optuna's, and importing Optuna costs the read side
+    # (hpo-inspect) more than everything else it does.
+    import optuna
+
+    class TrialPruned(HPOError, optuna.TrialPruned):
+        """Raised by :func:`hpo_framework.report` when the pruner stops the running trial.
+
+        Sessions never need to catch it; it also is an :class:`optuna.TrialPruned`.
+        """
+
+    TrialPruned.__module__, TrialPruned.__qualname__ = __name__, "TrialPruned"  # pickles
+    return TrialPruned
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TrialPruned":
+        cls = globals()[name] = _define_trial_pruned()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class TrialLost(HPOError):

@@ -6,8 +6,6 @@ import json
 import logging
 import sys
 
-import optuna
-
 FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
 
 
@@ -39,4 +37,6 @@ def ensure_console_logging(level: int = logging.INFO, fmt: str = "text") -> None
     logger.setLevel(level)
     logger.propagate = False
     # Optuna's own per-trial INFO lines would repeat ours.
+    import optuna
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)

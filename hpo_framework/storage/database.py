@@ -20,19 +20,22 @@ import random
 import re
 import socket
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar, cast
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-import optuna
 import sqlalchemy
 import sqlalchemy.exc
-import sqlalchemy.orm
 from sqlalchemy.engine import make_url
 
 from hpo_framework import defaults
 from hpo_framework.exceptions import StorageError
 from hpo_framework.storage import pg_guards
+
+if TYPE_CHECKING:
+    import optuna
 
 log = logging.getLogger("hpo.storage")
 T = TypeVar("T")
@@ -43,7 +46,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.OperationalError,
     sqlalchemy.exc.InterfaceError,
     sqlalchemy.exc.TimeoutError,
-    optuna.exceptions.StorageInternalError,
 )
 
 #: SQLSTATE classes and codes worth waiting out: connection exceptions (08), insufficient
@@ -225,6 +227,8 @@ def open_storage(
     ``create_schema`` is for the coordinator and local runs only: workers never create tables,
     so that many of them starting on an empty database cannot race (Optuna issue #1092).
     """
+    import optuna
+
     parsed = make_url(check_url(url))
     backend = parsed.get_backend_name()
     if backend == "sqlite":
@@ -250,44 +254,76 @@ def open_storage(
     raise AssertionError("unreachable")
 
 
+def open_engine(url: str, *, role: str = "hpo") -> sqlalchemy.Engine:
+    """An engine on tables the coordinator made, with the framework's settings and Optuna's
+    schema revision checked: what the read side (``hpo-inspect``) needs, without Optuna."""
+    parsed = make_url(check_url(url))
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        _prepare_sqlite(parsed.database)
+    try:
+        engine = sqlalchemy.create_engine(url, **engine_kwargs(backend, role, parsed.database))
+        _check_schema_revision(engine)
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        raise cannot_open(url, e, _reason(e)) from e
+    except ImportError as e:
+        raise StorageError(f"no database driver for {redact(url)}: {e}") from e
+    except RuntimeError as e:
+        raise StorageError(f"storage {redact(url)}: {_reason(e)}") from e
+    return engine
+
+
 #: The schema revision of the Optuna range in pyproject.toml (``tests/pool/test_db_cost.py`` checks
 #: it against Optuna's own): workers check it with one query instead of importing alembic.
 OPTUNA_SCHEMA_HEAD = "v3.2.0.a"
 
 
-class _ExistingSchemaStorage(optuna.storages.RDBStorage):
-    """``RDBStorage`` on tables the coordinator made, without Optuna's version manager: it
-    imports alembic (about 0.15 s of a worker's start) only to compare one revision string."""
+@functools.cache
+def _existing_schema_storage() -> type[optuna.storages.RDBStorage]:
+    import optuna
+    import sqlalchemy.orm
 
-    def __init__(self, url: str, engine_kwargs: dict[str, Any]) -> None:
-        # The attributes RDBStorage.__init__ sets (the test compares the two).
-        self.engine_kwargs = engine_kwargs
-        self.url = url
-        self.skip_compatibility_check = True
-        self.heartbeat_interval = self.grace_period = None
-        self.heartbeat_stale_trial_callback = self.failed_trial_callback = None
-        self.engine = sqlalchemy.create_engine(url, **engine_kwargs)
-        self.scoped_session = sqlalchemy.orm.scoped_session(
-            sqlalchemy.orm.sessionmaker(bind=self.engine)
-        )
-        self._version_manager = None  # type: ignore[assignment]
+    class ExistingSchemaStorage(optuna.storages.RDBStorage):
+        """``RDBStorage`` on tables the coordinator made, without Optuna's version manager: it
+        imports alembic (about 0.15 s of a worker's start) only to compare one revision string."""
+
+        def __init__(self, url: str, engine_kwargs: dict[str, Any]) -> None:
+            # The attributes RDBStorage.__init__ sets (the test compares the two).
+            self.engine_kwargs = engine_kwargs
+            self.url = url
+            self.skip_compatibility_check = True
+            self.heartbeat_interval = self.grace_period = None
+            self.heartbeat_stale_trial_callback = self.failed_trial_callback = None
+            self.engine = sqlalchemy.create_engine(url, **engine_kwargs)
+            self.scoped_session = sqlalchemy.orm.scoped_session(
+                sqlalchemy.orm.sessionmaker(bind=self.engine)
+            )
+            self._version_manager = None  # type: ignore[assignment]
+
+    return ExistingSchemaStorage
 
 
 def _open_existing(url: str, kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
-    storage = _ExistingSchemaStorage(url, kwargs)
+    import sqlalchemy.orm
+
+    storage = _existing_schema_storage()(url, kwargs)
     # SQLAlchemy configures Optuna's ORM mappers on their first query, ~60 ms of CPU: a worker
     # does it now, while it waits for work, not when every worker of a new study starts at once.
     sqlalchemy.orm.configure_mappers()
-    with storage.engine.connect() as conn:
+    _check_schema_revision(storage.engine)
+    return storage
+
+
+def _check_schema_revision(engine: sqlalchemy.Engine) -> None:
+    with engine.connect() as conn:
         found = conn.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar()
     if found != OPTUNA_SCHEMA_HEAD:
-        storage.engine.dispose()
+        engine.dispose()
         raise RuntimeError(
             f"the tables are at Optuna schema revision {found}, this Optuna "
-            f"{optuna.__version__} needs {OPTUNA_SCHEMA_HEAD}: run `optuna storage upgrade "
+            f"{version('optuna')} needs {OPTUNA_SCHEMA_HEAD}: run `optuna storage upgrade "
             "--storage URL` (or use the Optuna version that made them)"
         )
-    return storage
 
 
 _TABLE_NAMES = {
@@ -447,9 +483,12 @@ def _retrying(op: Callable[[], T], what: str, deadline: float | None) -> T:
 def _is_database_error(e: BaseException) -> bool:
     """SQLAlchemy's and Optuna's wrappers, and a driver's own errors (which SQLAlchemy lets
     through where it resets a connection it returns to the pool)."""
-    if isinstance(e, (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)):
+    if isinstance(e, (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error)):
         return True
-    return isinstance(e, sqlite3.Error) or type(e).__module__.startswith("psycopg")
+    optuna = sys.modules.get("optuna")  # not loaded (the read side): no Optuna error to meet
+    if optuna is not None and isinstance(e, optuna.exceptions.StorageInternalError):
+        return True
+    return type(e).__module__.startswith("psycopg")
 
 
 def _prepare_sqlite(database: str | None) -> None:
