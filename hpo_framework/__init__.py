@@ -44,7 +44,7 @@ _EXPORTS = {
     "load_best": "hpo_framework.session.reporting",
     "run_hpo": "hpo_framework.runner",
     "resolve_storage_url": "hpo_framework.storage.database",
-    "unflatten": "hpo_framework.param_sampler",
+    "unflatten": "hpo_framework.config.param_tree",
 }
 
 __all__ = [
@@ -68,6 +68,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from hpo_framework.config.param_tree import unflatten
     from hpo_framework.config.schema import Config, load_config
     from hpo_framework.exceptions import (
         ConfigError,
@@ -78,7 +79,6 @@ if TYPE_CHECKING:
         StudyNotFoundError,
         TrialPruned,
     )
-    from hpo_framework.param_sampler import unflatten
     from hpo_framework.runner import run_hpo
     from hpo_framework.session import checkpoint
     from hpo_framework.session.reporting import load_best, report, trial

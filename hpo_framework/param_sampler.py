@@ -29,6 +29,7 @@ from hpo_framework._checks import (
     is_number,
     is_scalar,
 )
+from hpo_framework.config.param_tree import encode_choice, unflatten
 
 _KEYS = {
     "float": {"type", "low", "high", "log", "step", "when"},
@@ -250,40 +251,6 @@ def _grid_size(d: BaseDistribution) -> int | None:
     return None
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"hidden": 16}}`` -> ``{"model.hidden": 16}``."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"model.hidden": 16}`` -> ``{"model": {"hidden": 16}}``; a group whose keys are
-    ``0, 1, ...`` (a ``repeat:``) becomes a list: ``{"layers.0.units": 8}`` ->
-    ``{"layers": [{"units": 8}]}``."""
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    nested = _lists(tree)  # a dict: top-level names are never numbers
-    return nested if isinstance(nested, dict) else {"": nested}
-
-
-def _lists(tree: dict[str, Any]) -> Any:
-    out = {k: _lists(v) if isinstance(v, dict) else v for k, v in tree.items()}
-    if out and all(k.isdigit() for k in out):
-        return [out[k] for k in sorted(out, key=int)]
-    return out
-
-
 def _indexed(point: Any, keep: frozenset[str] | set[str] = frozenset(), at: str = "") -> Any:
     """The inverse for enqueued points: a list of groups becomes ``{"0": ..., "1": ...}``
     (except the value of a parameter in ``keep``, whose choices are lists or mappings)."""
@@ -306,22 +273,6 @@ def _flatten_point(tree: Mapping[str, Any], keep: set[str], prefix: str = "") ->
         else:
             flat[name] = value
     return flat
-
-
-def encode_choice(value: Any) -> str:
-    """A list- or mapping-valued choice as Optuna holds it: its JSON text, keys sorted."""
-    return json.dumps(value, sort_keys=True)
-
-
-def merge(static: Mapping[str, Any], sampled: Mapping[str, Any]) -> dict[str, Any]:
-    """Deep-merge sampled values over the static ones: the ``cfg`` a session receives."""
-    merged = dict(static)
-    for key, value in sampled.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _parse_group(

@@ -23,8 +23,9 @@ from hpo_framework import defaults
 from hpo_framework._checks import Checker, describe, is_number
 from hpo_framework.config.algorithms import check_pruner, check_sampler
 from hpo_framework.config.host_policy import checkpoint_location_refusal, s3_endpoint_refusal
+from hpo_framework.config.param_tree import flatten
 from hpo_framework.exceptions import ConfigError, MissingPackageError, NotAllowedHereError
-from hpo_framework.param_sampler import SearchSpace, flatten
+from hpo_framework.param_sampler import SearchSpace
 
 TOP_KEYS = (
     "study", "session", "storage", "static", "search_space", "enqueue", "checkpoints", "tracking",

@@ -27,9 +27,9 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo_framework.config.algorithms import build_pruner, build_sampler, worker_seed
+from hpo_framework.config.param_tree import merge
 from hpo_framework.config.schema import Config
 from hpo_framework.exceptions import StorageError, TrialLost, TrialPruned
-from hpo_framework.param_sampler import merge
 from hpo_framework.runtime.after_trial import AfterTrial, Finished, FireHook, point_of, steps_for
 from hpo_framework.runtime.executor import InProcessExecutor, ProcessExecutor, describe_error
 from hpo_framework.runtime.heartbeat import Heartbeat

@@ -204,7 +204,7 @@ def test_the_example_resumed_from_its_checkpoint_ends_as_an_uninterrupted_run(
 ) -> None:
     from experiments.linear_regression import single_session
     from hpo_framework import unflatten
-    from hpo_framework.param_sampler import merge
+    from hpo_framework.config.param_tree import merge
 
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
     config["session"] = "tests.sessions:example_interrupted"

@@ -11,7 +11,7 @@ import pytest
 
 from hpo_framework import ConfigError, load_config, run_hpo
 from hpo_framework._checks import Checker
-from hpo_framework.param_sampler import merge
+from hpo_framework.config.param_tree import merge
 from tests import sessions
 from tests.conftest import make_config, write_config
 
