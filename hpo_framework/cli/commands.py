@@ -1,39 +1,29 @@
-"""``hpo-coordinator`` and ``hpo-inspect``: thin click adapters over the library."""
+"""``hpo-coordinator``: thin click adapters over the library (``hpo-inspect``: ``inspecting``)."""
 
 from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
 import optuna
-import sqlalchemy.exc
 import yaml
-from sqlalchemy.engine import make_url
 
+from hpo_framework.cli.inspecting import inspect_command
 from hpo_framework.cli.options import (
+    CONTEXT,
     config_storage_option,
+    require_hpo_schema,
+    require_sqlite_file,
     set_option,
     storage_option,
     translate_errors,
     version_option,
 )
-from hpo_framework.cli.render import (
-    FORMATS,
-    make_console,
-    metrics_view,
-    print_study_list,
-    print_summary,
-    show,
-    study_list_view,
-    summary_view,
-    trial_view,
-    workers_view,
-)
+from hpo_framework.cli.render import make_console, print_study_list, print_summary
 from hpo_framework.config.schema import load_config, read_yaml_file
-from hpo_framework.exceptions import ConfigError, StorageError
+from hpo_framework.exceptions import ConfigError
 from hpo_framework.operations.coordinator import (
     check_config,
     create_study,
@@ -41,27 +31,16 @@ from hpo_framework.operations.coordinator import (
     stop_study,
 )
 from hpo_framework.operations.day2 import enqueue_points, move, retry_failed, set_limits
-from hpo_framework.session.reporting import SUGGESTED_KEY
-from hpo_framework.storage import metrics
 from hpo_framework.storage.database import (
-    cannot_open,
     check_url,
     open_storage,
     redact,
     resolve_storage_url,
-    schema_exists,
 )
-from hpo_framework.views.inspection import (
-    best_config,
-    list_studies,
-    metric_histories,
-    summarize,
-    trial_detail,
-    worker_status,
-)
+from hpo_framework.views.inspection import list_studies, summarize
 from hpo_framework.views.watch import watch as watch_study
 
-CONTEXT = {"help_option_names": ["-h", "--help"]}
+__all__ = ["coordinator", "inspect_command"]
 
 
 def _open(storage: str | None, config_storage: str | None = None, create: bool = False) -> Any:
@@ -70,35 +49,8 @@ def _open(storage: str | None, config_storage: str | None = None, create: bool =
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = check_url(resolve_storage_url(storage, config_storage))
     if not create:
-        _require_hpo_schema(url)
+        require_hpo_schema(url)
     return open_storage(url, create_schema=create, role="hpo-cli")
-
-
-_CREATE_HINT = "create one with `hpo-coordinator create config.yaml`, or pass --storage"
-
-
-def _require_sqlite_file(url: str) -> None:
-    """A SQLite URL must name an existing file: opening it would create an empty one."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        if not Path(parsed.database).exists():
-            raise StorageError(f"no database at {redact(url)}: {_CREATE_HINT}")
-
-
-def _require_hpo_schema(url: str) -> None:
-    _require_sqlite_file(url)
-    hint = _CREATE_HINT
-    try:
-        found = schema_exists(url)
-    except sqlalchemy.exc.SQLAlchemyError as e:
-        raise cannot_open(url, e, _first_line(e)) from None
-    if not found:
-        raise StorageError(f"no hpo studies in {redact(url)} (no hpo tables): {hint}")
-
-
-def _first_line(e: BaseException) -> str:
-    inner = getattr(e, "orig", None) or e
-    return " ".join(str(inner).split())[:300]
 
 
 # --- hpo-coordinator ---------------------------------------------------------------------------
@@ -346,109 +298,5 @@ def dashboard(host: str, port: int, storage: str | None) -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = check_url(resolve_storage_url(storage))
-    _require_sqlite_file(url)  # an empty server database is served (compose starts it first)
+    require_sqlite_file(url)  # an empty server database is served (compose starts it first)
     serve(url, host, port)
-
-
-# --- hpo-inspect -------------------------------------------------------------------------------
-
-
-@click.command(context_settings=CONTEXT)
-@version_option
-@click.argument("study", required=False)
-@click.option(
-    "--format", "fmt", type=click.Choice(FORMATS), default="table",
-    show_default=True, help="Output format.",
-)  # fmt: skip
-@click.option(
-    "--top", type=click.IntRange(min=0), default=10, show_default=True,
-    help="How many best trials to list.",
-)  # fmt: skip
-@click.option(
-    "--output", "-o", type=click.Path(dir_okay=False), help="Write json/csv here, not stdout."
-)
-@click.option(
-    "--plot", "plot_dir", type=click.Path(file_okay=False),
-    help="Write PNG and HTML plots and an index.html to this directory.",
-)  # fmt: skip
-@click.option("--watch", is_flag=True, help="Live view until the study is done.")
-@click.option(
-    "--workers", "show_workers", is_flag=True,
-    help="The workers instead: live and lost, what each runs, which studies it skips and why.",
-)  # fmt: skip
-@click.option(
-    "--trial", "trial_number", type=click.IntRange(min=0), metavar="N",
-    help="Trial N of STUDY in full: cfg, values, intermediate values, attributes, attempts.",
-)  # fmt: skip
-@click.option(
-    "--best-config", "best_config_path", type=click.Path(dir_okay=False), metavar="FILE",
-    help="Write the best trial's complete cfg (static and searched, nested) as YAML.",
-)  # fmt: skip
-@click.option(
-    "--metrics", "show_metrics", is_flag=True,
-    help="Every value sessions logged with trial().log, one row per trial, metric and step.",
-)  # fmt: skip
-@storage_option
-@translate_errors
-def inspect_command(
-    study: str | None, fmt: str, top: int, output: str | None, plot_dir: str | None,
-    watch: bool, show_workers: bool, trial_number: int | None, best_config_path: str | None,
-    show_metrics: bool, storage: str | None,
-) -> None:  # fmt: skip
-    """Summarize every study, or one STUDY in detail, from the database."""
-    rdb = _open(storage)
-    if (trial_number is not None or best_config_path or show_metrics) and study is None:
-        raise click.UsageError("--trial, --best-config and --metrics need a STUDY")
-    if show_metrics:
-        show(metrics_view(metrics.long_rows(metric_histories(rdb, study or ""))), fmt, output)
-    elif best_config_path:
-        _write_best_config(rdb, study or "", best_config_path)
-    elif trial_number is not None:
-        show(trial_view(trial_detail(rdb, study or "", trial_number)), fmt, output)
-    elif show_workers:
-        if study or plot_dir or watch:
-            raise click.UsageError("--workers takes no STUDY, --plot or --watch")
-        show(workers_view(worker_status(rdb)), fmt, output)
-    elif study is None:
-        if plot_dir or watch:
-            raise click.UsageError("--plot and --watch need a STUDY")
-        show(study_list_view(list_studies(rdb)), fmt, output)
-    elif watch:
-        print_summary(watch_study(rdb, study, make_console(), top=top))
-    elif plot_dir:
-        _write_plots(rdb, study, plot_dir, top)
-    else:
-        show(summary_view(summarize(rdb, study, top=top, all_trials=fmt != "table")), fmt, output)
-
-
-def _write_best_config(rdb: Any, study: str, path: str) -> None:
-    """``--best-config FILE``: the best trial's complete cfg as YAML."""
-    cfg, asked = best_config(rdb, study)
-    content = {**cfg, SUGGESTED_KEY: asked} if asked else cfg
-    try:
-        Path(path).write_text(yaml.safe_dump(content, sort_keys=False))
-    except OSError as e:
-        raise click.ClickException(f"cannot write {path}: {e.strerror}") from None
-    if asked:
-        click.echo(
-            f"note: the session asked for {', '.join(sorted(asked))} itself "
-            f"(trial().suggest_*): kept under {SUGGESTED_KEY}:, which "
-            "hpo_framework.load_best(FILE) hands back to trial().suggest_*", err=True,
-        )  # fmt: skip
-    click.echo(f"wrote {path}: the complete cfg of the best trial of {study!r}")
-
-
-def _write_plots(rdb: Any, study: str, plot_dir: str, top: int) -> None:
-    """``--plot DIR``: PNG and HTML plots and an index.html."""
-    from hpo_framework.views.plots import write_plots  # plotting libraries only when asked for
-
-    summary = summarize(rdb, study, top=top, all_trials=True)
-    loaded = optuna.load_study(study_name=study, storage=rdb)
-    files = write_plots(
-        loaded,
-        Path(plot_dir),
-        summary,
-        progress=lambda t: click.echo(f"plotting {t}", err=True),
-        histories=metric_histories(rdb, study),
-    )
-    click.echo(f"wrote {len(files)} files; open {Path(plot_dir) / 'index.html'}")

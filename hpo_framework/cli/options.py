@@ -1,18 +1,24 @@
-"""What every command-line tool shares: the ``--storage`` option and error translation."""
+"""What every command-line tool shares: the ``--storage`` option, the checks before a command
+opens a database it only reads, and error translation."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import sqlalchemy.exc
+from sqlalchemy.engine import make_url
 
 from hpo_framework import defaults
 from hpo_framework._version import __version__
-from hpo_framework.exceptions import HPOError
+from hpo_framework.exceptions import HPOError, StorageError
+from hpo_framework.storage.database import cannot_open, redact, schema_exists
 
 F = TypeVar("F", bound=Callable[..., Any])
+CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 storage_option = click.option(
     "--storage",
@@ -59,3 +65,31 @@ def translate_errors(fn: F) -> F:
             raise CommandError(e) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+_CREATE_HINT = "create one with `hpo-coordinator create config.yaml`, or pass --storage"
+
+
+def require_sqlite_file(url: str) -> None:
+    """A SQLite URL must name an existing file: opening it would create an empty one."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        if not Path(parsed.database).exists():
+            raise StorageError(f"no database at {redact(url)}: {_CREATE_HINT}")
+
+
+def require_hpo_schema(url: str) -> None:
+    """One line (and no new SQLite file) when ``url`` holds no hpo study yet."""
+    require_sqlite_file(url)
+    hint = _CREATE_HINT
+    try:
+        found = schema_exists(url)
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        raise cannot_open(url, e, _first_line(e)) from None
+    if not found:
+        raise StorageError(f"no hpo studies in {redact(url)} (no hpo tables): {hint}")
+
+
+def _first_line(e: BaseException) -> str:
+    inner = getattr(e, "orig", None) or e
+    return " ".join(str(inner).split())[:300]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from optuna.trial import FrozenTrial
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
+
+    from hpo_framework.storage.trial_reads import TrialRecord
 
 #: User attributes every trial carries (shown by hpo-inspect and optuna-dashboard).
 WORKER_ATTR, ERROR_ATTR = "worker", "error"
@@ -29,12 +32,12 @@ def int_attr(attrs: dict[str, Any], key: str, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
-def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
+def trial_summary(trial: FrozenTrial | TrialRecord) -> dict[str, Any]:
     """The fields every trial listing shows, in one place."""
     duration = trial.duration.total_seconds() if trial.duration is not None else None
     return {
         "number": trial.number,
-        "state": trial.state.name,
+        "state": getattr(trial.state, "name", trial.state),  # TrialState, or its name
         "values": trial.values,
         "params": trial.params,
         "worker": trial.user_attrs.get(WORKER_ATTR),

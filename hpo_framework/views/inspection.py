@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
 import sqlalchemy as sa
-import sqlalchemy.orm
-from optuna.storages._rdb import models
-from optuna.trial import FrozenTrial, TrialState
 
-from hpo_framework.config.schema import Config
+from hpo_framework.config.param_tree import StoredSpace, merge, unflatten
 from hpo_framework.exceptions import HPOError, StudyNotFoundError
-from hpo_framework.param_sampler import SearchSpace, merge, unflatten
 from hpo_framework.session.reporting import RESERVED_ATTRS
-from hpo_framework.storage import metrics
+from hpo_framework.storage import metrics, trial_reads
 from hpo_framework.storage.optuna_tables import (
     studies,
     study_user_attrs,
@@ -47,6 +43,34 @@ from hpo_framework.storage.trial_attrs import (
     cannot_serve,
     trial_summary,
 )
+from hpo_framework.storage.trial_reads import TrialRecord
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    #: What the read functions take: an engine (``hpo-inspect``, which imports no Optuna for
+    #: a study of one objective) or the Optuna storage a process already has open.
+    Database = sa.Engine | optuna.storages.RDBStorage
+    Trial = TrialRecord | FrozenTrial
+
+
+def _engine(db: Database) -> sa.Engine:
+    return db if isinstance(db, sa.Engine) else db.engine
+
+
+@functools.cache
+def _optuna_storage(engine: sa.Engine) -> optuna.storages.RDBStorage:
+    """An Optuna storage beside ``engine``, for what only Optuna computes (a Pareto front)."""
+    from hpo_framework.storage.database import open_storage
+
+    url = engine.url.render_as_string(hide_password=False)
+    return open_storage(url, create_schema=False, role="hpo-cli")
+
+
+def _as_storage(db: Database) -> optuna.storages.RDBStorage:
+    return _optuna_storage(db) if isinstance(db, sa.Engine) else db
+
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 
@@ -63,27 +87,27 @@ def display_state(record: StudyRecord, counts: Counter[str]) -> str:
     return OPEN.value
 
 
-def list_studies(storage: optuna.storages.RDBStorage) -> list[dict[str, Any]]:
+def list_studies(db: Database) -> list[dict[str, Any]]:
     """One row per study: state, budget progress, best value, running trials."""
-    records = Registry(storage.engine).all()
+    engine = _engine(db)
+    records = Registry(engine).all()
     t = trials.c
     query = sa.select(t.study_id, t.state, sa.func.count()).group_by(t.study_id, t.state)
-    with storage.engine.connect() as conn:
+    with engine.connect() as conn:
         by_study: dict[int, Counter[str]] = {}
         for study_id, state, n in conn.execute(query):
             by_study.setdefault(study_id, Counter())[_name(state)] = n
     rows = []
     for record in records:
         counts = by_study.get(record.study_id, Counter())
-        directions = storage.get_study_directions(record.study_id)
-        best, _ = _ranked_complete(storage, record.study_id, directions, 1)
+        best, _ = _ranked_complete(db, record.study_id, 1)
         rows.append(
             {
                 "study": record.name,
                 "state": display_state(record, counts),
                 "finished": counts["COMPLETE"] + counts["PRUNED"],
                 "budget": record.budget,
-                "best": list(best[0].values) if len(best) == 1 else None,
+                "best": list(best[0].values or ()) if len(best) == 1 else None,
                 "running": counts["RUNNING"],
                 "failed": counts["FAIL"],
             }
@@ -92,7 +116,7 @@ def list_studies(storage: optuna.storages.RDBStorage) -> list[dict[str, Any]]:
 
 
 def summarize(
-    storage: optuna.storages.RDBStorage, name: str, top: int = 10, *, all_trials: bool = True
+    db: Database, name: str, top: int = 10, *, all_trials: bool = True
 ) -> dict[str, Any]:
     """Everything ``hpo-inspect STUDY`` shows, as JSON-ready data.
 
@@ -100,12 +124,12 @@ def summarize(
     shown (best, top, running) are read whole, so a large study costs little to summarize;
     ``all_trials`` adds every trial (for JSON and CSV).
     """
-    record = Registry(storage.engine).get(name)
+    engine = _engine(db)
+    record = Registry(engine).get(name)
     study_id = record.study_id
-    directions = storage.get_study_directions(study_id)
     t, a = trials.c, trial_user_attrs.c
     mine = t.study_id == study_id
-    with storage.engine.connect() as conn:
+    with engine.connect() as conn:
         counts: Counter[str] = Counter(
             {
                 _name(state): n
@@ -114,7 +138,7 @@ def summarize(
                 )
             }
         )
-        finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        finished = ("COMPLETE", "PRUNED", "FAIL")
         durations = sorted(
             (end - start).total_seconds()
             for start, end in conn.execute(
@@ -129,33 +153,33 @@ def summarize(
         worker_rows = conn.execute(
             sa.select(a.value_json, sa.func.count())
             .join(trials, t.trial_id == a.trial_id)
-            .where(mine, a.key == WORKER_ATTR, t.state != TrialState.WAITING)
+            .where(mine, a.key == WORKER_ATTR, t.state != "WAITING")
             .group_by(a.value_json)
         ).all()
         error_rows = conn.execute(
             sa.select(t.number, a.value_json)
             .outerjoin(trial_user_attrs, sa.and_(a.trial_id == t.trial_id, a.key == ERROR_ATTR))
-            .where(mine, t.state == TrialState.FAIL)
+            .where(mine, t.state == "FAIL")
             .order_by(t.number.desc())
             .limit(5)
         ).all()
         started = conn.execute(sa.select(sa.func.min(t.datetime_start)).where(mine)).scalar()
         running_ids = list(
             conn.execute(
-                sa.select(t.trial_id).where(mine, t.state == TrialState.RUNNING).order_by(t.number)
+                sa.select(t.trial_id).where(mine, t.state == "RUNNING").order_by(t.number)
             ).scalars()
         )
-    running = read_trials(storage, running_ids)
+    running = trial_reads.read_trials(engine, running_ids)
     workers: Counter[str] = Counter({str(json.loads(v)): n for v, n in worker_rows})
     unknown = sum(counts.values()) - counts["WAITING"] - sum(workers.values())
     if unknown > 0:
         workers["unknown"] += unknown
-    best, ranked = _ranked_complete(storage, study_id, directions, top)
-    space = _space_of(name, record) if best else None
-    study_attrs = storage.get_study_user_attrs(study_id)
+    best, ranked = _ranked_complete(db, study_id, top)
+    space = StoredSpace(record.config)
+    study_attrs = trial_reads.study_attrs(engine, study_id)
     summary = {
         "study": name,
-        "directions": [d.name.lower() for d in directions],
+        "directions": [d.lower() for d in trial_reads.directions(engine, study_id)],
         "state": display_state(record, counts),
         "budget": record.budget,
         "finished": counts["COMPLETE"] + counts["PRUNED"],
@@ -178,12 +202,12 @@ def summarize(
         "version": record.version,
     }
     if all_trials:
-        study = optuna.load_study(study_name=name, storage=storage)
-        summary["trials"] = [trial_summary(x) for x in study.get_trials(deepcopy=False)]
+        every = trial_reads.read_trials(engine, study_id=study_id)
+        summary["trials"] = [trial_summary(x) for x in every]
     return summary
 
 
-def _last_step(t: FrozenTrial) -> dict[str, Any]:
+def _last_step(t: Trial) -> dict[str, Any]:
     """A running trial's last reported step and value (``report``), if any."""
     if not t.intermediate_values:
         return {"last_step": None, "last_value": None}
@@ -192,88 +216,58 @@ def _last_step(t: FrozenTrial) -> dict[str, Any]:
 
 
 def _name(state: Any) -> str:
-    return state.name if isinstance(state, TrialState) else str(state)
+    return str(getattr(state, "name", state))
 
 
-def _ranked_complete(
-    storage: optuna.storages.RDBStorage, study_id: int, directions: list[Any], n: int
-) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
+def _ranked_complete(db: Database, study_id: int, n: int) -> tuple[list[Trial], list[Trial]]:
     """The best trials (one, or the Pareto front by number) and the first ``n`` complete
     trials ranked: by value (ties by number), or the front first. Several objectives are
     ranked by Optuna, which reads every trial; one is ranked in the database."""
+    engine = _engine(db)
+    directions = trial_reads.directions(engine, study_id)
     if len(directions) > 1:
-        study = optuna.load_study(
-            study_name=storage.get_study_name_from_id(study_id), storage=storage
-        )
-        if not any(x.state == TrialState.COMPLETE for x in study.get_trials(deepcopy=False)):
-            return [], []
-        front = sorted(study.best_trials, key=lambda x: x.number)
-        numbers = {x.number for x in front}
-        rest = [
-            x for x in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if x.number not in numbers
-        ]  # fmt: skip
-        return front, (front + rest)[:n]
+        return _ranked_by_optuna(_as_storage(db), study_id, n)
     t, v = trials.c, trial_values.c
     # Best first: -inf, the finite values, +inf when minimizing; the reverse when maximizing.
-    minimize = directions[0] == optuna.study.StudyDirection.MINIMIZE
-    kind = sa.case(
-        (v.value_type == models.TrialValueModel.TrialValueType.INF_NEG, 0),
-        (v.value_type == models.TrialValueModel.TrialValueType.FINITE, 1),
-        else_=2,
-    )
-    order = [kind, v.value] if minimize else [kind.desc(), v.value.desc()]
+    kind = sa.case((v.value_type == "INF_NEG", 0), (v.value_type == "FINITE", 1), else_=2)
+    order = [kind, v.value] if directions == ["MINIMIZE"] else [kind.desc(), v.value.desc()]
     query = (
         sa.select(t.trial_id)
         .join(trial_values, sa.and_(v.trial_id == t.trial_id, v.objective == 0))
-        .where(t.study_id == study_id, t.state == TrialState.COMPLETE)
+        .where(t.study_id == study_id, t.state == "COMPLETE")
         .order_by(*order, t.number)
         .limit(max(n, 1))
     )
-    with storage.engine.connect() as conn:
+    with engine.connect() as conn:
         ids = list(conn.execute(query).scalars())
-    ranked = read_trials(storage, ids)
+    ranked: list[Trial] = list(trial_reads.read_trials(engine, ids))
     return ranked[:1], ranked[:n]
 
 
-def read_trials(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> list[FrozenTrial]:
-    """These trials in full, in this order, with one query per Optuna table whatever their
-    number (``storage.get_trial`` takes six statements a trial)."""
-    if not trial_ids:
-        return []
-    query = (
-        sa.select(models.TrialModel)
-        .where(models.TrialModel.trial_id.in_(trial_ids))
-        .options(
-            sa.orm.selectinload(models.TrialModel.params),
-            sa.orm.selectinload(models.TrialModel.values),
-            sa.orm.selectinload(models.TrialModel.user_attributes),
-            sa.orm.selectinload(models.TrialModel.system_attributes),
-            sa.orm.selectinload(models.TrialModel.intermediate_values),
-        )
-    )
-    with sa.orm.Session(storage.engine) as session:
-        by_id: dict[int, FrozenTrial] = {
-            int(row.trial_id): storage._build_frozen_trial_from_trial_model(row)
-            for row in session.scalars(query)
-        }
-    return [by_id[i] for i in trial_ids if i in by_id]
+def _ranked_by_optuna(
+    storage: optuna.storages.RDBStorage, study_id: int, n: int
+) -> tuple[list[Trial], list[Trial]]:
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=storage.get_study_name_from_id(study_id), storage=storage)
+    if not any(x.state == TrialState.COMPLETE for x in study.get_trials(deepcopy=False)):
+        return [], []
+    front: list[Trial] = sorted(study.best_trials, key=lambda x: x.number)
+    numbers = {x.number for x in front}
+    rest = [
+        x for x in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if x.number not in numbers
+    ]  # fmt: skip
+    return front, (front + rest)[:n]
 
 
-def _point(t: FrozenTrial, space: SearchSpace | None) -> dict[str, Any]:
+def _point(t: Trial, space: StoredSpace) -> dict[str, Any]:
     """A best trial: ``params`` under Optuna's flat names (``model.hidden``), and
     ``params_nested`` as the session's ``cfg`` nests them (``{"model": {"hidden": ...}}``,
     list-valued choices as lists)."""
-    nested = unflatten(t.params if space is None else space.decode(t.params))
+    nested = unflatten(space.decode(t.params))
     return {"number": t.number, "values": t.values, "params": t.params, "params_nested": nested}
-
-
-def _space_of(name: str, record: StudyRecord) -> SearchSpace | None:
-    """The study's search space, or None for a stored config this version cannot read."""
-    try:
-        return Config.stored(name, record.config).search_space
-    except HPOError:
-        return None
 
 
 def _duration_stats(durations: list[float]) -> dict[str, float | None]:
@@ -287,10 +281,10 @@ def _duration_stats(durations: list[float]) -> dict[str, float | None]:
     }
 
 
-def worker_status(storage: optuna.storages.RDBStorage) -> list[dict[str, Any]]:
+def worker_status(db: Database) -> list[dict[str, Any]]:
     """Every registered worker (``presence``): live or lost, when last seen, what it runs
     (from its tickets) and the studies it skips on its host, with why."""
-    engine = storage.engine
+    engine = _engine(db)
     now = db_now(engine)
     w, k, h = hpo_workers.c, hpo_tickets.c, hpo_studies.c
     with engine.connect() as conn:
@@ -335,40 +329,41 @@ def worker_status(storage: optuna.storages.RDBStorage) -> list[dict[str, Any]]:
     ]
 
 
-def trial_detail(storage: optuna.storages.RDBStorage, name: str, number: int) -> dict[str, Any]:
+def trial_detail(db: Database, name: str, number: int) -> dict[str, Any]:
     """One trial in full (``hpo-inspect NAME --trial N``): its ``cfg`` as the session got it,
     values, intermediate values, the session's own attributes, its attempts and its error."""
-    record = Registry(storage.engine).get(name)
+    engine = _engine(db)
+    record = Registry(engine).get(name)
     t = trials.c
-    with storage.engine.connect() as conn:
+    with engine.connect() as conn:
         trial_id = conn.execute(
             sa.select(t.trial_id).where(t.study_id == record.study_id, t.number == number)
         ).scalar()
-    if trial_id is None:
+    found = trial_reads.read_trials(engine, [] if trial_id is None else [int(trial_id)])
+    if not found:
         raise StudyNotFoundError(f"study {name!r} has no trial {number}")
-    trial = storage.get_trial(int(trial_id))
-    attrs = dict(trial.user_attrs)
+    trial = found[0]
+    attrs = trial.user_attrs
     root = attrs.get(RETRY_OF_ATTR, trial.number)
-    attempts = _attempts(storage, record.study_id, root)
-    config = Config.stored(name, record.config)
-    cfg, asked = _cfg_of(config, trial.params)
+    space = StoredSpace(record.config)
+    cfg, asked = _cfg_of(space, trial.params)
     return {
         **trial_summary(trial),
-        "params_nested": unflatten(config.search_space.decode(trial.params)),
+        "params_nested": unflatten(space.decode(trial.params)),
         "cfg": cfg,
         "asked": asked,
         "intermediate_values": {str(k): v for k, v in sorted(trial.intermediate_values.items())},
         "attempt": attrs.get(ATTEMPT_ATTR, 0),
-        "attempts": attempts,
+        "attempts": _attempts(engine, record.study_id, root),
         "copied_from": attrs.get(COPIED_FROM_ATTR),
         "traceback": attrs.get(TRACEBACK_ATTR),
         "completed": trial.datetime_complete,
         "attributes": {k: v for k, v in attrs.items() if k not in RESERVED_ATTRS},
-        "metrics": metrics.of_trial(storage.engine, int(trial_id)),
+        "metrics": metrics.of_trial(engine, trial.trial_id),
     }
 
 
-def _attempts(storage: optuna.storages.RDBStorage, study_id: int, root: Any) -> list[Any]:
+def _attempts(engine: sa.Engine, study_id: int, root: Any) -> list[Any]:
     """Trial ``root`` and its retries (``retry_of: root``), each with its state and error:
     one query, whatever the study's size."""
     t, a = trials.c, trial_user_attrs.c
@@ -389,7 +384,7 @@ def _attempts(storage: optuna.storages.RDBStorage, study_id: int, root: Any) -> 
         .where(t.study_id == study_id, sa.or_(t.number == root, t.trial_id.in_(retries)))
         .order_by(t.number)
     )
-    with storage.engine.connect() as conn:
+    with engine.connect() as conn:
         rows = conn.execute(query).all()
     return [
         {"number": n, "state": _name(state), "error": None if e is None else json.loads(e)}
@@ -397,34 +392,31 @@ def _attempts(storage: optuna.storages.RDBStorage, study_id: int, root: Any) -> 
     ]
 
 
-def _cfg_of(config: Config, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _cfg_of(space: StoredSpace, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``cfg`` a trial's session received (static and ``search_space:`` values, nested),
     and the parameters the session asked for itself (``trial().suggest_*``), not in it."""
-    searched = config.search_space.decode(
-        {k: v for k, v in params.items() if k in config.search_space}
-    )
-    asked = {k: v for k, v in params.items() if k not in config.search_space}
-    return merge(config.static, unflatten(searched)), asked
+    searched = space.decode({k: v for k, v in params.items() if k in space})
+    asked = {k: v for k, v in params.items() if k not in space}
+    return merge(space.static, unflatten(searched)), asked
 
 
-def metric_histories(storage: optuna.storages.RDBStorage, name: str) -> dict[int, Any]:
+def metric_histories(db: Database, name: str) -> dict[int, Any]:
     """{trial number: {metric: [{"step", "value", "at"}, ...]}} of the study's trials."""
-    return metrics.of_study(storage.engine, Registry(storage.engine).get(name).study_id)
+    engine = _engine(db)
+    return metrics.of_study(engine, Registry(engine).get(name).study_id)
 
 
-def best_config(
-    storage: optuna.storages.RDBStorage, name: str
-) -> tuple[dict[str, Any], dict[str, Any]]:
+def best_config(db: Database, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The complete ``cfg`` (static and searched values, nested) of the study's best trial:
     what to train the final model with; and the values its session asked for itself."""
-    record = Registry(storage.engine).get(name)
-    directions = storage.get_study_directions(record.study_id)
-    if len(directions) > 1:
+    engine = _engine(db)
+    record = Registry(engine).get(name)
+    if len(trial_reads.directions(engine, record.study_id)) > 1:
         raise HPOError(
             f"study {name!r} has several directions and no single best trial; "
             "hpo-inspect NAME --trial N --format json shows any trial's cfg"
         )
-    best, _ = _ranked_complete(storage, record.study_id, directions, 1)
+    best, _ = _ranked_complete(engine, record.study_id, 1)
     if not best:
         raise HPOError(f"study {name!r} has no completed trial yet")
-    return _cfg_of(Config.stored(name, record.config), best[0].params)
+    return _cfg_of(StoredSpace(record.config), best[0].params)
