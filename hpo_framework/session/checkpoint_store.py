@@ -18,17 +18,20 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
-
-from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore
-from optuna.artifacts.exceptions import ArtifactNotFound
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from hpo_framework.config.host_policy import checkpoint_location_refusal, s3_endpoint_refusal
 
 if TYPE_CHECKING:
+    from optuna.artifacts import FileSystemArtifactStore
     from optuna.artifacts._protocol import ArtifactStore
+    from optuna.artifacts.exceptions import ArtifactNotFound
 
     from hpo_framework.config.schema import CheckpointSpec
+
+    class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
+        def write_with(self, artifact_id: str, fill: Callable[[BinaryIO], object]) -> None: ...
+
 
 __all__ = [
     "ArtifactNotFound",
@@ -39,25 +42,48 @@ __all__ = [
 ]
 
 
-class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
-    """Optuna's directory store, with writes that replace an artifact atomically."""
+def __getattr__(name: str) -> Any:
+    # Optuna's artifact stores are imported on first use: importing them imports boto3 where it
+    # is installed, a fifth of a second of every worker's start whether it checkpoints or not.
+    value: Any
+    if name == "ArtifactNotFound":
+        from optuna.artifacts import exceptions
 
-    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
-        self.write_with(artifact_id, lambda f: shutil.copyfileobj(content_body, f))
+        value = exceptions.ArtifactNotFound
+    elif name == "AtomicFileSystemArtifactStore":
+        value = _define_atomic_store()
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
-    def write_with(self, artifact_id: str, fill: Callable[[BinaryIO], object]) -> None:
-        """Replace the artifact with what ``fill`` writes (a pickle goes straight to disk,
-        never whole into memory)."""
-        target = self._get_filepath(artifact_id)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        replace_file(target, fill)
 
-    def remove(self, artifact_id: str) -> None:
-        """Remove the artifact and what writers killed mid-save left beside it."""
-        target = self._get_filepath(artifact_id)
-        for leftover in target.parent.glob(f"{glob.escape(target.name)}.tmp-*"):
-            leftover.unlink(missing_ok=True)
-        super().remove(artifact_id)
+def _define_atomic_store() -> type:
+    from optuna.artifacts import FileSystemArtifactStore
+
+    class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
+        """Optuna's directory store, with writes that replace an artifact atomically."""
+
+        def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+            self.write_with(artifact_id, lambda f: shutil.copyfileobj(content_body, f))
+
+        def write_with(self, artifact_id: str, fill: Callable[[BinaryIO], object]) -> None:
+            """Replace the artifact with what ``fill`` writes (a pickle goes straight to disk,
+            never whole into memory)."""
+            target = self._get_filepath(artifact_id)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            replace_file(target, fill)
+
+        def remove(self, artifact_id: str) -> None:
+            """Remove the artifact and what writers killed mid-save left beside it."""
+            target = self._get_filepath(artifact_id)
+            for leftover in target.parent.glob(f"{glob.escape(target.name)}.tmp-*"):
+                leftover.unlink(missing_ok=True)
+            super().remove(artifact_id)
+
+    AtomicFileSystemArtifactStore.__module__ = __name__
+    AtomicFileSystemArtifactStore.__qualname__ = "AtomicFileSystemArtifactStore"
+    return AtomicFileSystemArtifactStore
 
 
 def replace_file(target: Path, fill: Callable[[BinaryIO], object]) -> None:
@@ -109,10 +135,14 @@ def _open(
     folder: str | None, s3: str | None, endpoint_url: str | None, patient: bool
 ) -> ArtifactStore:
     if folder is not None:
-        return AtomicFileSystemArtifactStore(Path(os.path.abspath(folder)))
+        store: ArtifactStore = __getattr__("AtomicFileSystemArtifactStore")(
+            Path(os.path.abspath(folder))
+        )
+        return store
     assert s3 is not None
     import boto3  # the config check made sure it is there (pip install 'hpo-framework[s3]')
     from botocore.config import Config
+    from optuna.artifacts import Boto3ArtifactStore
 
     bucket = s3.removeprefix("s3://").partition("/")[0]
     # botocore retries what is worth retrying (throttling, 5xx, dropped connections) with
