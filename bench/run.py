@@ -379,8 +379,9 @@ def cost(
 # --- start-up, growth, connections -------------------------------------------------------------
 
 
-def startup(plain: bool) -> float:
-    """Seconds from a worker process's start to its first trial, the study already open."""
+def startup(plain: bool) -> dict[str, float]:
+    """Seconds from a worker process's start to its first trial, the study already open; and
+    the CPU seconds of the whole worker run (its processes: start, three trivial trials, exit)."""
     with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
         if plain:
             optuna.create_study(study_name="bench", storage=url)
@@ -389,27 +390,36 @@ def startup(plain: bool) -> float:
             path = hpo_config(Path(tmp), "bench", 3, 0.0)
             coordinator(url, "create", str(path))
             cmd = [str(BIN / "hpo-worker"), "--idle-exit", "0.5"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.time()
         subprocess.run(cmd, env=env(url), cwd=ROOT, check=True, capture_output=True, timeout=120)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         first = min(t.datetime_start for t in finished(url, "bench") if t.datetime_start)
-        return _utc(first) - started
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        return {"s": _utc(first) - started, "cpu": cpu}
 
 
-def inspect_cpu(plain: bool, history: int) -> float:
-    """CPU seconds of the command that shows a study's best trial, the study holding
-    ``history`` finished trials: ``hpo-inspect STUDY`` (its summary table) or plain Optuna's
-    ``optuna best-trial``."""
+def inspect_cpu(history: int) -> dict[str, float]:
+    """CPU seconds of reading a study of ``history`` finished trials from a fresh process, each
+    command in the same database: ``hpo-inspect STUDY`` (its summary table), ``--trial N``,
+    ``--workers``, and plain Optuna's ``optuna best-trial``."""
+    commands = {
+        "table": [str(BIN / "hpo-inspect"), "bench"],
+        "trial": [str(BIN / "hpo-inspect"), "bench", "--trial", str(history // 2)],
+        "workers": [str(BIN / "hpo-inspect"), "--workers"],
+        "plain": [str(BIN / "optuna"), "best-trial", "--study-name", "bench", "--storage"],
+    }
     with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
         coordinator(url, "create", str(hpo_config(Path(tmp), "bench", history + 10, 0.0)))
         add_history(url, "bench", history)
-        if plain:
-            cmd = [str(BIN / "optuna"), "best-trial", "--study-name", "bench", "--storage", url]
-        else:
-            cmd = [str(BIN / "hpo-inspect"), "bench"]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run(cmd, env=env(url), cwd=ROOT, check=True, capture_output=True)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        cpu = {}
+        for key, cmd in commands.items():
+            cmd = [*cmd, url] if key == "plain" else cmd
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            subprocess.run(cmd, env=env(url), cwd=ROOT, check=True, capture_output=True)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[key] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        return cpu
 
 
 def executor_hop(calls: int) -> dict[str, float]:
@@ -557,8 +567,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    parser.add_argument(
+        "--only", metavar="ROWS",
+        help="measure only these rows and print them, writing no file (comma-separated: cost, "
+        "driver, overhead, scaling, startup, executor, growth, inspect, connections, quality)",
+    )  # fmt: skip
     args = parser.parse_args()
     q = args.quick
+    chosen = None if args.only is None else set(args.only.split(","))
+
+    def want(name: str) -> bool:
+        return chosen is None or name in chosen
+
     repeats = 1 if q else args.repeats
     lines: list[str] = []
 
@@ -567,115 +587,133 @@ def main() -> None:
         print(lines[-1], flush=True)
 
     # The cost of a trial: one in-process worker, TPE, a study growing to 100 trials.
-    m = 10 if q else 100
-    a, b = paired(repeats, lambda: cost(False, 0, m), lambda: cost(True, 0, m))
-    for key, measure, fmt in (
-        ("statements", "SQL statements per trial (counted)", "{:.1f}"),
-        ("transactions", "transactions per trial (counted)", "{:.1f}"),
-        ("client_ms", "client CPU per trial, ms", "{:.1f}"),
-        ("server_ms", "PostgreSQL server CPU per trial, ms", "{:.1f}"),
-    ):
-        va, vb = median(a, key), median(b, key)
-        row("cost", f"{measure}, 1 worker, TPE, {m} trials", fmt.format(va), fmt.format(vb),
-            f"{va / vb:.2f}x" if vb else "")  # fmt: skip
+    if want("cost"):
+        m = 10 if q else 100
+        a, b = paired(repeats, lambda: cost(False, 0, m), lambda: cost(True, 0, m))
+        for key, measure, fmt in (
+            ("statements", "SQL statements per trial (counted)", "{:.1f}"),
+            ("transactions", "transactions per trial (counted)", "{:.1f}"),
+            ("client_ms", "client CPU per trial, ms", "{:.1f}"),
+            ("server_ms", "PostgreSQL server CPU per trial, ms", "{:.1f}"),
+        ):
+            va, vb = median(a, key), median(b, key)
+            row("cost", f"{measure}, 1 worker, TPE, {m} trials", fmt.format(va), fmt.format(vb),
+                f"{va / vb:.2f}x" if vb else "")  # fmt: skip
 
     # The driver: psycopg 3 against psycopg2 (the default), the same trials through hpo.
-    a, b = paired(
-        repeats, lambda: cost(False, 0, m, driver="psycopg"), lambda: cost(False, 0, m, "tpe")
-    )
-    va, vb = median(a, "client_ms"), median(b, "client_ms")
-    row("driver", f"hpo's client CPU per trial, ms, with psycopg 3 (hpo column) and psycopg2 "
-        f"(default; Optuna column), 1 worker, TPE, {m} trials", f"{va:.1f}", f"{vb:.1f}",
-        f"{va / vb:.2f}x")  # fmt: skip
+    if want("driver"):
+        a, b = paired(
+            repeats, lambda: cost(False, 0, m, driver="psycopg"), lambda: cost(False, 0, m, "tpe")
+        )
+        va, vb = median(a, "client_ms"), median(b, "client_ms")
+        row("driver", f"hpo's client CPU per trial, ms, with psycopg 3 (hpo column) and psycopg2 "
+            f"(default; Optuna column), 1 worker, TPE, {m} trials", f"{va:.1f}", f"{vb:.1f}",
+            f"{va / vb:.2f}x")  # fmt: skip
 
     # Overhead: one worker, trivial objective, per-trial wall time (both waiting, same clock).
-    n = 20 if q else 200
-    a, b = paired(repeats, lambda: run_hpo_pool(1, n, 0.0), lambda: run_plain_pool(1, n, 0.0))
-    per_a, per_b = median(a, "wall_s") / n, median(b, "wall_s") / n
-    row("overhead", f"ms per trial, 1 worker, {n} trials of a trivial objective (TPE)",
-        f"{per_a * 1000:.1f}", f"{per_b * 1000:.1f}", f"{per_a / per_b:.2f}x")  # fmt: skip
+    if want("overhead") or want("scaling"):
+        n = 20 if q else 200
+        a, b = paired(repeats, lambda: run_hpo_pool(1, n, 0.0), lambda: run_plain_pool(1, n, 0.0))
+        per_a, per_b = median(a, "wall_s") / n, median(b, "wall_s") / n
+        row("overhead", f"ms per trial, 1 worker, {n} trials of a trivial objective (TPE)",
+            f"{per_a * 1000:.1f}", f"{per_b * 1000:.1f}", f"{per_a / per_b:.2f}x")  # fmt: skip
 
     # Scaling curve: time / ideal from the study's creation to its last trial.
-    curve = ((1, 2), (0.2,), 3) if q else ((1, 4, 8, 16, 32), (0.5, 2.0), None)
-    worker_counts, sleeps, fixed_k = curve
-    curve_lines, extra_a, extra_b = [], 0, 0
-    for s in sleeps:
-        k = fixed_k or (10 if s < 1 else 4)  # trials per worker: an ideal of 5 s and 8 s
-        for w in worker_counts:
-            runs = repeats if (w, s) == (16, 0.5) else 1
-            ra, rb = paired(
-                runs,
-                lambda w=w, k=k, s=s: run_hpo_pool(w, w * k, s),  # type: ignore[misc]
-                lambda w=w, k=k, s=s: run_plain_pool(w, w * k, s),  # type: ignore[misc]
-            )
-            ideal = k * s
-            extra_a = max([extra_a] + [r["trials"] - w * k for r in ra])
-            extra_b = max([extra_b] + [r["trials"] - w * k for r in rb])
-            cpu_a = statistics.median(_run_cpu(r) for r in ra)
-            cpu_b = statistics.median(_run_cpu(r) for r in rb)
-            curve_lines.append(
-                f"| {w} | {s} | {w * k} | {median(ra, 'wall_s') / ideal:.3f} | "
-                f"{median(rb, 'wall_s') / ideal:.3f} | {floor(s, ideal, per_a, cpu_a):.3f} | "
-                f"{cpu_a / (w * k) * 1000:.0f} | {cpu_b / (w * k) * 1000:.0f} |"
-            )
-            print(curve_lines[-1], flush=True)
-    row("budget", "trials finished beyond n_trials, any point of the curve", extra_a, extra_b)
+    if want("scaling"):
+        curve = ((1, 2), (0.2,), 3) if q else ((1, 4, 8, 16, 32), (0.5, 2.0), None)
+        worker_counts, sleeps, fixed_k = curve
+        curve_lines, extra_a, extra_b = [], 0, 0
+        for s in sleeps:
+            k = fixed_k or (10 if s < 1 else 4)  # trials per worker: an ideal of 5 s and 8 s
+            for w in worker_counts:
+                runs = repeats if (w, s) == (16, 0.5) else 1
+                ra, rb = paired(
+                    runs,
+                    lambda w=w, k=k, s=s: run_hpo_pool(w, w * k, s),  # type: ignore[misc]
+                    lambda w=w, k=k, s=s: run_plain_pool(w, w * k, s),  # type: ignore[misc]
+                )
+                ideal = k * s
+                extra_a = max([extra_a] + [r["trials"] - w * k for r in ra])
+                extra_b = max([extra_b] + [r["trials"] - w * k for r in rb])
+                cpu_a = statistics.median(_run_cpu(r) for r in ra)
+                cpu_b = statistics.median(_run_cpu(r) for r in rb)
+                curve_lines.append(
+                    f"| {w} | {s} | {w * k} | {median(ra, 'wall_s') / ideal:.3f} | "
+                    f"{median(rb, 'wall_s') / ideal:.3f} | {floor(s, ideal, per_a, cpu_a):.3f} | "
+                    f"{cpu_a / (w * k) * 1000:.0f} | {cpu_b / (w * k) * 1000:.0f} |"
+                )
+                print(curve_lines[-1], flush=True)
+        row("budget", "trials finished beyond n_trials, any point of the curve", extra_a, extra_b)
 
     # Start-up: worker process start to its first trial.
-    a, b = paired(repeats, lambda: {"s": startup(False)}, lambda: {"s": startup(True)})
-    row("start-up", "seconds from worker process start to its first trial",
-        f"{median(a, 's'):.2f}", f"{median(b, 's'):.2f}",
-        f"{median(a, 's') / median(b, 's'):.2f}x")  # fmt: skip
+    if want("startup"):
+        a, b = paired(repeats, lambda: startup(False), lambda: startup(True))
+        row("start-up", "seconds from worker process start to its first trial",
+            f"{median(a, 's'):.2f}", f"{median(b, 's'):.2f}",
+            f"{median(a, 's') / median(b, 's'):.2f}x")  # fmt: skip
+        row("start-up", "CPU seconds of a worker's whole run: start, 3 trivial trials, exit "
+            "(hpo: every process of the worker)", f"{median(a, 'cpu'):.2f}",
+            f"{median(b, 'cpu'):.2f}", f"{median(a, 'cpu') / median(b, 'cpu'):.2f}x")  # fmt: skip
 
     # The executor process (sessions run outside the worker): its cost per call and at start.
-    hops = [executor_hop(50 if q else 500) for _ in range(repeats)]
-    row("executor hop", "ms per session call through the executor process (hpo) vs a call in "
-        "the same process", f"{median(hops, 'process'):.3f}",
-        f"{median(hops, 'inline'):.3f}")  # fmt: skip
-    row("executor start", "seconds from starting the executor to the session imported there "
-        "(runs beside the worker's own start)", f"{median(hops, 'start_s'):.2f}", "-")  # fmt: skip
+    if want("executor"):
+        hops = [executor_hop(50 if q else 500) for _ in range(repeats)]
+        row("executor hop", "ms per session call through the executor process (hpo) vs a call in "
+            "the same process", f"{median(hops, 'process'):.3f}",
+            f"{median(hops, 'inline'):.3f}")  # fmt: skip
+        row("executor start", "seconds from starting the executor to the session imported "
+            "there (runs beside the worker's own start)", f"{median(hops, 'start_s'):.2f}",
+            "-")  # fmt: skip
 
     # Growth: per-trial client CPU with 5,000 finished trials in the study vs 100.
-    big, m = (300, 5) if q else (5000, 60)
-    for sampler in ("random", "tpe"):  # a few ms per trial: medians of the repeats
-        ga = [statistics.median(cost(False, h, m, sampler)["client_ms"] for _ in range(repeats))
-              for h in (100, big)]  # fmt: skip
-        gb = [statistics.median(cost(True, h, m, sampler)["client_ms"] for _ in range(repeats))
-              for h in (100, big)]  # fmt: skip
-        row("growth", f"client CPU per trial at {big} finished trials ({sampler}): ms, and the "
-            "ratio to 100 finished trials", f"{ga[1]:.1f} ({ga[1] / ga[0]:.2f})",
-            f"{gb[1]:.1f} ({gb[1] / gb[0]:.2f})", f"{ga[1] / gb[1]:.2f}x")  # fmt: skip
+    if want("growth"):
+        big, m = (300, 5) if q else (5000, 60)
+        for sampler in ("random", "tpe"):  # a few ms per trial: medians of the repeats
+            ga = [statistics.median(cost(False, h, m, sampler)["client_ms"]
+                                    for _ in range(repeats)) for h in (100, big)]  # fmt: skip
+            gb = [statistics.median(cost(True, h, m, sampler)["client_ms"]
+                                    for _ in range(repeats)) for h in (100, big)]  # fmt: skip
+            row("growth", f"client CPU per trial at {big} finished trials ({sampler}): ms, and "
+                "the ratio to 100 finished trials", f"{ga[1]:.1f} ({ga[1] / ga[0]:.2f})",
+                f"{gb[1]:.1f} ({gb[1] / gb[0]:.2f})", f"{ga[1] / gb[1]:.2f}x")  # fmt: skip
 
-    # Reading results: the best trial of a large study, from a fresh process.
-    big = 300 if q else 5000
-    a, b = paired(
-        repeats, lambda: {"s": inspect_cpu(False, big)}, lambda: {"s": inspect_cpu(True, big)}
-    )
-    row("inspect", f"CPU seconds to show the best trial of a {big}-trial study from a fresh "
-        "process (`hpo-inspect STUDY`; `optuna best-trial`)", f"{median(a, 's'):.2f}",
-        f"{median(b, 's'):.2f}", f"{median(a, 's') / median(b, 's'):.2f}x")  # fmt: skip
+    # Reading results: a large study, from a fresh process.
+    if want("inspect"):
+        big = 300 if q else 5000
+        reads = [inspect_cpu(big) for _ in range(repeats)]
+        row("inspect", f"CPU seconds to show the best trial of a {big}-trial study from a fresh "
+            "process (`hpo-inspect STUDY`; `optuna best-trial`)", f"{median(reads, 'table'):.2f}",
+            f"{median(reads, 'plain'):.2f}",
+            f"{median(reads, 'table') / median(reads, 'plain'):.2f}x")  # fmt: skip
+        row("inspect", f"CPU seconds of `hpo-inspect STUDY --trial N` and of `hpo-inspect "
+            f"--workers` on the same {big}-trial study", f"{median(reads, 'trial'):.2f} / "
+            f"{median(reads, 'workers'):.2f}", "-")  # fmt: skip
 
     # Connections: 64 workers against the server's max_connections (plain Optuna only in full
     # runs: it exhausts the server, which would disturb anything else using it).
-    n_workers = 8 if q else 64
-    ca = connections(False, n_workers, n_workers * 2)
-    cb = {"peak": "-", "errors": "-"} if q else connections(True, n_workers, n_workers * 2)
-    row("connections", f"{n_workers} workers: peak server connections / workers failed "
-        f"(max_connections = {max_connections()})", f"{ca['peak']} / {ca['errors']}",
-        f"{cb['peak']} / {cb['errors']}")  # fmt: skip
+    if want("connections"):
+        n_workers = 8 if q else 64
+        ca = connections(False, n_workers, n_workers * 2)
+        cb = {"peak": "-", "errors": "-"} if q else connections(True, n_workers, n_workers * 2)
+        row("connections", f"{n_workers} workers: peak server connections / workers failed "
+            f"(max_connections = {max_connections()})", f"{ca['peak']} / {ca['errors']}",
+            f"{cb['peak']} / {cb['errors']}")  # fmt: skip
 
     # Search quality: best after N trials, 8 workers vs 1, several seeds (median [min, max]).
-    n, seeds, w = (20, 2, 2) if q else (100, 5, 8)
-    quality_lines = []
-    for function, optimum in (("branin", 0.397887), ("hartmann6", -3.32237)):
-        results = {}
-        for workers in (1, w):
-            values = sorted(quality(function, workers, seed, n) for seed in range(seeds))
-            results[workers] = (
-                f"{statistics.median(values):.4f} [{values[0]:.4f}, {values[-1]:.4f}]"
-            )
-        quality_lines.append(f"| {function} | {optimum} | {results[1]} | {results[w]} |")
+    if want("quality"):
+        n, seeds, w = (20, 2, 2) if q else (100, 5, 8)
+        quality_lines = []
+        for function, optimum in (("branin", 0.397887), ("hartmann6", -3.32237)):
+            results = {}
+            for workers in (1, w):
+                values = sorted(quality(function, workers, seed, n) for seed in range(seeds))
+                results[workers] = (
+                    f"{statistics.median(values):.4f} [{values[0]:.4f}, {values[-1]:.4f}]"
+                )
+            quality_lines.append(f"| {function} | {optimum} | {results[1]} | {results[w]} |")
 
+    if chosen is not None:
+        return
     table = "\n".join(
         ["| row | measure | hpo | plain Optuna | hpo / Optuna |", "|---|---|---|---|---|", *lines]
     )
