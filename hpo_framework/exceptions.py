@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -84,6 +86,10 @@ if TYPE_CHECKING:
         """Raised by :func:`hpo_framework.report` when the pruner stops the running trial."""
 
 
+_DEFINING = threading.Lock()
+
+
+@functools.cache
 def _define_trial_pruned() -> type[HPOError]:
     # Made on first use: it subclasses Optuna's, and importing Optuna costs the read side
     # (hpo-inspect) more than everything else it does.
@@ -101,7 +107,8 @@ def _define_trial_pruned() -> type[HPOError]:
 
 def __getattr__(name: str) -> Any:
     if name == "TrialPruned":
-        cls = globals()[name] = _define_trial_pruned()
+        with _DEFINING:  # one class, even when two threads ask first at once
+            cls = globals()[name] = _define_trial_pruned()
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

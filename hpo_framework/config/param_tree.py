@@ -93,7 +93,7 @@ class StoredSpace:
         texts = {encode_choice(c) for c in choices}
         return json.loads(value) if isinstance(value, str) and value in texts else value
 
-    def _param(self, name: str) -> Mapping[str, Any] | None:
+    def _param(self, name: str, seen: frozenset[int] = frozenset()) -> Mapping[str, Any] | None:
         """The spec of parameter ``name`` (``layers.2.units`` inside a ``repeat:``), or None."""
         node: Any = self._tree
         parts = name.split(".")
@@ -103,7 +103,7 @@ class StoredSpace:
                 return None
             repeat = node.get("repeat") if i > 0 else None
             if isinstance(repeat, Mapping):  # layers.<index>.rest: the group `each`, per layer
-                if not parts[i].isdigit() or int(parts[i]) >= self._layers(repeat):
+                if not parts[i].isdigit() or int(parts[i]) >= self._layers(repeat, seen):
                     return None
                 node = repeat.get("each")
             else:
@@ -111,11 +111,19 @@ class StoredSpace:
             i += 1
         return node if isinstance(node, Mapping) and "type" in node else None
 
-    def _layers(self, repeat: Mapping[str, Any]) -> int:
-        """How many layers a ``repeat:`` has: its ``max``, else its count parameter's high."""
+    def _layers(self, repeat: Mapping[str, Any], seen: frozenset[int]) -> int:
+        """How many layers a ``repeat:`` has: its ``max``, else its count parameter's high (a
+        top-level name, or inside an outer ``repeat:`` the path as written there)."""
         most = repeat.get("max")
-        if most is None:
-            count = repeat.get("count")
-            spec = self._param(count) if isinstance(count, str) else None
+        count = repeat.get("count")
+        if most is None and isinstance(count, str) and id(repeat) not in seen:
+            spec = self._param(count, seen | {id(repeat)}) or self._written(count)
             most = spec.get("high") if spec is not None else None
-        return most if isinstance(most, int) else 0
+        return most if isinstance(most, int) and not isinstance(most, bool) else 0
+
+    def _written(self, path: str) -> Mapping[str, Any] | None:
+        """The parameter at ``path`` read key by key (``layers.repeat.each.n``)."""
+        node: Any = self._tree
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        return node if isinstance(node, Mapping) and "type" in node else None

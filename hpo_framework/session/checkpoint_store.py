@@ -58,6 +58,7 @@ def __getattr__(name: str) -> Any:
     return value
 
 
+@functools.cache  # one class: checkpoint.py's isinstance check must see the store's own
 def _define_atomic_store() -> type:
     from optuna.artifacts import FileSystemArtifactStore
 
@@ -135,9 +136,7 @@ def _open(
     folder: str | None, s3: str | None, endpoint_url: str | None, patient: bool
 ) -> ArtifactStore:
     if folder is not None:
-        store: ArtifactStore = __getattr__("AtomicFileSystemArtifactStore")(
-            Path(os.path.abspath(folder))
-        )
+        store: ArtifactStore = _define_atomic_store()(Path(os.path.abspath(folder)))
         return store
     assert s3 is not None
     import boto3  # the config check made sure it is there (pip install 'hpo-framework[s3]')
