@@ -18,6 +18,10 @@ STORAGE_ENV = "HPO_STORAGE"
 #: Module prefixes a worker may import a session from (``HPO_SESSION_MODULES``, comma separated).
 SESSION_MODULES = ("experiments",)
 SESSION_MODULES_ENV = "HPO_SESSION_MODULES"
+#: Modules the executor imports as it starts, before any study is known (``HPO_PRELOAD``,
+#: comma separated; ``hpo-worker --preload``): a session's heavy imports (torch) overlap the
+#: worker's own start and its wait for work, instead of following them.
+PRELOAD_ENV = "HPO_PRELOAD"
 #: Set to 1 to allow samplers that unpickle state stored in the database (``cmaes``).
 ALLOW_PICKLE_ENV = "HPO_UNSAFE_ALLOW_PICKLE"
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
+from hpo_framework import defaults
 from hpo_framework.cli.options import storage_option, translate_errors, version_option
 from hpo_framework.logs import ensure_console_logging
 from hpo_framework.runtime import health
+from hpo_framework.runtime.executor import ProcessExecutor
 from hpo_framework.storage.database import check_url, resolve_storage_url
-from workers.pool import run_pool
-from workers.worker import run_worker
 
 
 def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
@@ -42,6 +43,12 @@ def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     help="Exit 0 after this long without work (default: wait forever).",
 )  # fmt: skip
 @click.option(
+    "--preload", metavar="MODULE,...", envvar=defaults.PRELOAD_ENV,
+    help="Modules the session process imports as soon as it starts (e.g. torch, or your "
+    "session's module), while the worker connects and waits for work "
+    f"[env {defaults.PRELOAD_ENV}].",
+)  # fmt: skip
+@click.option(
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
     help="One line per event as text, or one JSON object per line for log collectors.",
 )  # fmt: skip
@@ -54,7 +61,7 @@ def _gpu_list(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @translate_errors
 def main(
     storage: str | None, study: str | None, processes: int, gpus: list[str] | None,
-    idle_exit: float | None, log_format: str, check: bool, ready: bool,
+    idle_exit: float | None, preload: str | None, log_format: str, check: bool, ready: bool,
 ) -> None:  # fmt: skip
     """Run trials of the studies in the storage; wait for studies when there are none.
 
@@ -70,8 +77,18 @@ def main(
         click.echo("ready" if ready else "alive")
         return
     ensure_console_logging(fmt=log_format)
+    if preload:  # read by every executor this process and its pool children start
+        os.environ[defaults.PRELOAD_ENV] = preload
     url = check_url(resolve_storage_url(storage))
     kwargs = {"study": study, "idle_exit": idle_exit}
     if gpus or processes > 1:
+        from workers.pool import run_pool
+
         sys.exit(run_pool(url, processes, gpus, **kwargs))
-    sys.exit(run_worker(url, **kwargs))
+    # The session process starts first: it imports (and --preload's modules with it) while
+    # this one imports the worker's own modules (Optuna, SQLAlchemy), on another core.
+    executor = ProcessExecutor()
+    executor.start()
+    from workers.worker import run_worker
+
+    sys.exit(run_worker(url, executor=executor, **kwargs))

@@ -65,8 +65,9 @@ class Worker:
     """One worker process. ``run`` returns its exit status."""
 
     def __init__(
-        self, url: str, *, study: str | None = None, idle_exit: float | None = None
-    ) -> None:
+        self, url: str, *, study: str | None = None, idle_exit: float | None = None,
+        executor: ProcessExecutor | None = None,
+    ) -> None:  # fmt: skip
         self.url = url
         self.study_filter = study
         self.idle_exit = idle_exit
@@ -76,7 +77,7 @@ class Worker:
         self._handles: dict[int, StudyHandle] = {}
         self._broken: set[int] = set()
         self._sweeper: Sweeper | None = None
-        self._executor = ProcessExecutor()
+        self._executor = executor or ProcessExecutor()
         self.health_file = health.health_file()
 
     # --- signals: warm on the first, cold on the second -----------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import logging
 import math
 import os
@@ -44,8 +45,8 @@ from multiprocessing.connection import Connection
 from numbers import Real
 from typing import Any
 
-from hpo_framework import defaults
-from hpo_framework.exceptions import SessionError, TrialLost, TrialPruned
+from hpo_framework import defaults, exceptions
+from hpo_framework.exceptions import SessionError, TrialLost
 from hpo_framework.session.reporting import TrialLink, bound_to
 
 log = logging.getLogger("hpo.executor")
@@ -138,12 +139,10 @@ def call_session(
         return SessionResult("done", values=check_result(result, n_objectives))
     except TrialLost:
         return SessionResult("lost")
-    except TrialPruned as e:
-        return SessionResult("pruned", error=str(e))
     except passthrough:
         raise
     except BaseException as e:  # the session's failure is the trial's, whatever it raised
-        if type(e).__name__ == "TrialPruned":  # optuna.TrialPruned raised by the session
+        if is_pruned(e):
             return SessionResult("pruned", error=str(e))
         ours = isinstance(e, SessionError)  # a bad return value: its message says it all
         return SessionResult(
@@ -239,8 +238,11 @@ class ProcessExecutor:
     """The supervisor's handle on its executor process, started on first use and replaced
     whenever it dies. ``allowed`` are the module prefixes sessions may be imported from."""
 
-    def __init__(self, allowed: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, allowed: Sequence[str] | None = None, preload: Sequence[str] | None = None
+    ) -> None:
         self.allowed = None if allowed is None else tuple(allowed)
+        self.preload = preload_modules() if preload is None else tuple(preload)
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
 
@@ -252,7 +254,7 @@ class ProcessExecutor:
         mine, theirs = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", _MAIN, str(theirs.fileno())],
+                [sys.executable, "-m", _MAIN, str(theirs.fileno()), *self.preload],
                 pass_fds=[theirs.fileno()], start_new_session=True,
             )  # fmt: skip
         finally:
@@ -376,11 +378,11 @@ def _answer(link: TrialLink, message: tuple[Any, ...]) -> tuple[Any, ...]:
             return ("value", link.suggest(message[1], message[2], message[3]))
         else:
             link.report(message[1], message[2])
-    except TrialPruned as e:
-        return ("prune", str(e))
     except TrialLost as e:
         return ("lost", str(e))
     except Exception as e:  # e.g. the database gone for longer than the retry deadline
+        if is_pruned(e):
+            return ("prune", str(e))
         return ("error", f"{what} failed: {describe_error(e)}")
     return ("continue",)
 
@@ -413,7 +415,7 @@ class _PipeLink:
         if answer[0] == "value":
             return answer[1]
         if answer[0] == "prune":
-            raise TrialPruned(answer[1])
+            raise exceptions.TrialPruned(answer[1])
         if answer[0] == "lost":
             raise TrialLost(answer[1])
         if answer[0] == "error":
@@ -460,10 +462,33 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, sig)
 
 
-def serve_forever(fd: int) -> None:
-    """The executor process's whole life (``python -m`` :data:`_MAIN` ``FD``)."""
+def is_pruned(e: BaseException) -> bool:
+    """hpo's ``TrialPruned`` or Optuna's (a session may raise either), told by class name and
+    module: comparing with the classes would import Optuna into every executor process, a
+    third of its start, for sessions that never prune."""
+    return any(
+        c.__name__ == "TrialPruned"
+        and c.__module__ in ("hpo_framework.exceptions", "optuna.exceptions")
+        for c in type(e).__mro__
+    )
+
+
+def preload_modules() -> tuple[str, ...]:
+    """The modules of ``HPO_PRELOAD``: named by this host's operator, never by the database."""
+    names = os.environ.get(defaults.PRELOAD_ENV, "").split(",")
+    return tuple(name.strip() for name in names if name.strip())
+
+
+def serve_forever(fd: int, preload: Sequence[str] = ()) -> None:
+    """The executor process's whole life (``python -m`` :data:`_MAIN` ``FD [MODULE...]``):
+    import the ``preload`` modules, then serve the supervisor."""
     die_with_parent()
     try:
+        for name in preload:  # a failure here is reported again, in full, by the session's check
+            try:
+                importlib.import_module(name)
+            except Exception as e:  # noqa: BLE001 - any import error: say it, go on
+                print(f"hpo executor: cannot preload {name!r}: {e}", file=sys.stderr, flush=True)
         _serve(Connection(fd))
     finally:  # no interpreter teardown: nothing of the session's outlives its process
         sys.stdout.flush()

@@ -228,3 +228,33 @@ def test_numpy_results_through_a_worker(
     assert "not a number" in failed.user_attrs["error"]
     listing = run_cli("hpo-inspect", "--format", "json", url=sqlite_url).stdout
     assert '"failed"' in listing and '"done"' in listing
+
+
+def test_a_preloaded_module_is_imported_once_before_any_study_exists(
+    sqlite_url: str, tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """``hpo-worker --preload MODULE``: the session process imports it as it starts, while the
+    worker waits for work; the study's session then runs from that import, not a second one."""
+    imports, log = tmp_path / "imports.log", tmp_path / "w.log"
+    allowed = {"HPO_SESSION_MODULES": "tests.preload_probe"}
+    worker = subprocess.Popen(
+        [str(BIN / "hpo-worker"), "--preload", "tests.preload_probe", "--idle-exit", "3"],
+        env=cli_env(sqlite_url, HPO_TEST_PRELOAD_LOG=str(imports), **allowed), cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True, start_new_session=True,
+    )  # fmt: skip
+    procs.append(worker)
+    # imported while there is no study at all: the config is not even written yet
+    wait_until("the preload", lambda: imports.exists() and imports.read_text().strip() != "")
+    config = make_config(session="tests.preload_probe:pid")
+    config["study"]["n_trials"] = 2
+    created = run_cli(
+        "hpo-coordinator", "create", str(write_config(tmp_path / "c.yaml", config)),
+        url=sqlite_url, HPO_TEST_PRELOAD_LOG=str(tmp_path / "coordinator.log"), **allowed,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert worker.wait(timeout=120) == 0, log.read_text()[-3000:]
+    lines = imports.read_text().splitlines()
+    assert len(lines) == 1  # imported once, by the preload
+    done = trials(sqlite_url, "test-study")
+    assert [t.state.name for t in done] == ["COMPLETE", "COMPLETE"]
+    assert {t.values[0] for t in done} == {float(lines[0].split()[0])}  # and run from there

@@ -25,8 +25,11 @@ MAY_IMPORT = {
     "cli": {"foundation", "config", "storage", "session", "views", "runtime", "operations", "cli"},
 }
 #: What the workers package may use: the runtime's door, the health file, the shared CLI
-#: options, logging and the storage URL helpers.
+#: options, logging, the storage URL helpers, the defaults' names, and the executor (started
+#: before the door is imported, so that the session's imports overlap the worker's).
 WORKERS_MAY_IMPORT = {
+    "hpo_framework.defaults",
+    "hpo_framework.runtime.executor",
     "hpo_framework.runtime.serving",
     "hpo_framework.runtime.health",
     "hpo_framework.cli.options",
