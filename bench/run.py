@@ -87,6 +87,7 @@ def hpo_config(
     space: dict[str, Any] | None = None,
     seed: int = 0,
     sampler: str = "tpe",
+    static: dict[str, Any] | None = None,
 ) -> Path:
     options = {"n_startup_trials": 10} if sampler == "tpe" else {}
     config = {
@@ -95,7 +96,7 @@ def hpo_config(
             "sampler": {"name": sampler, "seed": seed, "options": options},
         },
         "session": session,
-        "static": {"sleep_s": sleep_s},
+        "static": {"sleep_s": sleep_s, **(static or {})},
         "search_space": space or {"x": {"type": "float", "low": -5.0, "high": 5.0}},
     }  # fmt: skip
     path = tmp / f"{name}.yaml"
@@ -399,10 +400,62 @@ def startup(plain: bool) -> dict[str, float]:
         return {"s": _utc(first) - started, "cpu": cpu}
 
 
+def startup_torch(preload: bool) -> float:
+    """Seconds from a worker's start to its first result when the session's module imports
+    torch: that module preloaded (``--preload``), or imported once the study is found."""
+    data = {"n_samples": 200, "n_features": 4, "noise": 0.1, "seed": 0}
+    session = "experiments.linear_regression:untrained_mse"
+    with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
+        path = hpo_config(Path(tmp), "bench", 1, 0.0, session=session, static={"data": data})
+        coordinator(url, "create", str(path))
+        cmd = [str(BIN / "hpo-worker"), "--idle-exit", "0.5"]
+        if preload:
+            cmd += ["--preload", session.partition(":")[0]]
+        started = time.time()
+        subprocess.run(cmd, env=env(url), cwd=ROOT, check=True, capture_output=True, timeout=120)
+        first = min(t.datetime_complete for t in finished(url, "bench") if t.datetime_complete)
+        return _utc(first) - started
+
+
+def waiting_torch(preload: bool) -> float:
+    """Seconds from a study's creation to its first result, the worker having waited for work
+    beforehand and the session's module importing torch: preloaded while it waited, or not."""
+    data = {"n_samples": 200, "n_features": 4, "noise": 0.1, "seed": 0}
+    session = "experiments.linear_regression:untrained_mse"
+    with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
+        path = hpo_config(Path(tmp), "bench", 1, 0.0, session=session, static={"data": data})
+        coordinator(url, "create", str(path), "--name", "warmup")  # the schema
+        coordinator(url, "stop", "warmup")
+        cmd = [str(BIN / "hpo-worker")]
+        if preload:
+            cmd += ["--preload", session.partition(":")[0]]
+        log = Path(tmp) / "worker.log"
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        with log.open("w") as out:
+            worker = subprocess.Popen(
+                cmd, env=env(url), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+            )
+        try:
+            _wait_for("the worker", lambda: "waiting for work" in log.read_text())
+            time.sleep(3)  # a worker that has waited a while, as pools mostly do
+            coordinator(url, "create", str(path))
+            _wait_for("a result", lambda: bool(finished(url, "bench")), timeout=120)
+            with engine.connect() as conn:
+                created = conn.execute(
+                    sa.text("select created_at from hpo_studies where study_name = 'bench'")
+                ).scalar_one()
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=120)
+            engine.dispose()
+        first = min(t.datetime_complete for t in finished(url, "bench") if t.datetime_complete)
+        return _utc(first) - created
+
+
 def inspect_cpu(history: int) -> dict[str, float]:
-    """CPU seconds of reading a study of ``history`` finished trials from a fresh process, each
-    command in the same database: ``hpo-inspect STUDY`` (its summary table), ``--trial N``,
-    ``--workers``, and plain Optuna's ``optuna best-trial``."""
+    """CPU seconds of reading a study of ``history`` finished trials from a fresh process (the
+    median of five runs), each command in the same database: ``hpo-inspect STUDY`` (its
+    summary table), ``--trial N``, ``--workers``, and plain Optuna's ``optuna best-trial``."""
     commands = {
         "table": [str(BIN / "hpo-inspect"), "bench"],
         "trial": [str(BIN / "hpo-inspect"), "bench", "--trial", str(history // 2)],
@@ -412,14 +465,17 @@ def inspect_cpu(history: int) -> dict[str, float]:
     with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
         coordinator(url, "create", str(hpo_config(Path(tmp), "bench", history + 10, 0.0)))
         add_history(url, "bench", history)
-        cpu = {}
-        for key, cmd in commands.items():
-            cmd = [*cmd, url] if key == "plain" else cmd
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            subprocess.run(cmd, env=env(url), cwd=ROOT, check=True, capture_output=True)
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            cpu[key] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-        return cpu
+        runs: dict[str, list[float]] = {key: [] for key in commands}
+        for _ in range(5):  # a few seconds each: the median of five, alternating
+            for key, cmd in commands.items():
+                cmd = [*cmd, url] if key == "plain" else cmd
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                subprocess.run(cmd, env=env(url), cwd=ROOT, check=True, capture_output=True)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                runs[key].append(
+                    after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+                )
+        return {key: statistics.median(values) for key, values in runs.items()}
 
 
 def executor_hop(calls: int) -> dict[str, float]:
@@ -570,7 +626,8 @@ def main() -> None:
     parser.add_argument(
         "--only", metavar="ROWS",
         help="measure only these rows and print them, writing no file (comma-separated: cost, "
-        "driver, overhead, scaling, startup, executor, growth, inspect, connections, quality)",
+        "driver, overhead, scaling, startup, preload, executor, growth, inspect, connections, "
+        "quality)",
     )  # fmt: skip
     args = parser.parse_args()
     q = args.quick
@@ -654,6 +711,23 @@ def main() -> None:
         row("start-up", "CPU seconds of a worker's whole run: start, 3 trivial trials, exit "
             "(hpo: every process of the worker)", f"{median(a, 'cpu'):.2f}",
             f"{median(b, 'cpu'):.2f}", f"{median(a, 'cpu') / median(b, 'cpu'):.2f}x")  # fmt: skip
+
+    # A session whose module imports torch: preloaded while the worker starts, or not.
+    if want("preload"):
+        a, b = paired(
+            repeats, lambda: {"s": startup_torch(True)}, lambda: {"s": startup_torch(False)}
+        )
+        row("preload", "seconds from worker start to its first result, the session's module "
+            "importing torch: with --preload of it (hpo column) and without (Optuna column)",
+            f"{median(a, 's'):.2f}", f"{median(b, 's'):.2f}",
+            f"{median(a, 's') / median(b, 's'):.2f}x")  # fmt: skip
+        a, b = paired(
+            repeats, lambda: {"s": waiting_torch(True)}, lambda: {"s": waiting_torch(False)}
+        )
+        row("preload", "seconds from a study's creation to its first result, the worker waiting "
+            "beforehand, the same session: with --preload (hpo column) and without (Optuna "
+            "column)", f"{median(a, 's'):.2f}", f"{median(b, 's'):.2f}",
+            f"{median(a, 's') / median(b, 's'):.2f}x")  # fmt: skip
 
     # The executor process (sessions run outside the worker): its cost per call and at start.
     if want("executor"):
