@@ -77,8 +77,8 @@ def main(
         click.echo("ready" if ready else "alive")
         return
     ensure_console_logging(fmt=log_format)
-    if preload:  # read by every executor this process and its pool children start
-        os.environ[defaults.PRELOAD_ENV] = preload
+    if preload is not None:  # read by every executor this process and its pool children start
+        os.environ[defaults.PRELOAD_ENV] = preload  # (--preload "" turns an inherited one off)
     url = check_url(resolve_storage_url(storage))
     kwargs = {"study": study, "idle_exit": idle_exit}
     if gpus or processes > 1:

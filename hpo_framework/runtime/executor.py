@@ -50,7 +50,7 @@ from hpo_framework.exceptions import SessionError, TrialLost
 from hpo_framework.session.reporting import TrialLink, bound_to
 
 log = logging.getLogger("hpo.executor")
-_MAIN = "hpo_framework.runtime._executor_main"  # the executor process: python -m _MAIN FD
+_MAIN = "hpo_framework.runtime._executor_main"  # python -m _MAIN FD PARENT [MODULE...]
 
 SessionFn = Callable[[dict[str, Any]], Any]
 
@@ -254,7 +254,8 @@ class ProcessExecutor:
         mine, theirs = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", _MAIN, str(theirs.fileno()), *self.preload],
+                [sys.executable, "-m", _MAIN, str(theirs.fileno()), str(os.getpid()),
+                 *self.preload],
                 pass_fds=[theirs.fileno()], start_new_session=True,
             )  # fmt: skip
         finally:
@@ -479,16 +480,21 @@ def preload_modules() -> tuple[str, ...]:
     return tuple(name.strip() for name in names if name.strip())
 
 
-def serve_forever(fd: int, preload: Sequence[str] = ()) -> None:
-    """The executor process's whole life (``python -m`` :data:`_MAIN` ``FD [MODULE...]``):
+def serve_forever(fd: int, parent: int, preload: Sequence[str] = ()) -> None:
+    """The executor process's whole life (``python -m`` :data:`_MAIN` ``FD PARENT [MODULE...]``):
     import the ``preload`` modules, then serve the supervisor."""
     die_with_parent()
+    if os.getppid() != parent:  # the worker died before the line above: nobody to serve
+        os._exit(0)
     try:
         for name in preload:  # a failure here is reported again, in full, by the session's check
             try:
                 importlib.import_module(name)
-            except Exception as e:  # noqa: BLE001 - any import error: say it, go on
-                print(f"hpo executor: cannot preload {name!r}: {e}", file=sys.stderr, flush=True)
+            except BaseException as e:  # noqa: BLE001 - even SystemExit: say it, go on
+                print(
+                    f"hpo executor: cannot preload {name!r}: {type(e).__name__}: {e}",
+                    file=sys.stderr, flush=True,
+                )  # fmt: skip
         _serve(Connection(fd))
     finally:  # no interpreter teardown: nothing of the session's outlives its process
         sys.stdout.flush()

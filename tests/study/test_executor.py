@@ -238,7 +238,8 @@ def test_a_preloaded_module_is_imported_once_before_any_study_exists(
     imports, log = tmp_path / "imports.log", tmp_path / "w.log"
     allowed = {"HPO_SESSION_MODULES": "tests.preload_probe"}
     worker = subprocess.Popen(
-        [str(BIN / "hpo-worker"), "--preload", "tests.preload_probe", "--idle-exit", "3"],
+        [str(BIN / "hpo-worker"), "--preload", "no_such_module,tests.preload_probe",
+         "--idle-exit", "3"],
         env=cli_env(sqlite_url, HPO_TEST_PRELOAD_LOG=str(imports), **allowed), cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True, start_new_session=True,
     )  # fmt: skip
@@ -255,6 +256,7 @@ def test_a_preloaded_module_is_imported_once_before_any_study_exists(
     assert worker.wait(timeout=120) == 0, log.read_text()[-3000:]
     lines = imports.read_text().splitlines()
     assert len(lines) == 1  # imported once, by the preload
+    assert "cannot preload 'no_such_module': ModuleNotFoundError" in log.read_text()  # said, on
     done = trials(sqlite_url, "test-study")
     assert [t.state.name for t in done] == ["COMPLETE", "COMPLETE"]
     assert {t.values[0] for t in done} == {float(lines[0].split()[0])}  # and run from there
