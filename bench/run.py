@@ -400,17 +400,20 @@ def startup(plain: bool) -> dict[str, float]:
         return {"s": _utc(first) - started, "cpu": cpu}
 
 
+#: A session whose module imports torch, and its data: what ``--preload`` is for.
+TORCH_SESSION = "experiments.linear_regression:untrained_mse"
+TORCH_STATIC = {"data": {"n_samples": 200, "n_features": 4, "noise": 0.1, "seed": 0}}
+
+
 def startup_torch(preload: bool) -> float:
     """Seconds from a worker's start to its first result when the session's module imports
     torch: that module preloaded (``--preload``), or imported once the study is found."""
-    data = {"n_samples": 200, "n_features": 4, "noise": 0.1, "seed": 0}
-    session = "experiments.linear_regression:untrained_mse"
     with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
-        path = hpo_config(Path(tmp), "bench", 1, 0.0, session=session, static={"data": data})
+        path = hpo_config(Path(tmp), "bench", 1, 0.0, session=TORCH_SESSION, static=TORCH_STATIC)
         coordinator(url, "create", str(path))
         cmd = [str(BIN / "hpo-worker"), "--idle-exit", "0.5"]
         if preload:
-            cmd += ["--preload", session.partition(":")[0]]
+            cmd += ["--preload", TORCH_SESSION.partition(":")[0]]
         started = time.time()
         subprocess.run(cmd, env=env(url), cwd=ROOT, check=True, capture_output=True, timeout=120)
         first = min(t.datetime_complete for t in finished(url, "bench") if t.datetime_complete)
@@ -420,15 +423,13 @@ def startup_torch(preload: bool) -> float:
 def waiting_torch(preload: bool) -> float:
     """Seconds from a study's creation to its first result, the worker having waited for work
     beforehand and the session's module importing torch: preloaded while it waited, or not."""
-    data = {"n_samples": 200, "n_features": 4, "noise": 0.1, "seed": 0}
-    session = "experiments.linear_regression:untrained_mse"
     with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
-        path = hpo_config(Path(tmp), "bench", 1, 0.0, session=session, static={"data": data})
+        path = hpo_config(Path(tmp), "bench", 1, 0.0, session=TORCH_SESSION, static=TORCH_STATIC)
         coordinator(url, "create", str(path), "--name", "warmup")  # the schema
         coordinator(url, "stop", "warmup")
         cmd = [str(BIN / "hpo-worker")]
         if preload:
-            cmd += ["--preload", session.partition(":")[0]]
+            cmd += ["--preload", TORCH_SESSION.partition(":")[0]]
         log = Path(tmp) / "worker.log"
         engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
         with log.open("w") as out:

@@ -96,7 +96,7 @@ def list_studies(db: Database) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         by_study: dict[int, Counter[str]] = {}
         for study_id, state, n in conn.execute(query):
-            by_study.setdefault(study_id, Counter())[_name(state)] = n
+            by_study.setdefault(study_id, Counter())[state] = n
     rows = []
     for record in records:
         counts = by_study.get(record.study_id, Counter())
@@ -132,7 +132,7 @@ def summarize(
     with engine.connect() as conn:
         counts: Counter[str] = Counter(
             {
-                _name(state): n
+                state: n
                 for state, n in conn.execute(
                     sa.select(t.state, sa.func.count()).where(mine).group_by(t.state)
                 )
@@ -213,10 +213,6 @@ def _last_step(t: Trial) -> dict[str, Any]:
         return {"last_step": None, "last_value": None}
     step = max(t.intermediate_values)
     return {"last_step": step, "last_value": t.intermediate_values[step]}
-
-
-def _name(state: Any) -> str:
-    return str(getattr(state, "name", state))
 
 
 def _ranked_complete(db: Database, study_id: int, n: int) -> tuple[list[Trial], list[Trial]]:
@@ -387,7 +383,7 @@ def _attempts(engine: sa.Engine, study_id: int, root: Any) -> list[Any]:
     with engine.connect() as conn:
         rows = conn.execute(query).all()
     return [
-        {"number": n, "state": _name(state), "error": None if e is None else json.loads(e)}
+        {"number": n, "state": state, "error": None if e is None else json.loads(e)}
         for n, state, e in rows
     ]
 
