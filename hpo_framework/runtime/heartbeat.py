@@ -114,7 +114,11 @@ class Heartbeat:
                 wait = min(interval, 0.2)  # soon again: the main thread may be done by then
             elif ticket is not None and not fresh:
                 try:
-                    self._recorded(ticket, self._tickets.beat(*ticket))
+                    owned = self._tickets.beat(*ticket)
+                    # Not owned is most often settled: the main thread's result settles the
+                    # ticket a moment before it stops tracking it. Only a ticket another
+                    # worker holds now was lost (one more statement, on this rare path).
+                    self._recorded(ticket, owned or not self._tickets.taken_over(*ticket))
                 except Exception as e:
                     # Retried soon: the grace period is several beats long, and an outage
                     # must not outlast it here by a whole interval.
@@ -160,10 +164,10 @@ class Heartbeat:
         if owned:
             self._recorded(ticket, owned)
 
-    def _recorded(self, ticket: tuple[int, str], owned: bool) -> None:
+    def _recorded(self, ticket: tuple[int, str], kept: bool) -> None:
         with self._lock:
             self._last_beat = time.monotonic()
-            lost = not owned and self._lost != ticket[0]
+            lost = not kept and self._lost != ticket[0]
             if lost:
                 self._lost = ticket[0]
             failing, self._failing = self._failing, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -340,6 +341,61 @@ def test_a_busy_connection_gets_one_beat_an_interval_not_more(pg_url: str, tmp_p
     finally:
         storage.engine.dispose()
     assert 4 <= len(beats) <= 10, [round(b - started, 2) for b in beats]
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_a_ticket_settled_before_it_is_untracked_is_not_reported_lost(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A result settles its ticket a moment before the main thread stops tracking it; a beat
+    in between finds the ticket gone. That is no lost worker (128 workers logged dozens of
+    false "recovered by another worker" lines). A ticket another worker took over is."""
+    create(tmp_path, pg_url)
+    storage = open_storage(pg_url, create_schema=False, role="hpo-worker")
+    with storage.engine.connect() as conn:
+        study_id = conn.execute(sa.text("select study_id from hpo_studies")).scalar_one()
+    tickets = Tickets(storage.engine)
+    said = _Lines()
+    logging.getLogger("hpo.heartbeat").addHandler(said)
+    beats: list[bool] = []
+    try:
+        with Heartbeat(storage) as heartbeat:
+            original = heartbeat._tickets.beat
+
+            def counted(*args: Any) -> bool:
+                beats.append(original(*args))
+                return beats[-1]
+
+            heartbeat._tickets.beat = counted  # type: ignore[method-assign]
+            for key, taken in (("settled", False), ("taken", True)):
+                ticket = tickets.claim(study_id, "t:1", 20.0, key)
+                assert ticket is not None
+                heartbeat.track(ticket, "t:1", interval=0.2, grace=20.0)
+                wait_until("a beat", lambda: beats and beats[-1])
+                if taken:
+                    with storage.engine.begin() as conn:
+                        conn.execute(
+                            sa.text("update hpo_tickets set worker = 'other:1' "
+                                    "where ticket_id = :t"), {"t": ticket},
+                        )  # fmt: skip
+                else:
+                    assert tickets.settle(ticket, "t:1", returned=False, failure=False)
+                beats.clear()
+                wait_until("two beats after", lambda: len(beats) >= 2 and not beats[-1])
+                heartbeat.untrack()
+                lost = [line for line in said.lines if "recovered by another worker" in line]
+                assert len(lost) == int(taken), said.lines
+    finally:
+        logging.getLogger("hpo.heartbeat").removeHandler(said)
+        storage.engine.dispose()
 
 
 def test_a_failure_is_settled_on_one_connection_when_the_server_is_full(
