@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from bench.run import (  # noqa: E402
     env,
     fresh_database,
     hpo_config,
+    replace_section,
     start_plain_workers,
     tree_cpu_s,
 )
@@ -265,13 +265,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.output:
-        old = args.output.read_text() if args.output.exists() else ""
-        if START in old:
-            section = re.escape(START) + ".*?" + re.escape(END)
-            new = re.sub(section, lambda _: text, old, flags=re.S)
-        else:
-            new = old.rstrip("\n") + "\n\n" + text + "\n"
-        args.output.write_text(new)
+        replace_section(args.output, START, END, text)
 
 
 if __name__ == "__main__":

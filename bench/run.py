@@ -20,6 +20,7 @@ import argparse
 import os
 import platform
 import random
+import re
 import resource
 import signal
 import statistics
@@ -104,6 +105,18 @@ def hpo_config(
     return path
 
 
+def replace_section(path: Path, start: str, end: str, text: str) -> None:
+    """Put ``text`` (markers included) in place of the section between ``start`` and ``end``
+    of ``path``, or append it: each script owns its section of docs/BENCHMARKS.md."""
+    old = path.read_text() if path.exists() else ""
+    if start in old:
+        section = re.escape(start) + ".*?" + re.escape(end)
+        new = re.sub(section, lambda _: text, old, flags=re.S)
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(new)
+
+
 def add_history(url: str, name: str, n: int, seed: int = 0) -> None:
     """Fill a study with ``n`` finished trials, as if it had run for a while."""
     rng = random.Random(seed)
@@ -162,7 +175,9 @@ def run_hpo_pool(
             _wait_for("workers", lambda: log.read_text().count(waiting) >= n_workers)
             cpu = tree_cpu_s([pool.pid]), server_cpu_s()
             coordinator(url, "create", str(path))
-            engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+            # One connection polls: a new one every 50 ms would start a server process each
+            # time, CPU that counted against hpo's side (the plain side is not polled).
+            engine = sa.create_engine(url, pool_size=1)
             query = sa.text(
                 "select count(*) from trials t join studies s on s.study_id = t.study_id "
                 "where s.study_name = :n and t.state in ('COMPLETE', 'PRUNED')"

@@ -90,6 +90,21 @@ def test_capacity_script_runs_at_a_tiny_size() -> None:
     assert any("server CPU per trial" in row for row in rows)
 
 
+@pytest.mark.usefixtures("pg_admin")
+def test_fleet_script_runs_at_a_tiny_size() -> None:
+    """bench/fleet.py: workers on a private server, directly and through PgBouncer."""
+    result = run(sys.executable, "bench/fleet.py", "--quick", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [
+        [cell.strip() for cell in line.split("|")[1:-1]]
+        for line in result.stdout.splitlines()
+        if line.startswith("| 4 ")
+    ]
+    assert [row[1] for row in rows] == ["hpo, direct", "hpo, PgBouncer", "plain Optuna, PgBouncer"]
+    for row in rows[:2]:  # hpo: the exact budget, nothing failed
+        assert row[4] == "8 / 8" and row[5] == "0" and row[6] == "0 / 0", row
+
+
 def test_the_fast_tier_needs_no_database_server_and_no_docker() -> None:
     """``make test-fast`` (tests/unit) passes with PostgreSQL and Docker out of reach, under
     CI=true, where a test needing either would fail instead of skipping."""
