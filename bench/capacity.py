@@ -22,7 +22,6 @@ database's growth per million trials. The script rewrites the section between th
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -44,26 +43,14 @@ from bench.run import (  # noqa: E402
     start_plain_workers,
     tree_cpu_s,
 )
+from bench.run import (
+    postgres_cpu_s as server_cpu_s,
+)
 
 START, END = "<!-- capacity:start -->", "<!-- capacity:end -->"
 SERVER_CORES = 16  # the database server the table is sized for
 ROUND_TRIP_MS = 0.5  # a LAN round trip between a worker and the database (or its pooler)
 STATEMENTS_PER_TRIAL = 8  # tests/pool/test_db_cost.py counts them; README: 8 per trial
-
-
-def server_cpu_s() -> float:
-    """CPU seconds of every PostgreSQL process of this host so far, with the backends that
-    have exited (the postmaster's reaped children): a pool's connections close when it ends."""
-    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
-    for pid in os.listdir("/proc"):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text() if pid.isdigit() else ""
-        except OSError:
-            continue
-        if stat[stat.find("(") + 1 :].startswith("postgres"):
-            fields = stat[stat.rindex(")") + 2 :].split()
-            total += sum(int(f) for f in fields[11:15]) / tick
-    return total
 
 
 def _size(url: str) -> int:

@@ -278,7 +278,23 @@ def server_cpu_s() -> float | None:
     benchmark's server is not local (its CPU cannot be read from here)."""
     if sa.engine.make_url(ADMIN_URL).host not in (None, "localhost", "127.0.0.1", "::1"):
         return None
-    return sum(cpu for _, comm, cpu in _proc_stats().values() if comm.startswith("postgres"))
+    return postgres_cpu_s()
+
+
+def postgres_cpu_s() -> float:
+    """CPU seconds of every PostgreSQL process of this host so far, with the backends that
+    have exited (the postmaster's reaped children): plain Optuna's connections close when its
+    workers end, before the run's CPU is read."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text() if pid.isdigit() else ""
+        except OSError:
+            continue
+        if stat[stat.find("(") + 1 :].startswith("postgres"):
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += sum(int(f) for f in fields[11:15]) / tick  # utime stime cutime cstime
+    return total
 
 
 def _proc_stats() -> dict[int, tuple[int, str, float]]:
@@ -713,7 +729,7 @@ def main() -> None:
                 curve_lines.append(
                     f"| {w} | {s} | {w * k} | {median(ra, 'wall_s') / ideal:.3f} | "
                     f"{median(rb, 'wall_s') / ideal:.3f} | {floor(s, ideal, per_a, cpu_a):.3f} | "
-                    f"{cpu_a / (w * k) * 1000:.0f} | {cpu_b / (w * k) * 1000:.0f} |"
+                    f"{cpu_a / (w * k) * 1000:.1f} | {cpu_b / (w * k) * 1000:.1f} |"
                 )
                 print(curve_lines[-1], flush=True)
         row("budget", "trials finished beyond n_trials, any point of the curve", extra_a, extra_b)
