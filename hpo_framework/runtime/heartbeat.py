@@ -54,6 +54,7 @@ class Heartbeat:
         self._interval, self._grace = 5.0, 20.0
         self._last_beat = 0.0
         self._lost: int | None = None  # the ticket last found recovered by another worker
+        self._missed: int | None = None  # the ticket the last beat found gone
         self._failing: tuple[float, int, float] | None = None  # since, attempts, last said at
         self._handoff: tuple[int, str] | None = None  # a due beat for the main thread to write
         self._hands_off = storage.engine.dialect.name == "postgresql"
@@ -114,11 +115,7 @@ class Heartbeat:
                 wait = min(interval, 0.2)  # soon again: the main thread may be done by then
             elif ticket is not None and not fresh:
                 try:
-                    owned = self._tickets.beat(*ticket)
-                    # Not owned is most often settled: the main thread's result settles the
-                    # ticket a moment before it stops tracking it. Only a ticket another
-                    # worker holds now was lost (one more statement, on this rare path).
-                    self._recorded(ticket, owned or not self._tickets.taken_over(*ticket))
+                    self._recorded(ticket, self._tickets.beat(*ticket))
                 except Exception as e:
                     # Retried soon: the grace period is several beats long, and an outage
                     # must not outlast it here by a whole interval.
@@ -164,10 +161,15 @@ class Heartbeat:
         if owned:
             self._recorded(ticket, owned)
 
-    def _recorded(self, ticket: tuple[int, str], kept: bool) -> None:
+    def _recorded(self, ticket: tuple[int, str], owned: bool) -> None:
+        """A beat written (``owned``) or missed: the ticket was settled or taken over. The main
+        thread stops tracking a ticket as soon as its result has settled it, so a beat may
+        miss once in between; a ticket missed twice while still tracked was lost."""
         with self._lock:
             self._last_beat = time.monotonic()
-            lost = not kept and self._lost != ticket[0]
+            missed_before, self._missed = self._missed, None if owned else ticket[0]
+            tracked = self._ticket == ticket
+            lost = not owned and tracked and missed_before == ticket[0] and self._lost != ticket[0]
             if lost:
                 self._lost = ticket[0]
             failing, self._failing = self._failing, None

@@ -46,6 +46,10 @@ from hpo_framework.storage.trial_store import TrialStore
 log = logging.getLogger("hpo.trial")
 
 
+def _nothing() -> None:
+    pass
+
+
 class OptunaLink:
     """``report`` and ``trial()`` on an Optuna trial of this process (its storage, a
     ``TrialStore``, waits out outages)."""
@@ -183,6 +187,7 @@ class StudyHandle:
         self.after_trial: list[AfterTrial] = steps_for(
             config, self.ledger, store, worker_id, trackers
         )
+        self._untrack: Callable[[], None] = _nothing  # the heartbeat's, while a trial runs
 
     @property
     def name(self) -> str:
@@ -243,6 +248,7 @@ class StudyHandle:
         if ticket is None:
             return None
         heartbeat.track(ticket, me, spec.heartbeat_interval, spec.grace_period)
+        self._untrack = heartbeat.untrack  # once the ticket is settled (``_finish``)
         try:
             if trial_id is None:  # recovered meanwhile, or every waiting trial popped by others
                 log.warning("study=%s ticket %d lost before its trial began", self.name, ticket)
@@ -252,6 +258,7 @@ class StudyHandle:
             return self._run_trial(ticket, trial_id)
         finally:
             heartbeat.untrack()
+            self._untrack = _nothing
 
     def _run_trial(self, ticket: int, trial_id: int) -> TrialOutcome:
         # Like Study.ask: the sampler must see the trials finished since the last one.
@@ -327,7 +334,12 @@ class StudyHandle:
         if not told.kept:
             return self._dropped(trial, started)
         finished = Finished(ticket, trial, state, values, duration, error, told.settled)
-        for step in self.after_trial:
+        settle, *rest = self.after_trial  # ``steps_for`` puts the ticket's settling first
+        settle(finished)
+        # Settled: the heartbeat stops now, not after the steps below (trackers may take a
+        # while), so a beat that finds the ticket gone can tell it was lost (``Heartbeat``).
+        self._untrack()
+        for step in rest:
             step(finished)
         return TrialOutcome(self.name, trial.number, state, values, finished.duration_s, error)
 

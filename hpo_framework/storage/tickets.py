@@ -164,15 +164,6 @@ class Tickets:
             )
             return done.rowcount == 1
 
-    def taken_over(self, ticket_id: int, worker: str) -> bool:
-        """Whether another worker holds the ticket now (it took it over as lost). A ticket
-        settled meanwhile, by this worker or by the one that recovered it, is gone: False.
-        Like ``beat``, tried once: the heartbeat thread retries on its own schedule."""
-        c = hpo_tickets.c
-        with self.engine.connect() as conn:
-            holder = conn.execute(sa.select(c.worker).where(c.ticket_id == ticket_id)).scalar()
-        return holder is not None and holder != worker
-
     def beat_on(self, dbapi_connection: Any, ticket_id: int, worker: str) -> bool:
         """``beat`` on a raw PostgreSQL DBAPI connection that is between transactions (the
         pool's ``checkin``: SQLAlchemy has reset it), committed at once."""
