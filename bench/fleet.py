@@ -23,6 +23,9 @@ The script rewrites the section between the markers in ``--output``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,6 +54,7 @@ from tests.private_postgres import PrivatePostgres  # noqa: E402
 START, END = "<!-- fleet:start -->", "<!-- fleet:end -->"
 SLEEP_S = 0.5
 POOL_SIZE = 24  # PgBouncer's server connections
+MAX_CONNECTIONS = 100  # PostgreSQL's default, which PrivatePostgres keeps
 
 
 def _database(server_url: str) -> str:
@@ -71,7 +75,14 @@ def _start(plain: bool, url: str, workers: int, trials: int, tmp: Path) -> list[
         cmds = [[str(BIN / "hpo-worker"), "--processes", str(workers), "--idle-exit", "3"]]
     logs = [open(tmp / f"worker-{i}.log", "w") for i in range(len(cmds))]  # noqa: SIM115
     procs = [
-        subprocess.Popen(cmd, env=env(url), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+        subprocess.Popen(
+            cmd,
+            env=env(url),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,  # a group of its own: a pool's children end with it
+        )  # fmt: skip
         for cmd, log in zip(cmds, logs, strict=True)
     ]
     for log in logs:
@@ -96,6 +107,8 @@ def run(plain: bool, pooled: bool, workers: int, trials: int) -> dict[str, Any]:
         )
         # One connection, taken before the workers fill the server, for the whole run.
         with admin.connect() as conn, tempfile.TemporaryDirectory() as tmp:
+            limit = int(conn.execute(sa.text("show max_connections")).scalar_one())
+            assert limit == MAX_CONNECTIONS, limit
             procs = _start(plain, url, workers, trials, Path(tmp))
             peak, deadline = 0, time.monotonic() + 1800
             while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -113,9 +126,9 @@ def run(plain: bool, pooled: bool, workers: int, trials: int) -> dict[str, Any]:
         storage.engine.dispose()
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
         if bouncer is not None:
             bouncer.cleanup()
         server.cleanup()
@@ -128,7 +141,8 @@ def run(plain: bool, pooled: bool, workers: int, trials: int) -> dict[str, Any]:
         "per_s": (states["COMPLETE"] / span) if span == span and span > 0 else float("nan"),
         "complete": states["COMPLETE"],
         "failed": states["FAIL"],
-        "errors": f"{errors} / {text.count('Traceback')}",
+        # A pool restarts a worker process that died and still exits 0: its log says so.
+        "errors": f"{errors + text.count('died with status')} / {text.count('Traceback')}",
     }
 
 
@@ -137,6 +151,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the test suite's)")
     parser.add_argument("--output", type=Path, help="rewrite this file's fleet section")
     args = parser.parse_args()
+    # SIGTERM (a test's timeout, Ctrl-C's cousin) unwinds like an error: every private server,
+    # pooler and worker this script started is ended by the ``finally`` of ``run``.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     counts = (4,) if args.quick else (64, 128, 256)
     load = open("/proc/loadavg").read().split()[0]
     lines = [
@@ -144,15 +161,16 @@ def main() -> None:
         "## More workers than connections",
         "",
         f"Produced by `python bench/fleet.py` on {time.strftime('%Y-%m-%d')}: a private "
-        "PostgreSQL with the stock `max_connections = 100` on this host (2 cores, shared by "
-        "the server, the pooler, every worker and executor process), a study of 2 x workers "
-        f"trials of {SLEEP_S} s each, PgBouncer in transaction mode with {POOL_SIZE} server "
-        f"connections; one run each, load average {load} at the start. Trials/s: finished "
-        "trials over the time from the first trial's start to the last one's end (start-up "
-        "included). On two cores the fleet is CPU-bound: a trial's 0.5 s of sleep is not "
-        "the limit. Plain Optuna runs through the pooler only: directly, each of its "
-        "processes holds two connections (its trials' and its heartbeat's), and the "
-        "64-worker `connections` row above shows what a full server does to it.",
+        f"PostgreSQL with the stock `max_connections = {MAX_CONNECTIONS}` on this host "
+        f"({os.cpu_count()} cores, shared by the server, the pooler, every worker and executor "
+        f"process), a study of 2 x workers trials of {SLEEP_S} s each, PgBouncer in "
+        f"transaction mode with {POOL_SIZE} server connections; one run each, load average "
+        f"{load} at the start. Trials/s: finished trials over the time from the first trial's "
+        "start to the last one's end (the other workers' start-up overlaps it). On this host "
+        "the fleet is CPU-bound: a trial's 0.5 s of sleep is not the limit. Plain Optuna runs "
+        "through the pooler only: directly, each of its processes holds two connections (its "
+        "trials' and its heartbeat's), and the 64-worker `connections` row above shows what a "
+        "full server does to it.",
         "",
         "| workers | path | peak server connections | trials/s | complete / budget | FAIL "
         "| workers exited with an error / tracebacks |",

@@ -17,6 +17,7 @@ the clock runs from the study's creation to its last finished trial.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import random
@@ -282,19 +283,31 @@ def server_cpu_s() -> float | None:
 
 
 def postgres_cpu_s() -> float:
-    """CPU seconds of every PostgreSQL process of this host so far, with the backends that
-    have exited (the postmaster's reaped children): plain Optuna's connections close when its
-    workers end, before the run's CPU is read."""
-    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
-    for pid in os.listdir("/proc"):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text() if pid.isdigit() else ""
-        except OSError:
-            continue
-        if stat[stat.find("(") + 1 :].startswith("postgres"):
-            fields = stat[stat.rindex(")") + 2 :].split()
-            total += sum(int(f) for f in fields[11:15]) / tick  # utime stime cutime cstime
-    return total
+    """CPU seconds of the benchmark server so far: its postmaster, every process it has now
+    and the ones that have exited (the postmaster's reaped children): plain Optuna's
+    connections close when its workers end, before the run's CPU is read. Other servers on
+    this host (a test's private one) are not counted."""
+    postmaster, tick = _postmaster(), os.sysconf("SC_CLK_TCK")
+    total = sum(cpu for ppid, _, cpu in _proc_stats().values() if ppid == postmaster)
+    fields = _stat_fields(postmaster)
+    return total + sum(int(f) for f in fields[11:15]) / tick  # utime stime cutime cstime
+
+
+@functools.cache
+def _postmaster() -> int:
+    """The pid of the benchmark server's postmaster: the parent of a backend of its own."""
+    admin = sa.create_engine(ADMIN_URL, poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        backend = int(conn.execute(sa.text("select pg_backend_pid()")).scalar_one())
+        postmaster = int(_stat_fields(backend)[1])
+    admin.dispose()
+    return postmaster
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
 
 
 def _proc_stats() -> dict[int, tuple[int, str, float]]:

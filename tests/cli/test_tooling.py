@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from tests.conftest import BIN, ROOT
+from tests.conftest import BIN, ROOT, missing_service
 
 
 def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -93,6 +93,12 @@ def test_capacity_script_runs_at_a_tiny_size() -> None:
 @pytest.mark.usefixtures("pg_admin")
 def test_fleet_script_runs_at_a_tiny_size() -> None:
     """bench/fleet.py: workers on a private server, directly and through PgBouncer."""
+    from tests.private_postgres import _bindir
+
+    if _bindir() is None or not (
+        shutil.which("pgbouncer") or Path("/usr/sbin/pgbouncer").exists()
+    ):
+        missing_service("bench/fleet.py needs PostgreSQL's server binaries and pgbouncer")
     result = run(sys.executable, "bench/fleet.py", "--quick", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [
