@@ -39,12 +39,10 @@ from bench.run import (  # noqa: E402
     env,
     fresh_database,
     hpo_config,
+    postgres_cpu_s,
     replace_section,
     start_plain_workers,
     tree_cpu_s,
-)
-from bench.run import (
-    postgres_cpu_s as server_cpu_s,
 )
 
 START, END = "<!-- capacity:start -->", "<!-- capacity:end -->"
@@ -96,7 +94,7 @@ def per_trial(workers: int, trials: int) -> dict[str, float]:
         before_size = _size(url)
         pool, log = _pool(url, workers)
         try:
-            client, server = tree_cpu_s([pool.pid]), server_cpu_s()
+            client, server = tree_cpu_s([pool.pid]), postgres_cpu_s()
             coordinator(url, "create", str(path))
             engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
             query = sa.text("select count(*) from trials where state = 'COMPLETE'")
@@ -107,7 +105,7 @@ def per_trial(workers: int, trials: int) -> dict[str, float]:
 
             _wait_for("the study", done, timeout=1800)
             engine.dispose()
-            client, server = tree_cpu_s([pool.pid]) - client, (server_cpu_s()) - server
+            client, server = tree_cpu_s([pool.pid]) - client, (postgres_cpu_s()) - server
         finally:
             _stop(pool, log)
         grown = _size(url) - before_size
@@ -127,11 +125,11 @@ def plain_per_trial(workers: int, trials: int) -> dict[str, float]:
         before_size = _size(url)
         procs = start_plain_workers(url, workers, trials, 0.1)
         try:
-            server = server_cpu_s()
+            server = postgres_cpu_s()
             optuna.create_study(study_name="bench", storage=url)
             while any(p.poll() is None for p in procs):
                 time.sleep(0.05)
-            server = server_cpu_s() - server
+            server = postgres_cpu_s() - server
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -164,9 +162,9 @@ def per_worker_second(
                     300,
                 )
                 time.sleep(5)  # past the trials' start
-            server = server_cpu_s()
+            server = postgres_cpu_s()
             time.sleep(seconds)
-            server = (server_cpu_s()) - server
+            server = (postgres_cpu_s()) - server
         finally:
             _stop(pool, log)
     return 1000 * server / (workers * seconds)

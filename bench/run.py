@@ -288,7 +288,7 @@ def postgres_cpu_s() -> float:
     connections close when its workers end, before the run's CPU is read. Other servers on
     this host (a test's private one) are not counted."""
     postmaster, tick = _postmaster(), os.sysconf("SC_CLK_TCK")
-    total = sum(cpu for ppid, _, cpu in _proc_stats().values() if ppid == postmaster)
+    total = sum(cpu for ppid, cpu in _proc_stats().values() if ppid == postmaster)
     fields = _stat_fields(postmaster)
     return total + sum(int(f) for f in fields[11:15]) / tick  # utime stime cutime cstime
 
@@ -310,21 +310,15 @@ def _stat_fields(pid: int) -> list[str]:
     return stat[stat.rindex(")") + 2 :].split()
 
 
-def _proc_stats() -> dict[int, tuple[int, str, float]]:
-    """pid -> (parent pid, command name, CPU seconds so far) of every process of this host."""
+def _proc_stats() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds so far) of every process of this host."""
     stats, tick = {}, os.sysconf("SC_CLK_TCK")
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
+            fields = _stat_fields(int(pid))
+        except OSError:  # ended meanwhile
             continue
-        comm, fields = (
-            stat[stat.index("(") + 1 : stat.rindex(")")],
-            stat[stat.rindex(")") + 2 :].split(),
-        )
-        stats[int(pid)] = (int(fields[1]), comm, (int(fields[11]) + int(fields[12])) / tick)
+        stats[int(pid)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
     return stats
 
 
@@ -332,13 +326,13 @@ def tree_cpu_s(roots: list[int]) -> float:
     """CPU seconds used so far by the live processes ``roots`` and all their descendants."""
     stats = _proc_stats()
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in stats.items():
+    for pid, (ppid, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
     total, todo = 0.0, list(roots)
     while todo:
         pid = todo.pop()
         if pid in stats:
-            total += stats[pid][2]
+            total += stats[pid][1]
             todo.extend(children.get(pid, []))
     return total
 

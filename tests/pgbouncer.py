@@ -27,10 +27,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def pgbouncer_binary() -> str | None:
+    """Where the pgbouncer program is (Debian puts it in /usr/sbin), or None."""
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    return binary if os.path.exists(binary) else None
+
+
 class PgBouncer:
     def __init__(self, upstream_url: str, pool_size: int) -> None:
-        binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-        if not os.path.exists(binary):
+        binary = pgbouncer_binary()
+        if binary is None:
             raise RuntimeError("pgbouncer not found (Debian: apt-get install pgbouncer)")
         upstream = sa.engine.make_url(upstream_url)
         self.upstream = upstream

@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 
-def _bindir() -> Path | None:
+def server_bindir() -> Path | None:
+    """Where PostgreSQL's initdb and pg_ctl are, or None."""
     for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
         if os.path.exists(os.path.join(candidate, "initdb")):
             return Path(candidate)
@@ -29,7 +30,7 @@ def _free_port() -> int:
 
 class PrivatePostgres:
     def __init__(self) -> None:
-        bindir = _bindir()
+        bindir = server_bindir()
         if bindir is None:
             raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) not found")
         self.bindir = bindir

@@ -93,11 +93,10 @@ def test_capacity_script_runs_at_a_tiny_size() -> None:
 @pytest.mark.usefixtures("pg_admin")
 def test_fleet_script_runs_at_a_tiny_size() -> None:
     """bench/fleet.py: workers on a private server, directly and through PgBouncer."""
-    from tests.private_postgres import _bindir
+    from tests.pgbouncer import pgbouncer_binary
+    from tests.private_postgres import server_bindir
 
-    if _bindir() is None or not (
-        shutil.which("pgbouncer") or Path("/usr/sbin/pgbouncer").exists()
-    ):
+    if server_bindir() is None or pgbouncer_binary() is None:
         missing_service("bench/fleet.py needs PostgreSQL's server binaries and pgbouncer")
     result = run(sys.executable, "bench/fleet.py", "--quick", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -23,19 +23,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT, cli_env, free_port, run_cli
+from tests.conftest import ROOT, cli_env, free_port, missing_service, run_cli
 from tests.pool_helpers import wait_until
 
 pytestmark = pytest.mark.slow
 
 N_TRIALS = 8
 SMALL = ["--set", f"study.n_trials={N_TRIALS}", "--set", "static.epochs=3"]
-
-
-def _fail_or_skip(message: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def _engine_answers() -> bool:
@@ -50,18 +44,18 @@ def _script(name: str, timeout: float) -> None:
         [str(ROOT / "scripts" / name)], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
     if result.returncode != 0:
-        _fail_or_skip(f"scripts/{name} failed: {result.stderr[-2000:]}")
+        missing_service(f"scripts/{name} failed: {result.stderr[-2000:]}")
 
 
 @pytest.fixture(scope="session")
 def docker_image() -> Iterator[str]:
     """A running engine with compose, the base images, and hpo:latest built from this tree."""
     if os.environ.get("HPO_SKIP_CONTAINERS") == "1":  # the README's way out, never under CI
-        _fail_or_skip("HPO_SKIP_CONTAINERS=1: the container tier is not run")
+        missing_service("HPO_SKIP_CONTAINERS=1: the container tier is not run")
     started_engine = False
     if not _engine_answers():
         if os.geteuid() != 0:
-            _fail_or_skip("no Docker engine answers, and scripts/docker-engine needs root")
+            missing_service("no Docker engine answers, and scripts/docker-engine needs root")
         _script("docker-engine", timeout=900)
         started_engine = True
     _script("docker-base-images", timeout=1800)
