@@ -1,7 +1,9 @@
 """The baseline: the idiomatic plain-Optuna worker on shared storage, with every guarantee
 Optuna itself offers (heartbeat + retry of stale trials, MaxTrialsCallback for the budget).
 
-    python bench/plain_optuna_worker.py URL STUDY N_TRIALS SLEEP_S SEED
+    python bench/plain_optuna_worker.py URL STUDY N_TRIALS SLEEP_S SEED [MODULE]
+
+MODULE, if given, is imported first, as a script whose objective uses it (torch) would.
 
 Like an hpo worker, it starts before the study exists: it connects, prints ``ready`` and
 waits for the study, so the benchmark's clock starts with both sides' workers waiting.
@@ -9,6 +11,7 @@ waits for the study, so the benchmark's clock starts with both sides' workers wa
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 
@@ -33,6 +36,8 @@ def main() -> None:
         float(sys.argv[4]),
         int(sys.argv[5]),
     )
+    if len(sys.argv) > 6:
+        importlib.import_module(sys.argv[6])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = RDBStorage(
         url,

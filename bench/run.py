@@ -438,6 +438,7 @@ def startup(plain: bool) -> dict[str, float]:
         return {"s": _utc(first) - started, "cpu": cpu}
 
 
+QUADRATIC = "experiments.benchmarks:quadratic"
 #: A session whose module imports torch, and its data: what ``--preload`` is for.
 TORCH_SESSION = "experiments.linear_regression:untrained_mse"
 TORCH_STATIC = {"data": {"n_samples": 200, "n_features": 4, "noise": 0.1, "seed": 0}}
@@ -489,6 +490,72 @@ def waiting_torch(preload: bool) -> float:
             engine.dispose()
         first = min(t.datetime_complete for t in finished(url, "bench") if t.datetime_complete)
         return _utc(first) - created
+
+
+def pss_mb(roots: list[int]) -> float:
+    """Proportional set size of ``roots`` and their descendants, MB: memory shared between
+    them (a fork server's imports) counted once in all."""
+    stats = _proc_stats()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, list(roots)
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total += int(re.search(r"^Pss:\s+(\d+) kB", rollup, re.M).group(1))  # type: ignore[union-attr]
+    return total / 1024
+
+
+def pool_run(mode: str, n_workers: int, torch: bool) -> dict[str, float]:
+    """A host's pool of ``n_workers``, each running two trials, the study there before the pool
+    starts: seconds to the last result, and the CPU and memory (PSS) of all its processes then.
+    ``torch``: the session's module imports torch (and is preloaded), else a trivial session.
+    ``mode``: ``fork`` (hpo: executors forked from the pool's fork server, the module imported
+    there once), ``fresh`` (hpo with ``HPO_FORKSERVER=0``: each executor imports it) or
+    ``plain`` (plain Optuna processes, whose script imports torch where the session does)."""
+    n_trials = 2 * n_workers
+    module = TORCH_SESSION.partition(":")[0] if torch else None
+    with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
+        if mode == "plain":
+            optuna.create_study(study_name="bench", storage=url)
+            cmds = [plain_worker_cmd(url, n_trials, 0, i) + ([module] if module else [])
+                    for i in range(n_workers)]  # fmt: skip
+            started = time.time()
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            procs = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True) for c in cmds]
+            for p in procs:  # each has imported what it needs and connected
+                assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+            memory = pss_mb([p.pid for p in procs])
+            for p in procs:
+                p.wait(timeout=300)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        else:
+            session = (TORCH_SESSION, TORCH_STATIC) if torch else (QUADRATIC, {})
+            path = hpo_config(
+                Path(tmp), "bench", n_trials, 0.0, session=session[0], static=session[1]
+            )
+            coordinator(url, "create", str(path))
+            cmd = [str(BIN / "hpo-worker"), "--processes", str(n_workers)]
+            started = time.time()
+            pool = subprocess.Popen(
+                cmd + (["--preload", module] if module else []), cwd=ROOT,
+                env={**env(url), "HPO_FORKSERVER": "1" if mode == "fork" else "0"},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                _wait_for("the study", lambda: len(finished(url, "bench")) >= n_trials, 300)
+                cpu, memory = tree_cpu_s([pool.pid]), pss_mb([pool.pid])
+            finally:
+                pool.send_signal(signal.SIGTERM)
+                pool.wait(timeout=120)
+        last = max(t.datetime_complete for t in finished(url, "bench") if t.datetime_complete)
+        return {"s": _utc(last) - started, "cpu": cpu, "pss": memory}
 
 
 def inspect_cpu(history: int) -> dict[str, float]:
@@ -665,7 +732,8 @@ def main() -> None:
     parser.add_argument(
         "--only", metavar="ROWS",
         help="measure only these rows and print them, writing no file (comma-separated: cost, "
-        "driver, overhead, scaling, startup, preload, executor, growth, inspect, connections, "
+        "driver, overhead, scaling, startup, preload, forkserver, executor, growth, inspect, "
+        "connections, "
         "quality)",
     )  # fmt: skip
     args = parser.parse_args()
@@ -767,6 +835,25 @@ def main() -> None:
             "beforehand, the same session: with --preload (hpo column) and without (Optuna "
             "column)", f"{median(a, 's'):.2f}", f"{median(b, 's'):.2f}",
             f"{median(a, 's') / median(b, 's'):.2f}x")  # fmt: skip
+
+    # A pool on one host: one import per host (the fork server) or one per worker.
+    if want("forkserver"):
+        w = 2 if q else 4
+        for torch in (False, True):
+            fork, fresh, plain = ([pool_run(mode, w, torch) for _ in range(repeats)]
+                                  for mode in ("fork", "fresh", "plain"))  # fmt: skip
+            what = "whose session module imports torch" if torch else "of a trivial session"
+            for key, measure in (
+                ("cpu", "CPU seconds of all its processes"), ("pss", "memory (PSS), MB"),
+                ("s", "seconds from its start to the last result"),
+            ):  # fmt: skip
+                if key != "cpu" and not torch:
+                    continue
+                a, b, c = median(fork, key), median(fresh, key), median(plain, key)
+                text = (f"a pool of {w} workers {what}, {2 * w} trials: {measure}; hpo (hpo "
+                        f"column), plain Optuna processes (Optuna column), hpo with "
+                        f"HPO_FORKSERVER=0: {b:.1f}")  # fmt: skip
+                row("fork server", text, f"{a:.1f}", f"{c:.1f}", f"{a / c:.2f}x")
 
     # The executor process (sessions run outside the worker): its cost per call and at start.
     if want("executor"):

@@ -22,6 +22,9 @@ SESSION_MODULES_ENV = "HPO_SESSION_MODULES"
 #: comma separated; ``hpo-worker --preload``): a session's heavy imports (torch) overlap the
 #: worker's own start and its wait for work, instead of following them.
 PRELOAD_ENV = "HPO_PRELOAD"
+#: Set to 0 to have a pool's workers start their executors fresh instead of forking them from
+#: one process per pool that imported the preload modules once (``HPO_FORKSERVER``).
+FORKSERVER_ENV = "HPO_FORKSERVER"
 #: Set to 1 to allow samplers that unpickle state stored in the database (``cmaes``).
 ALLOW_PICKLE_ENV = "HPO_UNSAFE_ALLOW_PICKLE"
 

@@ -10,3 +10,10 @@ with open(os.environ["HPO_TEST_PRELOAD_LOG"], "a") as _log:
 
 def pid(cfg: dict) -> float:
     return float(os.getpid())
+
+
+def pid_slowly(cfg: dict) -> float:
+    """The executor's pid, after half a second: long enough for every worker of a pool to
+    take some of a study's trials."""
+    time.sleep(0.5)
+    return float(os.getpid())

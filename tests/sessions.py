@@ -327,3 +327,24 @@ def reports_then_waits(cfg: dict[str, Any]) -> float:
     while not os.path.exists(os.path.join(cfg["dir"], "go")):
         time.sleep(0.05)
     return float(cfg["x"])
+
+
+def records_its_process(cfg: dict[str, Any]) -> float:
+    """Writes what the executor it runs in got (pid, parent, CUDA_VISIBLE_DEVICES, working
+    directory, a draw from NumPy's global generator and torch's where it is loaded) to a file in
+    cfg["dir"]."""
+    import json
+
+    import numpy
+
+    seen = {
+        "pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgid(0),
+        "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "cwd": os.getcwd(),
+        "numpy": float(numpy.random.rand()),
+    }  # fmt: skip
+    if "torch" in sys.modules:  # preloaded
+        seen["torch"] = float(sys.modules["torch"].rand(1))
+    time.sleep(cfg.get("sleep_s", 0))
+    with open(os.path.join(cfg["dir"], f"process-{os.getpid()}-{time.time()}.json"), "w") as f:
+        json.dump(seen, f)
+    return float(cfg["x"])

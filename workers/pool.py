@@ -17,6 +17,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -25,6 +26,9 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
 
+from hpo_framework.runtime import forkserver
+from hpo_framework.runtime.executor import preload_modules
+from hpo_framework.runtime.forkserver import ForkServer
 from hpo_framework.runtime.serving import die_with_parent
 from workers.worker import run_worker
 
@@ -35,7 +39,10 @@ HEALTHY_AFTER_S = 30.0
 BACKOFF_MAX_S = 30.0
 
 
-def _child(url: str, gpu: str | None, kwargs: dict[str, Any], parent: int) -> None:
+def _child(
+    url: str, gpu: str | None, kwargs: dict[str, Any], parent: int,
+    forks: ForkServer | None, connection: socket.socket | None,
+) -> None:  # fmt: skip
     os.setpgid(0, 0)  # a group of its own: only the parent forwards signals to it
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
@@ -45,6 +52,10 @@ def _child(url: str, gpu: str | None, kwargs: dict[str, Any], parent: int) -> No
         sys.exit(0)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    if forks is not None:
+        forks.forget()  # the pool's connection to the server stays the pool's
+    if connection is not None:
+        forkserver.attach(connection)
     sys.exit(run_worker(url, **kwargs))
 
 
@@ -70,14 +81,20 @@ def run_pool(url: str, processes: int, gpus: Sequence[str] | None, **kwargs: Any
     ctx = multiprocessing.get_context("fork")
     slots = [_Slot(i, gpu) for i, gpu in enumerate(list(gpus) if gpus else [None] * processes)]
     signals_received = 0
+    forks = ForkServer(preload_modules()) if forkserver.enabled() else None
 
     def start(slot: _Slot) -> None:
+        connection = forks.connect() if forks is not None else None
         slot.process = ctx.Process(
             target=_child,
-            args=(url, slot.gpu, kwargs, os.getpid()),
+            args=(url, slot.gpu, kwargs, os.getpid(), forks, connection),
             name=f"hpo-worker-{slot.index}",
         )
-        slot.process.start()
+        try:
+            slot.process.start()
+        finally:
+            if connection is not None:
+                connection.close()  # the child's now
         with contextlib.suppress(OSError):  # also here: no window before the child's own call
             os.setpgid(slot.process.pid or 0, slot.process.pid or 0)
         slot.started, slot.restart_at = time.monotonic(), None
@@ -134,4 +151,6 @@ def run_pool(url: str, processes: int, gpus: Sequence[str] | None, **kwargs: Any
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if forks is not None:
+            forks.close()
     return max((slot.exit_status for slot in slots), default=0)

@@ -43,11 +43,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from numbers import Real
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpo_framework import defaults, exceptions
 from hpo_framework.exceptions import SessionError, TrialLost
 from hpo_framework.session.reporting import TrialLink, bound_to
+
+if TYPE_CHECKING:
+    from hpo_framework.runtime.forkserver import ForkedProcess
 
 log = logging.getLogger("hpo.executor")
 _MAIN = "hpo_framework.runtime._executor_main"  # python -m _MAIN FD PARENT [MODULE...]
@@ -241,9 +244,12 @@ class ProcessExecutor:
     def __init__(
         self, allowed: Sequence[str] | None = None, preload: Sequence[str] | None = None
     ) -> None:
+        from hpo_framework.runtime import forkserver
+
         self.allowed = None if allowed is None else tuple(allowed)
         self.preload = preload_modules() if preload is None else tuple(preload)
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._forks = forkserver.attached()  # in a pool: executors are forked, not spawned
+        self._proc: subprocess.Popen[bytes] | ForkedProcess | None = None
         self._conn: Connection | None = None
 
     def start(self) -> None:
@@ -253,14 +259,33 @@ class ProcessExecutor:
         self._discard()
         mine, theirs = socket.socketpair()
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", _MAIN, str(theirs.fileno()), str(os.getpid()),
-                 *self.preload],
-                pass_fds=[theirs.fileno()], start_new_session=True,
-            )  # fmt: skip
+            if self._forks is not None:
+                self._proc = self._fork(theirs.fileno())
+                if self._proc is None:  # a late fork would serve this pair: take a new one
+                    mine.close()
+                    theirs.close()
+                    mine, theirs = socket.socketpair()
+            if self._proc is None:
+                self._proc = self._spawn(theirs.fileno())
         finally:
             theirs.close()
         self._conn = Connection(mine.detach())
+
+    def _fork(self, fd: int) -> ForkedProcess | None:
+        """An executor forked by the pool's fork server, or None if it cannot fork one."""
+        assert self._forks is not None
+        try:
+            return self._forks.spawn(fd, self.preload)
+        except OSError as e:
+            log.warning("the pool's fork server is gone (%s); starting session processes anew", e)
+            self._forks = None
+            return None
+
+    def _spawn(self, fd: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", _MAIN, str(fd), str(os.getpid()), *self.preload],
+            pass_fds=[fd], start_new_session=True,
+        )  # fmt: skip
 
     def check(self, ref: str) -> None:
         """Import ``ref`` in the executor; SessionError with the reason if it fails here."""
@@ -310,6 +335,7 @@ class ProcessExecutor:
         """Why the executor ended, once it has; the group's leftovers are killed with it."""
         proc = self._proc
         assert proc is not None
+        code: int | None
         try:
             code = proc.wait(timeout=KILL_GRACE_S)
         except subprocess.TimeoutExpired:  # closed its end of the pipe but lives on

@@ -25,11 +25,13 @@ MAY_IMPORT = {
     "cli": {"foundation", "config", "storage", "session", "views", "runtime", "operations", "cli"},
 }
 #: What the workers package may use: the runtime's door, the health file, the shared CLI
-#: options, logging, the storage URL helpers, the defaults' names, and the executor (started
-#: before the door is imported, so that the session's imports overlap the worker's).
+#: options, logging, the storage URL helpers, the defaults' names, the executor (started
+#: before the door is imported, so that the session's imports overlap the worker's) and the
+#: pool's fork server (started before its workers are forked).
 WORKERS_MAY_IMPORT = {
     "hpo_framework.defaults",
     "hpo_framework.runtime.executor",
+    "hpo_framework.runtime.forkserver",
     "hpo_framework.runtime.serving",
     "hpo_framework.runtime.health",
     "hpo_framework.cli.options",
