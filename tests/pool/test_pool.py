@@ -484,8 +484,9 @@ def test_a_session_this_host_may_not_import_is_skipped_and_shown_per_worker(
 
 def test_workers_with_different_session_modules_share_a_study(pg_url: str, tmp_path: Path) -> None:
     """A worker whose HPO_SESSION_MODULES lacks the study's module skips it; the others
-    serve it to the end, and the study never fails."""
-    name = create(tmp_path, pg_url, study_={"n_trials": 6})
+    serve it to the end, and the study never fails. (Trials of 0.5 s: the narrow worker must
+    find the study open, on a loaded machine too; one with no budget left is not loaded.)"""
+    name = create(tmp_path, pg_url, static={"sleep_s": 0.5}, study_={"n_trials": 6})
     narrow = start_worker("--idle-exit", "3", url=pg_url, HPO_SESSION_MODULES="experiments")
     wide = start_worker("--idle-exit", "3", url=pg_url)
     try:
