@@ -277,7 +277,9 @@ class ProcessExecutor:
         try:
             return self._forks.spawn(fd, self.preload)
         except OSError as e:
-            log.warning("the pool's fork server is gone (%s); starting session processes anew", e)
+            log.warning(
+                "no session process from the pool's fork server (%s); starting them anew", e
+            )
             self._forks = None
             return None
 
@@ -377,9 +379,13 @@ class ProcessExecutor:
             self.kill()
 
     def _kill_group(self, sig: int) -> None:
-        if self._proc is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._proc.pid, sig)
+        from hpo_framework.runtime.forkserver import ForkedProcess
+
+        proc = self._proc
+        if proc is None or (isinstance(proc, ForkedProcess) and proc.group_killed):
+            return  # the fork server killed its group as it reaped it: the pid may be reused
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
 
     def _discard(self) -> None:
         if self._conn is not None:

@@ -25,8 +25,13 @@ turns it off (for preload modules that are not safe to fork after import).
 
 Protocol: ``SOCK_SEQPACKET`` socket pairs, one pickled tuple per message, file descriptors as
 ancillary data. The pool's control connection: ``("worker",)`` with one end of a new worker's
-pair. A worker's connection: ``("fork", env, cwd, preload)`` with the executor's end of its
-socket pair -> ``("forked", pid)``; later ``("exit", pid, code)``.
+pair. A worker's connection: first ``("ready",)`` once the preload is done; then
+``("fork", env, cwd, preload)`` with the executor's end of its socket pair -> ``("forked", pid)``
+or ``("error", reason)`` (the worker then starts its executors fresh); later
+``("exit", pid, code)``, sent after the executor's process group was killed with it.
+
+A module that initializes CUDA when imported cannot be used in forked processes: a server that
+finds CUDA initialized after its preload answers every request with an error that says so.
 """
 
 from __future__ import annotations
@@ -50,8 +55,10 @@ from hpo_framework.runtime.executor import KILL_GRACE_S, serve_forever
 log = logging.getLogger("hpo.forkserver")
 
 _MAIN = "hpo_framework.runtime._forkserver_main"  # python -m _MAIN FD [MODULE...]
-_MAX_MESSAGE = 1 << 20  # a worker's whole environment fits many times
-#: Seconds a worker waits for the server to fork before it starts its executor fresh.
+_MAX_MESSAGE = 1 << 20  # a request: a worker's whole environment, many times over
+_MAX_REPLY = 4096
+#: Seconds a worker waits for a fork, once the server has finished its preload, before it
+#: starts its executors fresh.
 FORK_WAIT_S = 30.0
 
 
@@ -134,6 +141,12 @@ class ForkedProcess:
         self.returncode: int | None = None
         self._client = client
 
+    @property
+    def group_killed(self) -> bool:
+        """Reaped by the server, which killed its process group first (a server that died
+        killed nothing: its executors died with it, their children may live on)."""
+        return self.returncode is not None and not self._client.server_gone
+
     def poll(self) -> int | None:
         return self._settle(0.0)
 
@@ -155,24 +168,30 @@ class ForkClient:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._exits: dict[int, int] = {}
-        self._server_gone = False
+        self._ready = False
+        self.server_gone = False
 
     def spawn(self, fd: int, preload: Sequence[str]) -> ForkedProcess:
-        """An executor serving ``fd``; OSError if the server cannot fork one now."""
-        if self._server_gone:
+        """An executor serving ``fd``; OSError if the server cannot fork one (then or ever)."""
+        if self.server_gone:
             raise ConnectionError("the fork server is gone")
         message = ("fork", dict(os.environ), os.getcwd(), tuple(preload))
         try:
+            while not self._ready:  # its preload: as long as the modules take to import
+                self._receive(None)
             _send(self._sock, message, fd)
             deadline = time.monotonic() + FORK_WAIT_S
             while True:
-                reply = self._receive(deadline - time.monotonic())
+                reply = self._receive(max(0.0, deadline - time.monotonic()))
                 if reply is None:
                     raise TimeoutError(f"no answer from the fork server in {FORK_WAIT_S:g}s")
+                if reply[0] == "error":
+                    raise ConnectionRefusedError(reply[1])
                 if reply[0] == "forked":
+                    self._exits.pop(reply[1], None)  # an earlier process's, by that pid
                     return ForkedProcess(reply[1], self)
         except OSError:  # whatever it forks late for this request dies when this closes
-            self._server_gone = True
+            self.server_gone = True
             self._sock.close()
             raise
 
@@ -180,21 +199,21 @@ class ForkClient:
         """``pid``'s exit code once the server reaped it, waiting up to ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while pid not in self._exits:
-            if self._server_gone:  # its executors died with it (PR_SET_PDEATHSIG)
+            if self.server_gone:  # its executors died with it (PR_SET_PDEATHSIG)
                 return self._gone_with_server(pid, deadline)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 if self._receive(left) is None:
                     return None
             except OSError:
-                self._server_gone = True
+                self.server_gone = True
         return self._exits.pop(pid)
 
     def _receive(self, timeout: float | None) -> tuple[Any, ...] | None:
         """The next message (exits are kept aside and returned too); None on timeout."""
         self._sock.settimeout(timeout)
         try:
-            data = self._sock.recv(_MAX_MESSAGE)
+            data = self._sock.recv(_MAX_REPLY)
         except (TimeoutError, BlockingIOError):
             return None
         if not data:
@@ -202,16 +221,18 @@ class ForkClient:
         message: tuple[Any, ...] = pickle.loads(data)  # from the server this pool started
         if message[0] == "exit":
             self._exits[message[1]] = message[2]
+        elif message[0] == "ready":
+            self._ready = True
         return message
 
     @staticmethod
     def _gone_with_server(pid: int, deadline: float | None) -> int | None:
         while True:
             try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+                stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 - read at once
+            except OSError:
                 return -signal.SIGKILL
-            except PermissionError:  # the pid is someone else's now
+            if stat.rsplit(")", 1)[1].split()[0] == "Z":  # dead, its reaper asleep
                 return -signal.SIGKILL
             if deadline is not None and time.monotonic() >= deadline:
                 return None
@@ -236,7 +257,8 @@ def attached() -> ForkClient | None:
 
 
 class _Server:
-    def __init__(self, control: socket.socket) -> None:
+    def __init__(self, control: socket.socket, refusal: str | None) -> None:
+        self.refusal = refusal
         self.selector = selectors.DefaultSelector()
         self.control: socket.socket | None = control
         self.owners: dict[int, socket.socket | None] = {}  # executor pid -> its worker
@@ -275,6 +297,7 @@ class _Server:
             worker = socket.socket(fileno=fd)
             self.workers.add(worker)
             self.selector.register(worker, selectors.EVENT_READ)
+            _reply(worker, ("ready",))
 
     def _from_worker(self, sock: socket.socket) -> None:
         try:
@@ -287,16 +310,23 @@ class _Server:
             sock.close()
             for pid, owner in self.owners.items():
                 if owner is sock:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(pid, signal.SIGKILL)
+                    _kill_executor(pid)
                     self.owners[pid] = None
             return
-        _, env, cwd, preload = pickle.loads(data)  # from a worker of this pool
-        pid = self._fork(fds[0], env, cwd, preload)
-        os.close(fds[0])
+        try:
+            if self.refusal is not None:
+                raise RuntimeError(self.refusal)
+            _, env, cwd, preload = pickle.loads(data)  # from a worker of this pool
+            pid = self._fork(fds[0], env, cwd, preload)
+        except Exception as e:  # noqa: BLE001 - one request fails, never the server
+            print(f"hpo fork server: cannot fork an executor: {e}", file=sys.stderr, flush=True)
+            _reply(sock, ("error", f"cannot fork an executor: {e}"))
+            return
+        finally:
+            for fd in fds:
+                os.close(fd)
         self.owners[pid] = sock
-        with contextlib.suppress(OSError):
-            _send(sock, ("forked", pid))
+        _reply(sock, ("forked", pid))
 
     def _fork(self, fd: int, env: dict[str, str], cwd: str, preload: Sequence[str]) -> int:
         server = os.getpid()
@@ -328,9 +358,38 @@ class _Server:
             if pid == 0:
                 return
             owner = self.owners.pop(pid, None)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)  # what the session left in its group
             if owner is not None:
-                with contextlib.suppress(OSError):
-                    _send(owner, ("exit", pid, os.waitstatus_to_exitcode(status)))
+                _reply(owner, ("exit", pid, os.waitstatus_to_exitcode(status)))
+
+
+def _kill_executor(pid: int) -> None:
+    """SIGKILL to an unreaped executor's group, or to it alone if it has not called setsid yet."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    except PermissionError:
+        pass
+
+
+def _reply(sock: socket.socket, message: tuple[Any, ...]) -> None:
+    """Send to a worker without waiting: a stopped worker must not stall the server."""
+    with contextlib.suppress(OSError):
+        sock.send(pickle.dumps(message), socket.MSG_DONTWAIT)
+
+
+def _cuda_started() -> str | None:
+    torch = sys.modules.get("torch")
+    cuda = getattr(torch, "cuda", None)
+    if cuda is not None and cuda.is_initialized():
+        return (
+            "a preloaded module initialized CUDA, which forked processes cannot use "
+            f"(set {defaults.FORKSERVER_ENV}=0, or preload a module that does not)"
+        )
+    return None
 
 
 def _fresh_seeds() -> None:
@@ -355,8 +414,11 @@ def serve(control_fd: int, preload: Sequence[str]) -> None:
                 f"hpo fork server: cannot preload {name!r}: {type(e).__name__}: {e}",
                 file=sys.stderr, flush=True,
             )  # fmt: skip
+    refusal = _cuda_started()
+    if refusal is not None:
+        print(f"hpo fork server: {refusal}", file=sys.stderr, flush=True)
     try:
-        _Server(socket.socket(fileno=control_fd)).run()
+        _Server(socket.socket(fileno=control_fd), refusal).run()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -3,10 +3,12 @@ the pool is forked from that import. Real pools, real forks, real kills."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,38 @@ def _fork_server_of(pool: int) -> int:
 
 
 def _seen(tmp_path: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(tmp_path.glob("process-*.json"))]
+    """What each trial's executor recorded, in the order the trials ended."""
+    files = sorted(tmp_path.glob("process-*.json"), key=lambda p: float(p.stem.split("-")[2]))
+    return [json.loads(p.read_text()) for p in files]
+
+
+def _children_of(parent: int) -> list[int]:
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True
+    ).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def _tree(root: int) -> list[int]:
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(_children_of(pid))
+    return found
+
+
+@pytest.fixture
+def pool_trees() -> Iterator[list[int]]:
+    """Pools whose every process (workers, fork server, executors: each in a group of its
+    own) is killed when the test ends, passed or failed: the shared fixture kills only the
+    pool's group, after which its workers finish their trials and the server waits for them."""
+    pools: list[int] = []
+    yield pools
+    for pool in pools:
+        for pid in _tree(pool):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize(("forkserver", "imports"), [("1", 1), ("0", 3)])
@@ -85,13 +118,13 @@ def test_a_forked_executor_gets_its_worker_s_environment_and_fresh_seeds(
         static={"dir": str(tmp_path), "sleep_s": 0.5}, study_={"n_trials": 8},
     )  # fmt: skip
     pool = start_worker(
-        "--gpus", "0,1", "--preload", "numpy,torch", "--idle-exit", "2", url=pg_url,
+        "--gpus", "0,1", "--preload", "numpy.random,torch", "--idle-exit", "2", url=pg_url,
         log=tmp_path / "pool.log",
     )  # fmt: skip
     assert pool.wait(timeout=180) == 0, (tmp_path / "pool.log").read_text()[-3000:]
     assert counts(pg_url, name) == {"COMPLETE": 8}
     seen = _seen(tmp_path)
-    first = {s["pid"]: s for s in seen}  # the first trial of each executor
+    first: dict[int, dict[str, Any]] = {}  # the first trial of each executor: its first draw
     for s in seen:
         first.setdefault(s["pid"], s)
     assert {s["gpu"] for s in first.values()} == {"0", "1"}
@@ -130,27 +163,33 @@ def test_a_crashed_or_timed_out_forked_executor_fails_only_its_trial(
     wait_until("the hung session's child to be gone", lambda: not _alive(child))
 
 
-def test_a_killed_worker_takes_its_forked_executor_with_it(pg_url: str, tmp_path: Path) -> None:
-    """``kill -9`` of a pool's worker: the executor it had forked (not its child) goes too, and
-    the pool's replacement worker gets a new fork."""
+def test_a_killed_worker_takes_its_forked_executor_with_it(
+    pg_url: str, tmp_path: Path, pool_trees: list[int]
+) -> None:
+    """``kill -9`` of a pool's worker: the executor it had forked (not its child) goes at once,
+    ten minutes before its session would end, and the replacement worker gets a new fork."""
     name = create(
         tmp_path, pg_url, session="tests.sessions:records_its_process",
-        static={"dir": str(tmp_path), "sleep_s": 20},
+        static={"dir": str(tmp_path), "sleep_s": 600},
         study_={"n_trials": 2, "heartbeat_interval": 1, "grace_period": 3},
     )  # fmt: skip
     pool = start_worker("--processes", "2", url=pg_url, log=tmp_path / "pool.log")
+    pool_trees.append(pool.pid)
     wait_until("2 trials running", lambda: counts(pg_url, name).get("RUNNING", 0) == 2)
     server = _fork_server_of(pool.pid)
     executors = _children_of(server)
     workers = [pid for pid in _children_of(pool.pid) if pid != server]
     assert len(executors) == len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
-    wait_until("its executor gone", lambda: sum(_alive(pid) for pid in executors) == 1)
+    wait_until("its executor gone", lambda: sum(map(_alive, executors)) == 1, timeout=10)
     wait_until("a new fork", lambda: len(set(_children_of(server)) - set(executors)) == 1)
-    for _ in range(2):  # a cold stop: the other trial need not run its 20 s
-        os.kill(pool.pid, signal.SIGTERM)
-    pool.wait(timeout=60)
+    os.kill(pool.pid, signal.SIGTERM)  # then a cold stop: the other session is not waited for
+    log = tmp_path / "pool.log"
+    wait_until("the stop taken", lambda: log.read_text().count("received, finishing") == 2)
+    os.kill(pool.pid, signal.SIGTERM)
+    assert pool.wait(timeout=60) != 0  # a trial abandoned
     wait_until("the fork server to exit", lambda: not _alive(server))
+    assert not any(map(_alive, executors))
 
 
 def test_a_pool_carries_on_without_its_fork_server(pg_url: str, tmp_path: Path) -> None:
@@ -169,12 +208,14 @@ def test_a_pool_carries_on_without_its_fork_server(pg_url: str, tmp_path: Path) 
     assert pool.wait(timeout=180) == 0, (tmp_path / "pool.log").read_text()[-3000:]
     assert counts(pg_url, name).get("COMPLETE") == 8
     text = (tmp_path / "pool.log").read_text()
-    assert "the pool's fork server is gone" in text
+    assert "no session process from the pool's fork server" in text
     parents = {s["ppid"] for s in _seen(tmp_path)}
     assert server in parents and len(parents) >= 2  # forked before, the workers' own after
 
 
-def test_a_pool_killed_with_9_leaves_no_fork_server_behind(pg_url: str, tmp_path: Path) -> None:
+def test_a_pool_killed_with_9_leaves_no_fork_server_behind(
+    pg_url: str, tmp_path: Path, pool_trees: list[int]
+) -> None:
     """``kill -9`` of the pool: its workers finish their trials and exit; the fork server,
     serving them to the end, exits after them."""
     name = create(
@@ -182,8 +223,10 @@ def test_a_pool_killed_with_9_leaves_no_fork_server_behind(pg_url: str, tmp_path
         static={"dir": str(tmp_path), "sleep_s": 2}, study_={"n_trials": 50},
     )  # fmt: skip
     pool = start_worker("--processes", "2", url=pg_url, log=tmp_path / "pool.log")
+    pool_trees.append(pool.pid)
     wait_until("2 trials running", lambda: counts(pg_url, name).get("RUNNING", 0) == 2)
     server = _fork_server_of(pool.pid)
+    pool_trees.append(server)  # the pool's tree loses it when the pool dies
     os.kill(pool.pid, signal.SIGKILL)
     pool.wait(timeout=30)
     wait_until("the fork server to exit", lambda: not _alive(server), timeout=120)
@@ -191,8 +234,24 @@ def test_a_pool_killed_with_9_leaves_no_fork_server_behind(pg_url: str, tmp_path
     assert c.get("RUNNING", 0) == 0 and c.get("FAIL", 0) == 0 and c["COMPLETE"] >= 2
 
 
-def _children_of(parent: int) -> list[int]:
-    out = subprocess.run(
-        ["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True
-    ).stdout
-    return [int(pid) for pid in out.split()]
+def test_a_fork_server_that_cannot_fork_leaves_its_workers_to_start_executors_fresh(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A fork that fails in the server (EAGAIN: the host out of processes) fails that request,
+    not the server nor any trial: the worker says so and starts its executors itself."""
+    name = create(
+        tmp_path, pg_url, session="tests.sessions:records_its_process",
+        static={"dir": str(tmp_path)}, study_={"n_trials": 4},
+    )  # fmt: skip
+    pool = start_worker(
+        "--processes", "2", "--preload", "tests.fork_fails", "--idle-exit", "2", url=pg_url,
+        log=tmp_path / "pool.log", HPO_SESSION_MODULES="tests.sessions,tests.fork_fails",
+    )  # fmt: skip
+    assert pool.wait(timeout=180) == 0, (tmp_path / "pool.log").read_text()[-3000:]
+    assert counts(pg_url, name) == {"COMPLETE": 4}
+    text = (tmp_path / "pool.log").read_text()
+    assert "hpo fork server: cannot fork an executor: [Errno 11]" in text
+    assert text.count("no session process from the pool's fork server") == 2  # one per worker
+    seen = _seen(tmp_path)
+    assert all(s["ppid"] != pool.pid for s in seen)  # each the child of its worker
+    assert len({s["ppid"] for s in seen}) == 2
