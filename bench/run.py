@@ -322,19 +322,23 @@ def _proc_stats() -> dict[int, tuple[int, float]]:
     return stats
 
 
-def tree_cpu_s(roots: list[int]) -> float:
-    """CPU seconds used so far by the live processes ``roots`` and all their descendants."""
-    stats = _proc_stats()
+def _tree(roots: list[int], stats: dict[int, tuple[int, float]]) -> list[int]:
+    """The live processes among ``roots`` and all their descendants."""
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
-    total, todo = 0.0, list(roots)
+    found, todo = [], [pid for pid in roots if pid in stats]
     while todo:
         pid = todo.pop()
-        if pid in stats:
-            total += stats[pid][1]
-            todo.extend(children.get(pid, []))
-    return total
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def tree_cpu_s(roots: list[int]) -> float:
+    """CPU seconds used so far by the live processes ``roots`` and all their descendants."""
+    stats = _proc_stats()
+    return sum(stats[pid][1] for pid in _tree(roots, stats))
 
 
 def cost(
@@ -495,14 +499,8 @@ def waiting_torch(preload: bool) -> float:
 def pss_mb(roots: list[int]) -> float:
     """Proportional set size of ``roots`` and their descendants, MB: memory shared between
     them (a fork server's imports) counted once in all."""
-    stats = _proc_stats()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    total, todo = 0, list(roots)
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
+    total = 0
+    for pid in _tree(roots, _proc_stats()):
         try:
             rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
         except OSError:

@@ -512,6 +512,17 @@ def preload_modules() -> tuple[str, ...]:
     return tuple(name.strip() for name in names if name.strip())
 
 
+def import_preload(names: Sequence[str], who: str) -> None:
+    """Import the operator's preload modules; one that fails is said on stderr, and skipped:
+    the session's own check reports it again, in full."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except BaseException as e:  # noqa: BLE001 - even SystemExit: say it, go on
+            print(f"{who}: cannot preload {name!r}: {type(e).__name__}: {e}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+
+
 def serve_forever(fd: int, parent: int, preload: Sequence[str] = ()) -> None:
     """The executor process's whole life (``python -m`` :data:`_MAIN` ``FD PARENT [MODULE...]``):
     import the ``preload`` modules, then serve the supervisor."""
@@ -519,14 +530,7 @@ def serve_forever(fd: int, parent: int, preload: Sequence[str] = ()) -> None:
     if os.getppid() != parent:  # the worker died before the line above: nobody to serve
         os._exit(0)
     try:
-        for name in preload:  # a failure here is reported again, in full, by the session's check
-            try:
-                importlib.import_module(name)
-            except BaseException as e:  # noqa: BLE001 - even SystemExit: say it, go on
-                print(
-                    f"hpo executor: cannot preload {name!r}: {type(e).__name__}: {e}",
-                    file=sys.stderr, flush=True,
-                )  # fmt: skip
+        import_preload(preload, "hpo executor")
         _serve(Connection(fd))
     finally:  # no interpreter teardown: nothing of the session's outlives its process
         sys.stdout.flush()

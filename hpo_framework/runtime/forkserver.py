@@ -50,7 +50,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hpo_framework import defaults
-from hpo_framework.runtime.executor import KILL_GRACE_S, serve_forever
+from hpo_framework.runtime.executor import KILL_GRACE_S, import_preload, serve_forever
 
 log = logging.getLogger("hpo.forkserver")
 
@@ -404,16 +404,7 @@ def _fresh_seeds() -> None:
 
 def serve(control_fd: int, preload: Sequence[str]) -> None:
     """The server process's whole life (``python -m`` :data:`_MAIN` ``FD [MODULE...]``)."""
-    import importlib
-
-    for name in preload:  # reported like an executor's preload; each executor retries it
-        try:
-            importlib.import_module(name)
-        except BaseException as e:  # noqa: BLE001 - even SystemExit: say it, go on
-            print(
-                f"hpo fork server: cannot preload {name!r}: {type(e).__name__}: {e}",
-                file=sys.stderr, flush=True,
-            )  # fmt: skip
+    import_preload(preload, "hpo fork server")  # each executor retries a failed one
     refusal = _cuda_started()
     if refusal is not None:
         print(f"hpo fork server: {refusal}", file=sys.stderr, flush=True)
