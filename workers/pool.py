@@ -81,7 +81,12 @@ def run_pool(url: str, processes: int, gpus: Sequence[str] | None, **kwargs: Any
     ctx = multiprocessing.get_context("fork")
     slots = [_Slot(i, gpu) for i, gpu in enumerate(list(gpus) if gpus else [None] * processes)]
     signals_received = 0
-    forks = ForkServer(preload_modules()) if forkserver.enabled() else None
+    forks = None
+    if forkserver.enabled():
+        try:
+            forks = ForkServer(preload_modules())
+        except OSError as e:  # its workers start their executors themselves
+            log.warning("cannot start the pool's fork server (%s)", e)
 
     def start(slot: _Slot) -> None:
         connection = forks.connect() if forks is not None else None

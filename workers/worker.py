@@ -99,7 +99,7 @@ class Worker:
             s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)
         }
         try:
-            self._executor.start()  # imports in parallel with the wait for the database
+            self._executor.start(wait=False)  # imports in parallel with the wait for the database
             storage = self._wait_for_schema()
             if storage is None:
                 return 0

@@ -252,9 +252,13 @@ class ProcessExecutor:
         self._proc: subprocess.Popen[bytes] | ForkedProcess | None = None
         self._conn: Connection | None = None
 
-    def start(self) -> None:
-        """Start the executor now (it imports in parallel with the supervisor's own start)."""
+    def start(self, wait: bool = True) -> None:
+        """Start the executor now (it imports in parallel with the supervisor's own start).
+        ``wait=False``: not if that means waiting for a pool's fork server to finish importing
+        the preload (the executor is then forked at its first use)."""
         if self._proc is not None and self._proc.poll() is None:
+            return
+        if not wait and self._forks is not None and not self._forks.ready():
             return
         self._discard()
         mine, theirs = socket.socketpair()
@@ -273,15 +277,19 @@ class ProcessExecutor:
 
     def _fork(self, fd: int) -> ForkedProcess | None:
         """An executor forked by the pool's fork server, or None if it cannot fork one."""
+        from hpo_framework.runtime.forkserver import ForkRefused
+
         assert self._forks is not None
         try:
             return self._forks.spawn(fd, self.preload)
+        except ForkRefused as e:  # this one: the next is asked for again
+            log.warning("no session process from the pool's fork server (%s); starting it", e)
         except OSError as e:
             log.warning(
                 "no session process from the pool's fork server (%s); starting them anew", e
             )
             self._forks = None
-            return None
+        return None
 
     def _spawn(self, fd: int) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -382,8 +390,19 @@ class ProcessExecutor:
         from hpo_framework.runtime.forkserver import ForkedProcess
 
         proc = self._proc
-        if proc is None or (isinstance(proc, ForkedProcess) and proc.group_killed):
-            return  # the fork server killed its group as it reaped it: the pid may be reused
+        if proc is None:
+            return
+        if isinstance(proc, ForkedProcess):
+            if proc.poll() is not None and proc.group_killed:
+                return  # the fork server killed its group as it reaped it: the pid may be reused
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:  # forked a moment ago: not the leader of its group yet
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(proc.pid, sig)
+            except PermissionError:
+                pass
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
 

@@ -62,6 +62,11 @@ _MAX_REPLY = 4096
 FORK_WAIT_S = 30.0
 
 
+class ForkRefused(Exception):
+    """The server could not fork this executor (a failed fork, CUDA initialized by the
+    preload): this one is started fresh, the next is asked for again."""
+
+
 def enabled() -> bool:
     """Whether a pool starts a fork server (``HPO_FORKSERVER``, default on)."""
     return os.environ.get(defaults.FORKSERVER_ENV, "1").strip().lower() not in ("0", "false", "no")
@@ -139,13 +144,10 @@ class ForkedProcess:
     def __init__(self, pid: int, client: ForkClient) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        #: Reaped by the server, which killed its process group first (a server that died
+        #: killed nothing: its executors died with it, their children may live on).
+        self.group_killed = False
         self._client = client
-
-    @property
-    def group_killed(self) -> bool:
-        """Reaped by the server, which killed its process group first (a server that died
-        killed nothing: its executors died with it, their children may live on)."""
-        return self.returncode is not None and not self._client.server_gone
 
     def poll(self) -> int | None:
         return self._settle(0.0)
@@ -159,6 +161,7 @@ class ForkedProcess:
     def _settle(self, timeout: float | None) -> int | None:
         if self.returncode is None:
             self.returncode = self._client.exit_code(self.pid, timeout)
+            self.group_killed = self.returncode is not None and not self._client.server_gone
         return self.returncode
 
 
@@ -186,7 +189,7 @@ class ForkClient:
                 if reply is None:
                     raise TimeoutError(f"no answer from the fork server in {FORK_WAIT_S:g}s")
                 if reply[0] == "error":
-                    raise ConnectionRefusedError(reply[1])
+                    raise ForkRefused(reply[1])
                 if reply[0] == "forked":
                     self._exits.pop(reply[1], None)  # an earlier process's, by that pid
                     return ForkedProcess(reply[1], self)
@@ -194,6 +197,14 @@ class ForkClient:
             self.server_gone = True
             self._sock.close()
             raise
+
+    def ready(self) -> bool:
+        """Whether the server has finished its preload (without waiting for it)."""
+        with contextlib.suppress(OSError):
+            while not self._ready and not self.server_gone:
+                if self._receive(0.0) is None:
+                    break
+        return self._ready or self.server_gone
 
     def exit_code(self, pid: int, timeout: float | None) -> int | None:
         """``pid``'s exit code once the server reaped it, waiting up to ``timeout`` seconds."""
@@ -297,7 +308,8 @@ class _Server:
             worker = socket.socket(fileno=fd)
             self.workers.add(worker)
             self.selector.register(worker, selectors.EVENT_READ)
-            _reply(worker, ("ready",))
+            with contextlib.suppress(OSError):  # the first message on a fresh socket
+                _send(worker, ("ready",))
 
     def _from_worker(self, sock: socket.socket) -> None:
         try:
@@ -351,15 +363,17 @@ class _Server:
 
     def _reap(self) -> None:
         while self.owners:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+            try:  # which one ended, left unreaped: its pid cannot be reused meanwhile
+                ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if ended is None:
                 return
-            owner = self.owners.pop(pid, None)
+            pid = ended.si_pid
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)  # what the session left in its group
+            _, status = os.waitpid(pid, 0)
+            owner = self.owners.pop(pid, None)
             if owner is not None:
                 _reply(owner, ("exit", pid, os.waitstatus_to_exitcode(status)))
 
