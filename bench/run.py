@@ -233,12 +233,12 @@ def run_plain_pool(n_workers: int, n_trials: int, sleep_s: float) -> dict[str, A
 
 
 def start_plain_workers(
-    url: str, n_workers: int, n_trials: int, sleep_s: float
+    url: str, n_workers: int, n_trials: int, sleep_s: float, module: str | None = None
 ) -> list[subprocess.Popen[str]]:
     """Plain Optuna workers, connected and waiting for the study (each has said ``ready``)."""
     procs = [
         subprocess.Popen(
-            plain_worker_cmd(url, n_trials, str(sleep_s), i),
+            plain_worker_cmd(url, n_trials, str(sleep_s), i, module),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -266,9 +266,13 @@ def _utc(naive: Any) -> float:
     return float(naive.replace(tzinfo=dt.timezone.utc).timestamp())
 
 
-def plain_worker_cmd(url: str, n_trials: int, sleep_s: float | str, seed: int) -> list[str]:
+def plain_worker_cmd(
+    url: str, n_trials: int, sleep_s: float | str, seed: int, module: str | None = None
+) -> list[str]:
+    """A plain Optuna worker; ``module``: one its script imports first (torch's, say)."""
     script = str(ROOT / "bench" / "plain_optuna_worker.py")
-    return [sys.executable, script, url, "bench", str(n_trials), str(sleep_s), str(seed)]
+    cmd = [sys.executable, script, url, "bench", str(n_trials), str(sleep_s), str(seed)]
+    return cmd + ([module] if module else [])
 
 
 # --- the cost of a trial: counted statements, client and server CPU -----------------------------
@@ -521,14 +525,10 @@ def pool_run(mode: str, n_workers: int, torch: bool) -> dict[str, float]:
     with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
         if mode == "plain":
             optuna.create_study(study_name="bench", storage=url)
-            cmds = [plain_worker_cmd(url, n_trials, 0, i) + ([module] if module else [])
-                    for i in range(n_workers)]  # fmt: skip
             started = time.time()
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            procs = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True) for c in cmds]
-            for p in procs:  # each has imported what it needs and connected
-                assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-            memory = pss_mb([p.pid for p in procs])
+            procs = start_plain_workers(url, n_workers, n_trials, 0.0, module)
+            memory = pss_mb([p.pid for p in procs])  # each has imported what it needs
             for p in procs:
                 p.wait(timeout=300)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)

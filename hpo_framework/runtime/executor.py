@@ -392,19 +392,17 @@ class ProcessExecutor:
         proc = self._proc
         if proc is None:
             return
-        if isinstance(proc, ForkedProcess):
-            if proc.poll() is not None and proc.group_killed:
-                return  # the fork server killed its group as it reaped it: the pid may be reused
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:  # forked a moment ago: not the leader of its group yet
+        forked = isinstance(proc, ForkedProcess)
+        if isinstance(proc, ForkedProcess) and proc.poll() is not None and proc.group_killed:
+            return  # the fork server killed its group as it reaped it: the pid may be reused
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            if forked and proc.returncode is None:  # forked a moment ago: no setsid yet
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(proc.pid, sig)
-            except PermissionError:
-                pass
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
+        except PermissionError:
+            pass
 
     def _discard(self) -> None:
         if self._conn is not None:

@@ -27,8 +27,8 @@ Protocol: ``SOCK_SEQPACKET`` socket pairs, one pickled tuple per message, file d
 ancillary data. The pool's control connection: ``("worker",)`` with one end of a new worker's
 pair. A worker's connection: first ``("ready",)`` once the preload is done; then
 ``("fork", env, cwd, preload)`` with the executor's end of its socket pair -> ``("forked", pid)``
-or ``("error", reason)`` (the worker then starts its executors fresh); later
-``("exit", pid, code)``, sent after the executor's process group was killed with it.
+or ``("error", reason)`` (the worker starts that executor fresh, and asks again for the next);
+later ``("exit", pid, code)``, sent after the executor's process group was killed with it.
 
 A module that initializes CUDA when imported cannot be used in forked processes: a server that
 finds CUDA initialized after its preload answers every request with an error that says so.
@@ -175,7 +175,8 @@ class ForkClient:
         self.server_gone = False
 
     def spawn(self, fd: int, preload: Sequence[str]) -> ForkedProcess:
-        """An executor serving ``fd``; OSError if the server cannot fork one (then or ever)."""
+        """An executor serving ``fd``; ForkRefused if the server could not fork this one,
+        OSError if it is gone (or silent for :data:`FORK_WAIT_S`): then for good."""
         if self.server_gone:
             raise ConnectionError("the fork server is gone")
         message = ("fork", dict(os.environ), os.getcwd(), tuple(preload))
