@@ -33,7 +33,7 @@ def _alive(pid: int) -> bool:
 
 def _fork_server_of(pool: int) -> int:
     out = subprocess.run(
-        ["ps", "-o", "pid=,args=", "--ppid", str(pool)], capture_output=True, text=True
+        ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pool)], capture_output=True, text=True
     ).stdout
     [pid] = [int(line.split()[0]) for line in out.splitlines() if "_forkserver_main" in line]
     return pid

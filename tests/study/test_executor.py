@@ -179,7 +179,7 @@ def test_a_pool_child_killed_is_replaced(
 
 def _children(pid: int) -> list[int]:
     out = subprocess.run(
-        ["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True
+        ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True
     ).stdout
     return [int(line.split()[0]) for line in out.splitlines() if "hpo-worker" in line]
 
